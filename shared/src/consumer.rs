@@ -1,0 +1,499 @@
+//! Idempotent consumer: each message is applied at most once in effect, in one transaction with the
+//! events it causes, and acknowledged only after that transaction commits.
+//!
+//! Messages are taken in batches (whatever is ready, up to `batch_size`) and applied in one
+//! transaction, each inside its own savepoint, so one failing message never takes its batch down.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{pull, AckPolicy, PullConsumer};
+use async_nats::jetstream::message::AckKind;
+use async_nats::jetstream::Message;
+use backon::{BackoffBuilder, ExponentialBuilder};
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use sqlx::{AnyConnection, Row};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::db::{now_micros, Database};
+use crate::envelope::{DecodeError, Envelope, Origin};
+use crate::outbox::OutboxWaker;
+
+/// What a handler says about an event it could not apply.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum HandlerError {
+    /// Might succeed later (database busy, dependency down): the message is redelivered after a delay.
+    #[error("transient: {0}")]
+    Transient(String),
+    /// Can never succeed (invalid payload, unknown type): the message is dead-lettered.
+    #[error("permanent: {0}")]
+    Permanent(String),
+}
+
+impl From<sqlx::Error> for HandlerError {
+    fn from(e: sqlx::Error) -> Self {
+        HandlerError::Transient(e.to_string())
+    }
+}
+
+impl From<DecodeError> for HandlerError {
+    fn from(e: DecodeError) -> Self {
+        HandlerError::Permanent(e.to_string())
+    }
+}
+
+/// Applies one event to the service's state, inside the consumer's transaction. Events it causes
+/// are written with [`crate::outbox::enqueue`] on the same connection.
+pub trait Handler: Send + Sync + 'static {
+    /// Apply `event`. Return an error to roll this event's effects back.
+    fn handle(
+        &self,
+        conn: &mut AnyConnection,
+        event: &Envelope,
+    ) -> impl Future<Output = Result<(), HandlerError>> + Send;
+}
+
+/// A durable pull consumer and how to run it.
+#[derive(Debug, Clone)]
+pub struct ConsumerSpec {
+    /// Durable name; also the inbox's consumer key.
+    pub durable: String,
+    /// Stream the consumer reads.
+    pub stream: String,
+    /// Subjects it receives.
+    pub filter_subjects: Vec<String>,
+    /// Deliveries before a message is given up and dead-lettered.
+    pub max_deliver: i64,
+    /// How long the server waits for an ack before redelivering.
+    pub ack_wait: Duration,
+    /// Messages per transaction at most.
+    pub batch_size: usize,
+    /// Batches processed at once.
+    pub concurrency: usize,
+    /// Bodies larger than this are dead-lettered unread.
+    pub max_event_bytes: usize,
+}
+
+impl ConsumerSpec {
+    /// A spec with production defaults.
+    pub fn new(durable: &str, stream: &str, filter_subjects: &[&str]) -> Self {
+        Self {
+            durable: durable.to_owned(),
+            stream: stream.to_owned(),
+            filter_subjects: filter_subjects.iter().map(|s| (*s).to_owned()).collect(),
+            max_deliver: 10,
+            ack_wait: Duration::from_secs(10),
+            batch_size: 128,
+            concurrency: 1,
+            max_event_bytes: 64 * 1024,
+        }
+    }
+
+    /// The JetStream consumer configuration for this spec.
+    pub fn config(&self) -> pull::Config {
+        pull::Config {
+            durable_name: Some(self.durable.clone()),
+            filter_subjects: self.filter_subjects.clone(),
+            ack_policy: AckPolicy::Explicit,
+            ack_wait: self.ack_wait,
+            max_deliver: self.max_deliver,
+            max_ack_pending: (self.batch_size * self.concurrency * 8).max(1024) as i64,
+            ..Default::default()
+        }
+    }
+}
+
+/// Record that `consumer` applied `event_id`. `false` means it already had: skip the effect.
+pub async fn record_once(
+    conn: &mut AnyConnection,
+    consumer: &str,
+    event: &Envelope,
+) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query(
+        "INSERT INTO inbox (consumer, event_id, event_type, received_at_us) VALUES ($1, $2, $3, $4) \
+         ON CONFLICT (consumer, event_id) DO NOTHING",
+    )
+    .bind(consumer)
+    .bind(&event.id)
+    .bind(&event.event_type)
+    .bind(now_micros())
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// A message that can never be applied, kept with its payload and the reason.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct DeadLetter {
+    /// Row id.
+    pub id: i64,
+    /// Consumer that gave up.
+    pub consumer: String,
+    /// Source stream.
+    pub stream: String,
+    /// Sequence in the source stream.
+    pub stream_sequence: i64,
+    /// Subject it was published on.
+    pub subject: String,
+    /// Headers as JSON (`{"name": ["value", ...]}`).
+    pub headers: String,
+    /// The body, lossily as UTF-8.
+    pub payload: String,
+    /// The envelope id, when the body decoded that far.
+    pub event_id: Option<String>,
+    /// Why it was given up.
+    pub reason: String,
+    /// Deliveries seen.
+    pub delivered: i64,
+    /// When it was dead-lettered.
+    pub created_at: DateTime<Utc>,
+}
+
+/// The most recent dead letters, newest first.
+pub async fn dead_letters(db: &Database, limit: i64) -> Result<Vec<DeadLetter>, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT id, consumer, stream, stream_sequence, subject, headers, payload, event_id, reason, \
+         delivered, created_at_us FROM dead_letters ORDER BY id DESC LIMIT $1",
+    )
+    .bind(limit)
+    .fetch_all(db.pool())
+    .await?;
+    rows.iter()
+        .map(|r| {
+            let payload: Vec<u8> = r.try_get(6)?;
+            let created: i64 = r.try_get(10)?;
+            Ok(DeadLetter {
+                id: r.try_get(0)?,
+                consumer: r.try_get(1)?,
+                stream: r.try_get(2)?,
+                stream_sequence: r.try_get(3)?,
+                subject: r.try_get(4)?,
+                headers: r.try_get(5)?,
+                payload: String::from_utf8_lossy(&payload).into_owned(),
+                event_id: r.try_get(7)?,
+                reason: r.try_get(8)?,
+                delivered: r.try_get(9)?,
+                created_at: DateTime::from_timestamp_micros(created).unwrap_or_default(),
+            })
+        })
+        .collect()
+}
+
+/// What to tell the server about one message once the batch's transaction is settled.
+#[derive(Debug, Clone, Copy)]
+enum Verdict {
+    Ack,
+    Nak(Duration),
+    Term,
+}
+
+/// Runs a handler over a durable pull consumer until shutdown.
+pub struct ConsumerRunner<H> {
+    spec: ConsumerSpec,
+    db: Database,
+    js: async_nats::jetstream::Context,
+    handler: Arc<H>,
+    waker: OutboxWaker,
+}
+
+impl<H: Handler> ConsumerRunner<H> {
+    /// A runner applying `handler` to the messages of `spec`, waking `waker`'s relay after commits.
+    pub fn new(
+        spec: ConsumerSpec,
+        db: Database,
+        client: async_nats::Client,
+        handler: H,
+        waker: OutboxWaker,
+    ) -> Self {
+        Self {
+            spec,
+            db,
+            js: async_nats::jetstream::new(client),
+            handler: Arc::new(handler),
+            waker,
+        }
+    }
+
+    /// Create or update the durable consumer, retrying (with backoff) until its stream exists.
+    pub async fn provision(&self, shutdown: &CancellationToken) -> Option<PullConsumer> {
+        let mut backoff = retry_backoff();
+        loop {
+            let attempt = async {
+                let stream = self.js.get_stream(&self.spec.stream).await?;
+                let consumer = stream.create_consumer(self.spec.config()).await?;
+                Ok::<_, async_nats::Error>(consumer)
+            };
+            match attempt.await {
+                Ok(c) => return Some(c),
+                Err(e) => {
+                    let delay = backoff.next().unwrap_or(Duration::from_secs(2));
+                    tracing::warn!(consumer = %self.spec.durable, stream = %self.spec.stream, error = %e, retry_in = ?delay, "consumer not provisioned yet");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = shutdown.cancelled() => return None,
+                    }
+                }
+            }
+        }
+    }
+
+    /// Consume until `shutdown`: stop fetching, finish the batches in flight, return.
+    pub async fn run(self, consumer: PullConsumer, shutdown: CancellationToken) {
+        let mut backoff = retry_backoff();
+        while !shutdown.is_cancelled() {
+            let messages = consumer
+                .stream()
+                .max_messages_per_batch(self.spec.batch_size)
+                .heartbeat(Duration::from_secs(5))
+                .expires(Duration::from_secs(30))
+                .messages()
+                .await;
+            let messages = match messages {
+                Ok(m) => m,
+                Err(e) => {
+                    let delay = backoff.next().unwrap_or(Duration::from_secs(2));
+                    tracing::warn!(consumer = %self.spec.durable, error = %e, retry_in = ?delay, "cannot pull; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => continue,
+                        _ = shutdown.cancelled() => break,
+                    }
+                }
+            };
+            backoff = retry_backoff();
+            messages
+                .take_until(shutdown.cancelled())
+                .ready_chunks(self.spec.batch_size)
+                .for_each_concurrent(self.spec.concurrency.max(1), |chunk| async {
+                    let mut batch = Vec::with_capacity(chunk.len());
+                    for item in chunk {
+                        match item {
+                            Ok(m) => batch.push(m),
+                            Err(e) => {
+                                tracing::debug!(consumer = %self.spec.durable, error = %e, "pull stream notice")
+                            }
+                        }
+                    }
+                    if !batch.is_empty() {
+                        self.process(batch).await;
+                    }
+                })
+                .await;
+        }
+    }
+
+    /// Apply a batch in one transaction, then settle each message with the server.
+    async fn process(&self, batch: Vec<Message>) {
+        let verdicts = match self.apply(&batch).await {
+            Ok(v) => v,
+            Err(e) => {
+                // Nothing was committed: every message comes back later.
+                tracing::warn!(consumer = %self.spec.durable, error = %e, "batch transaction failed; redelivering");
+                batch
+                    .iter()
+                    .map(|m| Verdict::Nak(nak_delay(delivered(m))))
+                    .collect()
+            }
+        };
+        let mut enqueued = false;
+        for (msg, verdict) in batch.iter().zip(verdicts) {
+            let kind = match verdict {
+                Verdict::Ack => {
+                    enqueued = true;
+                    AckKind::Ack
+                }
+                Verdict::Nak(d) => AckKind::Nak(Some(d)),
+                Verdict::Term => AckKind::Term,
+            };
+            // A lost ack means a redelivery, which the inbox turns into a no-op.
+            if let Err(e) = msg.ack_with(kind).await {
+                tracing::debug!(error = %e, "ack not sent; the message will be redelivered");
+            }
+        }
+        if enqueued {
+            self.waker.wake();
+        }
+    }
+
+    async fn apply(&self, batch: &[Message]) -> Result<Vec<Verdict>, sqlx::Error> {
+        let mut tx = self.db.begin().await?;
+        let mut verdicts = Vec::with_capacity(batch.len());
+        for msg in batch {
+            let meta = MessageMeta::of(msg);
+            let decoded = if msg.payload.len() > self.spec.max_event_bytes {
+                Err(HandlerError::Permanent(format!(
+                    "body of {} bytes exceeds the {} byte limit",
+                    msg.payload.len(),
+                    self.spec.max_event_bytes
+                )))
+            } else {
+                Envelope::decode(&msg.payload, meta.origin(msg)).map_err(HandlerError::from)
+            };
+            let event = match decoded {
+                Ok(e) => e,
+                Err(err) => {
+                    self.dead_letter(&mut tx, msg, &meta, None, &err.to_string())
+                        .await?;
+                    verdicts.push(Verdict::Term);
+                    continue;
+                }
+            };
+            let span = tracing::info_span!(
+                "event",
+                consumer = %self.spec.durable,
+                event_id = %event.id,
+                event_type = %event.event_type,
+                correlation_id = event.correlationid.as_deref().unwrap_or(""),
+                delivered = meta.delivered,
+            );
+            let mut sp = sqlx::Connection::begin(&mut *tx).await?;
+            if !record_once(&mut sp, &self.spec.durable, &event).await? {
+                sp.commit().await?;
+                tracing::debug!(parent: &span, "duplicate; skipped");
+                verdicts.push(Verdict::Ack);
+                continue;
+            }
+            let outcome = self
+                .handler
+                .handle(&mut sp, &event)
+                .instrument(span.clone())
+                .await;
+            match outcome {
+                Ok(()) => {
+                    sp.commit().await?;
+                    verdicts.push(Verdict::Ack);
+                }
+                Err(HandlerError::Permanent(reason)) => {
+                    sp.rollback().await?;
+                    tracing::warn!(parent: &span, %reason, "dead-lettering");
+                    self.dead_letter(&mut tx, msg, &meta, Some(&event.id), &reason)
+                        .await?;
+                    verdicts.push(Verdict::Term);
+                }
+                Err(HandlerError::Transient(reason)) => {
+                    sp.rollback().await?;
+                    if meta.delivered >= self.spec.max_deliver {
+                        let reason =
+                            format!("gave up after {} deliveries: {reason}", meta.delivered);
+                        tracing::warn!(parent: &span, %reason, "dead-lettering");
+                        self.dead_letter(&mut tx, msg, &meta, Some(&event.id), &reason)
+                            .await?;
+                        verdicts.push(Verdict::Term);
+                    } else {
+                        tracing::info!(parent: &span, %reason, "transient failure; will retry");
+                        verdicts.push(Verdict::Nak(nak_delay(meta.delivered)));
+                    }
+                }
+            }
+        }
+        tx.commit().await?;
+        Ok(verdicts)
+    }
+
+    async fn dead_letter(
+        &self,
+        conn: &mut AnyConnection,
+        msg: &Message,
+        meta: &MessageMeta,
+        event_id: Option<&str>,
+        reason: &str,
+    ) -> Result<(), sqlx::Error> {
+        metrics::counter!("consumer_dead_letters_total", "consumer" => self.spec.durable.clone())
+            .increment(1);
+        sqlx::query(
+            "INSERT INTO dead_letters (consumer, stream, stream_sequence, subject, headers, payload, \
+             event_id, reason, delivered, created_at_us) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10) \
+             ON CONFLICT (consumer, stream, stream_sequence) DO NOTHING",
+        )
+        .bind(&self.spec.durable)
+        .bind(&meta.stream)
+        .bind(meta.stream_sequence as i64)
+        .bind(msg.subject.as_str())
+        .bind(headers_json(msg))
+        .bind(msg.payload.to_vec())
+        .bind(event_id)
+        .bind(reason)
+        .bind(meta.delivered)
+        .bind(now_micros())
+        .execute(conn)
+        .await?;
+        Ok(())
+    }
+}
+
+/// Delivery metadata from the message's `$JS.ACK` reply subject.
+struct MessageMeta {
+    stream: String,
+    stream_sequence: u64,
+    delivered: i64,
+    published: DateTime<Utc>,
+}
+
+impl MessageMeta {
+    fn of(msg: &Message) -> Self {
+        match msg.info() {
+            Ok(info) => Self {
+                stream: info.stream.to_owned(),
+                stream_sequence: info.stream_sequence,
+                delivered: info.delivered,
+                published: DateTime::from_timestamp_nanos(info.published.unix_timestamp_nanos() as i64),
+            },
+            Err(_) => Self {
+                stream: String::new(),
+                stream_sequence: 0,
+                delivered: 1,
+                published: Utc::now(),
+            },
+        }
+    }
+
+    fn origin<'a>(&'a self, msg: &'a Message) -> Origin<'a> {
+        Origin {
+            subject: msg.subject.as_str(),
+            msg_id: msg
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
+                .map(|v| v.as_str()),
+            stream: &self.stream,
+            stream_sequence: self.stream_sequence,
+            published: self.published,
+        }
+    }
+}
+
+fn delivered(msg: &Message) -> i64 {
+    msg.info().map(|i| i.delivered).unwrap_or(1)
+}
+
+/// Exponential redelivery delay: 250 ms, 500 ms, 1 s … capped at 30 s, with jitter.
+fn nak_delay(delivered: i64) -> Duration {
+    let base = Duration::from_millis(250).saturating_mul(1u32 << (delivered - 1).clamp(0, 7) as u32);
+    let jitter = rand::random::<f64>() * 0.25 + 0.875;
+    base.min(Duration::from_secs(30)).mul_f64(jitter)
+}
+
+fn retry_backoff() -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(5))
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+fn headers_json(msg: &Message) -> String {
+    let mut map: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    if let Some(headers) = &msg.headers {
+        for (name, values) in headers.iter() {
+            map.insert(
+                name.to_string(),
+                values.iter().map(|v| v.as_str().to_owned()).collect(),
+            );
+        }
+    }
+    serde_json::to_string(&map).unwrap_or_else(|_| "{}".to_owned())
+}

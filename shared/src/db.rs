@@ -1,0 +1,225 @@
+//! Storage: one code path over SQLite (embedded default) and Postgres (production), chosen by URL.
+//!
+//! Queries are written once with `$N` placeholders, which both backends accept, and run through
+//! sqlx's `Any` driver. Only DDL (migrations) and row locking differ per backend.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable};
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::migrate::Migrator;
+use sqlx::{Any, AnyPool, ConnectOptions, Executor, Transaction};
+
+
+/// Which database engine is behind a [`Database`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// SQLite file, WAL, write transactions begun IMMEDIATE.
+    Sqlite,
+    /// Postgres.
+    Postgres,
+}
+
+/// Errors opening or migrating a database.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    /// The URL names no supported backend.
+    #[error("unsupported DATABASE_URL scheme in {0:?} (expected sqlite:// or postgres://)")]
+    UnsupportedUrl(String),
+    /// Could not create the directory for a SQLite file.
+    #[error("cannot create directory for {path}: {source}")]
+    Directory {
+        /// The directory.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Connecting failed.
+    #[error("cannot connect to the database: {0}")]
+    Connect(#[source] sqlx::Error),
+    /// A migration failed.
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+/// Tuning for a [`Database`].
+#[derive(Debug, Clone)]
+pub struct DbOptions {
+    /// Pool size.
+    pub max_connections: u32,
+    /// SQLite `synchronous` pragma: `NORMAL` (default; durable against process crashes, may lose the
+    /// last commits on power loss) or `FULL`.
+    pub sqlite_synchronous: String,
+    /// How long a SQLite writer waits for the write lock before failing.
+    pub busy_timeout: Duration,
+    /// How long to keep retrying the first connection (database still starting).
+    pub connect_for: Duration,
+}
+
+impl Default for DbOptions {
+    fn default() -> Self {
+        Self {
+            max_connections: 8,
+            sqlite_synchronous: std::env::var("SQLITE_SYNCHRONOUS")
+                .unwrap_or_else(|_| "NORMAL".to_owned()),
+            busy_timeout: Duration::from_secs(10),
+            connect_for: Duration::from_secs(60),
+        }
+    }
+}
+
+/// A connection pool plus the backend it talks to.
+#[derive(Debug, Clone)]
+pub struct Database {
+    pool: AnyPool,
+    backend: Backend,
+}
+
+/// The default URL for a service's SQLite file under `data/`.
+pub fn default_sqlite_url(service: &str) -> String {
+    format!("sqlite://data/{service}.db")
+}
+
+impl Database {
+    /// Open (creating a SQLite file if needed) and run the toolkit's migrations, retrying with backoff
+    /// while the database is unreachable.
+    pub async fn connect(url: &str, options: DbOptions) -> Result<Self, DbError> {
+        sqlx::any::install_default_drivers();
+        let backend = if url.starts_with("sqlite:") {
+            Backend::Sqlite
+        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            Backend::Postgres
+        } else {
+            return Err(DbError::UnsupportedUrl(url.to_owned()));
+        };
+        let url = match backend {
+            Backend::Sqlite => sqlite_url_with_create(url)?,
+            Backend::Postgres => url.to_owned(),
+        };
+        let connect_options = AnyConnectOptions::from_str(&url)
+            .map_err(DbError::Connect)?
+            .log_statements(tracing::log::LevelFilter::Trace)
+            .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(1));
+        let pragmas = format!(
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = {}; PRAGMA busy_timeout = {}; PRAGMA foreign_keys = ON;",
+            sanitize_sync(&options.sqlite_synchronous),
+            options.busy_timeout.as_millis()
+        );
+        let pool_options = AnyPoolOptions::new()
+            .max_connections(options.max_connections)
+            .acquire_timeout(Duration::from_secs(30))
+            .after_connect(move |conn, _meta| {
+                let pragmas = pragmas.clone();
+                Box::pin(async move {
+                    if backend == Backend::Sqlite {
+                        conn.execute(sqlx::raw_sql(&pragmas)).await?;
+                    }
+                    Ok(())
+                })
+            });
+        let pool = (|| pool_options.clone().connect_with(connect_options.clone()))
+            .retry(
+                ExponentialBuilder::default()
+                    .with_jitter()
+                    .with_max_delay(Duration::from_secs(2))
+                    .with_total_delay(Some(options.connect_for))
+                    .without_max_times(),
+            )
+            .notify(|e, d| tracing::warn!(error = %e, retry_in = ?d, "database not reachable yet"))
+            .await
+            .map_err(DbError::Connect)?;
+        let db = Self { pool, backend };
+        // The toolkit's own tables: outbox, inbox, dead letters.
+        db.migrate(
+            sqlx::migrate!("./migrations/sqlite"),
+            sqlx::migrate!("./migrations/postgres"),
+        )
+        .await?;
+        Ok(db)
+    }
+
+    /// Run a service's migrations (one set per backend). Migrators share the `_sqlx_migrations`
+    /// table, so each set must use version numbers of its own.
+    pub async fn migrate(&self, sqlite: Migrator, postgres: Migrator) -> Result<(), DbError> {
+        let mut migrator = match self.backend {
+            Backend::Sqlite => sqlite,
+            Backend::Postgres => postgres,
+        };
+        // Other migrators (toolkit vs service) have applied versions this one does not know about.
+        migrator.set_ignore_missing(true);
+        migrator.run(&self.pool).await?;
+        Ok(())
+    }
+
+    /// The pool, for reads and for callers that manage their own statements.
+    pub fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    /// The backend behind this pool.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// Begin a write transaction. On SQLite it is `BEGIN IMMEDIATE`: the write lock is taken up
+    /// front, so a read-then-write transaction never fails to upgrade under concurrency.
+    pub async fn begin(&self) -> Result<Transaction<'static, Any>, sqlx::Error> {
+        match self.backend {
+            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await,
+            Backend::Postgres => self.pool.begin().await,
+        }
+    }
+
+    /// Readiness probe: the database answers.
+    pub async fn ping(&self) -> bool {
+        sqlx::query("SELECT 1").execute(&self.pool).await.is_ok()
+    }
+
+    /// Close the pool, waiting for connections to be returned.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+/// Only the documented pragma values may reach the SQL string.
+fn sanitize_sync(value: &str) -> &'static str {
+    match value.to_ascii_uppercase().as_str() {
+        "OFF" => "OFF",
+        "FULL" => "FULL",
+        "EXTRA" => "EXTRA",
+        _ => "NORMAL",
+    }
+}
+
+/// Make sure the SQLite file's directory exists and the file is created if missing.
+fn sqlite_url_with_create(url: &str) -> Result<String, DbError> {
+    let rest = url
+        .trim_start_matches("sqlite://")
+        .trim_start_matches("sqlite:");
+    let (path, query) = match rest.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (rest, None),
+    };
+    if path != ":memory:" && !path.is_empty() {
+        if let Some(parent) = Path::new(path).parent() {
+            if !parent.as_os_str().is_empty() {
+                std::fs::create_dir_all(parent).map_err(|source| DbError::Directory {
+                    path: parent.display().to_string(),
+                    source,
+                })?;
+            }
+        }
+    }
+    Ok(match query {
+        Some(q) if q.contains("mode=") => url.to_owned(),
+        Some(_) => format!("{url}&mode=rwc"),
+        None => format!("{url}?mode=rwc"),
+    })
+}
+
+/// Current time in microseconds since the Unix epoch: the toolkit's timestamp column type.
+pub fn now_micros() -> i64 {
+    chrono::Utc::now().timestamp_micros()
+}

@@ -1,0 +1,23 @@
+//! Event toolkit for services that coordinate through domain events on NATS JetStream.
+//!
+//! - [`envelope`]: CloudEvents 1.0 envelope; decoding of structured events and of bare JSON bodies
+//!   published by hand.
+//! - [`db`]: one code path over SQLite and Postgres.
+//! - [`outbox`]: transactional outbox and the relay that publishes it.
+//! - [`consumer`]: idempotent, batching consumer with inbox, dead letters and bounded redelivery.
+//! - [`nats`]: connecting (server ≥ 2.10) and provisioning streams.
+//! - `testing` (feature `testing`): real nats-server / Postgres / SQLite for tests.
+
+pub mod consumer;
+pub mod db;
+pub mod envelope;
+pub mod nats;
+pub mod outbox;
+#[cfg(feature = "testing")]
+pub mod testing;
+
+pub use consumer::{ConsumerRunner, ConsumerSpec, Handler, HandlerError};
+pub use db::{Backend, Database, DbOptions};
+pub use envelope::{DecodeError, Envelope, EventPayload};
+pub use nats::{NatsSettings, StreamSpec};
+pub use outbox::{OutboxRelay, OutboxWaker, RelayConfig};

@@ -1,0 +1,183 @@
+//! Connecting to NATS (refusing servers older than 2.10) and provisioning a service's stream.
+
+use std::time::Duration;
+
+use async_nats::jetstream::stream::{Config as StreamConfig, DiscardPolicy, StorageType};
+use async_nats::jetstream::Context;
+use backon::{ExponentialBuilder, Retryable};
+
+/// The oldest nats-server this toolkit runs against: 2.9 silently ignores `filter_subjects`.
+pub const MIN_SERVER_VERSION: (u64, u64) = (2, 10);
+
+/// Errors connecting to NATS or provisioning streams.
+#[derive(Debug, thiserror::Error)]
+pub enum NatsError {
+    /// Could not connect within the allowed time.
+    #[error("cannot connect to NATS at {url}: {reason}")]
+    Connect {
+        /// The URL.
+        url: String,
+        /// The last error.
+        reason: String,
+    },
+    /// The server is too old.
+    #[error("nats-server {found} is too old: {}.{} or newer is required (2.9 ignores filter_subjects and has no sync_interval)", MIN_SERVER_VERSION.0, MIN_SERVER_VERSION.1)]
+    ServerTooOld {
+        /// The version the server reported.
+        found: String,
+    },
+    /// Creating or updating a stream failed.
+    #[error("cannot provision stream {stream}: {reason}")]
+    Stream {
+        /// The stream.
+        stream: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// How to reach NATS.
+#[derive(Debug, Clone)]
+pub struct NatsSettings {
+    /// Server URL(s), comma-separated.
+    pub url: String,
+    /// Optional user.
+    pub user: Option<String>,
+    /// Optional password.
+    pub password: Option<String>,
+    /// Client name shown in server monitoring.
+    pub name: String,
+    /// How long to keep retrying the first connection.
+    pub connect_for: Duration,
+}
+
+/// Connect with backoff (the server may still be starting) and check its version. Once connected the
+/// client reconnects forever on its own.
+pub async fn connect(settings: &NatsSettings) -> Result<async_nats::Client, NatsError> {
+    let attempt = || async {
+        let mut options = async_nats::ConnectOptions::new()
+            .name(&settings.name)
+            .connection_timeout(Duration::from_secs(3))
+            .max_reconnects(None);
+        if let (Some(user), Some(password)) = (&settings.user, &settings.password) {
+            options = options.user_and_password(user.clone(), password.clone());
+        }
+        options.connect(settings.url.as_str()).await
+    };
+    let client = attempt
+        .retry(
+            ExponentialBuilder::default()
+                .with_jitter()
+                .with_max_delay(Duration::from_secs(2))
+                .with_total_delay(Some(settings.connect_for))
+                .without_max_times(),
+        )
+        .notify(|e, d| tracing::warn!(error = %e, retry_in = ?d, "NATS not reachable yet"))
+        .await
+        .map_err(|e| NatsError::Connect {
+            url: settings.url.clone(),
+            reason: e.to_string(),
+        })?;
+    check_server_version(&client.server_info().version)?;
+    Ok(client)
+}
+
+/// Refuse servers older than [`MIN_SERVER_VERSION`].
+pub fn check_server_version(version: &str) -> Result<(), NatsError> {
+    let mut parts = version
+        .trim_start_matches('v')
+        .split(['.', '-'])
+        .map(|p| p.parse::<u64>().unwrap_or(0));
+    let found = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    if found < MIN_SERVER_VERSION {
+        return Err(NatsError::ServerTooOld {
+            found: version.to_owned(),
+        });
+    }
+    Ok(())
+}
+
+/// A stream a service owns: what it announces.
+#[derive(Debug, Clone)]
+pub struct StreamSpec {
+    /// Stream name, e.g. `ORDERS`.
+    pub name: String,
+    /// Subjects it captures.
+    pub subjects: Vec<String>,
+    /// How long events are kept.
+    pub max_age: Duration,
+    /// Window in which a re-published `Nats-Msg-Id` is dropped.
+    pub duplicate_window: Duration,
+    /// Largest message accepted.
+    pub max_msg_size: i32,
+}
+
+impl StreamSpec {
+    /// A file-backed, limits-retention stream with production defaults: 7 days, 2-minute
+    /// duplicate window, 1 MiB messages.
+    pub fn new(name: &str, subjects: &[&str]) -> Self {
+        Self {
+            name: name.to_owned(),
+            subjects: subjects.iter().map(|s| (*s).to_owned()).collect(),
+            max_age: Duration::from_secs(7 * 24 * 3600),
+            duplicate_window: Duration::from_secs(120),
+            max_msg_size: 1024 * 1024,
+        }
+    }
+
+    fn config(&self) -> StreamConfig {
+        StreamConfig {
+            name: self.name.clone(),
+            subjects: self.subjects.clone(),
+            max_age: self.max_age,
+            duplicate_window: self.duplicate_window,
+            max_message_size: self.max_msg_size,
+            storage: StorageType::File,
+            discard: DiscardPolicy::Old,
+            ..Default::default()
+        }
+    }
+}
+
+/// Create the stream, or update it to `spec` if it exists with another configuration.
+pub async fn ensure_stream(js: &Context, spec: &StreamSpec) -> Result<(), NatsError> {
+    let wanted = spec.config();
+    let err = |e: &dyn std::fmt::Display| NatsError::Stream {
+        stream: spec.name.clone(),
+        reason: e.to_string(),
+    };
+    match js.get_stream(&spec.name).await {
+        Ok(mut stream) => {
+            let info = stream.info().await.map_err(|e| err(&e))?;
+            let current = &info.config;
+            if current.subjects != wanted.subjects
+                || current.max_age != wanted.max_age
+                || current.duplicate_window != wanted.duplicate_window
+                || current.max_message_size != wanted.max_message_size
+            {
+                js.update_stream(wanted).await.map_err(|e| err(&e))?;
+                tracing::info!(stream = %spec.name, "stream updated");
+            }
+        }
+        Err(_) => {
+            js.create_stream(wanted).await.map_err(|e| err(&e))?;
+            tracing::info!(stream = %spec.name, "stream created");
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refuses_servers_older_than_2_10() {
+        assert!(check_server_version("2.9.10").is_err());
+        assert!(check_server_version("1.4.0").is_err());
+        assert!(check_server_version("").is_err());
+        assert!(check_server_version("2.10.0").is_ok());
+        assert!(check_server_version("2.15.1").is_ok());
+        assert!(check_server_version("3.0.0-beta").is_ok());
+    }
+}

@@ -1,0 +1,429 @@
+//! Transactional outbox: events are written in the caller's transaction, and a relay publishes them
+//! to JetStream afterwards, in id order, with `Nats-Msg-Id` = event id so a re-publish after a crash
+//! is dropped by the stream's duplicate window.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::context::PublishErrorKind;
+use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::Context;
+use backon::{BackoffBuilder, ExponentialBuilder};
+use bytes::Bytes;
+use sqlx::{Any, AnyConnection, Row, Transaction};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::db::{now_micros, Backend, Database};
+use crate::envelope::{Envelope, CLOUDEVENTS_CONTENT_TYPE};
+
+/// Write `event` to the outbox inside the caller's transaction; it is published only if that
+/// transaction commits.
+pub async fn enqueue(
+    conn: &mut AnyConnection,
+    subject: &str,
+    event: &Envelope,
+) -> Result<(), sqlx::Error> {
+    let now = now_micros();
+    sqlx::query(
+        "INSERT INTO outbox (event_id, subject, payload, created_at_us, next_attempt_at_us) \
+         VALUES ($1, $2, $3, $4, $4)",
+    )
+    .bind(&event.id)
+    .bind(subject)
+    .bind(event.to_bytes())
+    .bind(now)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Wakes the relay right after a local commit, so an event does not wait for the next poll.
+#[derive(Debug, Clone, Default)]
+pub struct OutboxWaker(Arc<Notify>);
+
+impl OutboxWaker {
+    /// Signal that rows may be waiting. Cheap; coalesces when the relay is busy.
+    pub fn wake(&self) {
+        self.0.notify_one();
+    }
+
+    /// Commit `tx` and wake the relay.
+    pub async fn commit(&self, tx: Transaction<'static, Any>) -> Result<(), sqlx::Error> {
+        tx.commit().await?;
+        self.wake();
+        Ok(())
+    }
+}
+
+/// Relay tuning.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// Rows claimed per pass.
+    pub batch_size: i64,
+    /// Publishes in flight before awaiting their acks; must stay below the client's
+    /// `max_ack_inflight` (async-nats blocks forever past it).
+    pub ack_window: usize,
+    /// Safety-net poll for rows committed by another process or left by a crash.
+    pub poll_interval: Duration,
+    /// Failed attempts after which a row is parked (kept, with its error, out of the way).
+    pub max_attempts: i64,
+    /// First retry delay of a failing row; doubles per attempt.
+    pub retry_base: Duration,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self {
+            batch_size: 512,
+            ack_window: 256,
+            poll_interval: Duration::from_millis(500),
+            max_attempts: 12,
+            retry_base: Duration::from_millis(200),
+        }
+    }
+}
+
+/// Relay failures that make it back off as a whole.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    /// The database failed.
+    #[error("outbox database error: {0}")]
+    Database(#[from] sqlx::Error),
+    /// NATS is not connected; nothing was attempted.
+    #[error("NATS is not connected")]
+    Disconnected,
+}
+
+/// One claimed row.
+#[derive(Debug)]
+struct Pending {
+    id: i64,
+    event_id: String,
+    subject: String,
+    payload: Vec<u8>,
+    attempts: i64,
+    created_at_us: i64,
+}
+
+/// What happened to one row of a claimed batch.
+#[derive(Debug)]
+enum Outcome {
+    Published,
+    Failed { error: String, permanent: bool },
+}
+
+/// Rows published (or not) but not yet recorded. Dropping it without [`OutboxRelay::record`] is what
+/// a crash between publish and mark looks like: the rows are published again later and deduplicated
+/// by the stream.
+#[derive(Debug)]
+pub struct PublishedBatch {
+    /// Postgres: the transaction holding the claimed rows' locks.
+    claim: Option<Transaction<'static, Any>>,
+    rows: Vec<(Pending, Outcome)>,
+}
+
+impl PublishedBatch {
+    /// Number of rows claimed in this batch.
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// Whether nothing was claimed.
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+}
+
+/// Publishes outbox rows to JetStream.
+#[derive(Debug, Clone)]
+pub struct OutboxRelay {
+    db: Database,
+    js: Context,
+    client: async_nats::Client,
+    config: RelayConfig,
+    waker: OutboxWaker,
+}
+
+impl OutboxRelay {
+    /// A relay over `db`'s outbox publishing through `client`.
+    pub fn new(db: Database, client: async_nats::Client, config: RelayConfig) -> Self {
+        let js = async_nats::jetstream::new(client.clone());
+        Self {
+            db,
+            js,
+            client,
+            config,
+            waker: OutboxWaker::default(),
+        }
+    }
+
+    /// The waker to call after committing a transaction that enqueued events.
+    pub fn waker(&self) -> OutboxWaker {
+        self.waker.clone()
+    }
+
+    /// Run until `shutdown`, then make one last pass so committed events are not left behind.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut backoff = self.backoff();
+        loop {
+            let result = self.publish_pending().await;
+            match result {
+                Ok(n) if n as i64 >= self.config.batch_size => {
+                    backoff = self.backoff();
+                    if shutdown.is_cancelled() {
+                        break;
+                    }
+                    continue;
+                }
+                Ok(_) => {
+                    backoff = self.backoff();
+                    tokio::select! {
+                        _ = self.waker.0.notified() => {}
+                        _ = tokio::time::sleep(self.config.poll_interval) => {}
+                        _ = shutdown.cancelled() => break,
+                    }
+                }
+                Err(e) => {
+                    let delay = backoff.next().unwrap_or(Duration::from_secs(5));
+                    tracing::warn!(error = %e, retry_in = ?delay, "outbox relay backing off");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = shutdown.cancelled() => break,
+                    }
+                }
+            }
+        }
+        // Flush what was committed before shutdown, bounded so a dead NATS cannot hang the exit.
+        let flush = async {
+            while let Ok(n) = self.publish_pending().await {
+                if n == 0 {
+                    break;
+                }
+            }
+        };
+        if tokio::time::timeout(Duration::from_secs(5), flush)
+            .await
+            .is_err()
+        {
+            tracing::warn!("outbox flush at shutdown timed out; rows stay for the next start");
+        }
+    }
+
+    fn backoff(&self) -> impl Iterator<Item = Duration> {
+        ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(100))
+            .with_max_delay(Duration::from_secs(5))
+            .with_jitter()
+            .without_max_times()
+            .build()
+    }
+
+    /// One pass: claim due rows, publish them, record the outcome. Returns the number published.
+    pub async fn publish_pending(&self) -> Result<usize, RelayError> {
+        let batch = self.publish_batch().await?;
+        self.record(batch).await
+    }
+
+    /// Claim due rows in id order and publish them, pipelined in windows of `ack_window`.
+    pub async fn publish_batch(&self) -> Result<PublishedBatch, RelayError> {
+        if self.client.connection_state() != async_nats::connection::State::Connected {
+            return Err(RelayError::Disconnected);
+        }
+        let now = now_micros();
+        let (claim, rows) = match self.db.backend() {
+            Backend::Postgres => {
+                // Several relays may run: each locks its own rows and skips the others'.
+                let mut tx = self.db.begin().await?;
+                let rows = sqlx::query(
+                    "SELECT id, event_id, subject, payload, attempts, created_at_us FROM outbox \
+                     WHERE published_at_us IS NULL AND parked_at_us IS NULL AND next_attempt_at_us <= $1 \
+                     ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED",
+                )
+                .bind(now)
+                .bind(self.config.batch_size)
+                .fetch_all(&mut *tx)
+                .await?;
+                (Some(tx), rows)
+            }
+            Backend::Sqlite => {
+                // One process owns a SQLite file; no lock is held while publishing.
+                let rows = sqlx::query(
+                    "SELECT id, event_id, subject, payload, attempts, created_at_us FROM outbox \
+                     WHERE published_at_us IS NULL AND parked_at_us IS NULL AND next_attempt_at_us <= $1 \
+                     ORDER BY id LIMIT $2",
+                )
+                .bind(now)
+                .bind(self.config.batch_size)
+                .fetch_all(self.db.pool())
+                .await?;
+                (None, rows)
+            }
+        };
+        let pending = rows
+            .iter()
+            .map(|r| -> Result<Pending, sqlx::Error> {
+                Ok(Pending {
+                    id: r.try_get(0)?,
+                    event_id: r.try_get(1)?,
+                    subject: r.try_get(2)?,
+                    payload: r.try_get(3)?,
+                    attempts: r.try_get(4)?,
+                    created_at_us: r.try_get(5)?,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+
+        let mut out = Vec::with_capacity(pending.len());
+        let mut iter = pending.into_iter().peekable();
+        while iter.peek().is_some() {
+            let window: Vec<Pending> = iter.by_ref().take(self.config.ack_window.max(1)).collect();
+            let mut acks = Vec::with_capacity(window.len());
+            for row in &window {
+                let msg = PublishMessage::build()
+                    .payload(Bytes::from(row.payload.clone()))
+                    .message_id(&row.event_id)
+                    .header("Content-Type", CLOUDEVENTS_CONTENT_TYPE);
+                acks.push(self.js.send_publish(row.subject.clone(), msg).await);
+            }
+            let mut results = Vec::with_capacity(window.len());
+            for ack in acks {
+                results.push(match ack {
+                    Ok(fut) => fut.await.map(|_| ()).map_err(|e| {
+                        let permanent = false;
+                        (e.to_string(), permanent)
+                    }),
+                    Err(e) => {
+                        let permanent = matches!(e.kind(), PublishErrorKind::MaxPayloadExceeded);
+                        Err((e.to_string(), permanent))
+                    }
+                });
+            }
+            for (row, result) in window.into_iter().zip(results) {
+                let outcome = match result {
+                    Ok(()) => Outcome::Published,
+                    Err((error, permanent)) => Outcome::Failed { error, permanent },
+                };
+                out.push((row, outcome));
+            }
+        }
+        Ok(PublishedBatch { claim, rows: out })
+    }
+
+    /// Mark the published rows in one statement; reschedule or park the failed ones.
+    pub async fn record(&self, batch: PublishedBatch) -> Result<usize, RelayError> {
+        let PublishedBatch { claim, rows } = batch;
+        if rows.is_empty() {
+            if let Some(tx) = claim {
+                tx.commit().await?;
+            }
+            return Ok(0);
+        }
+        let mut tx = match claim {
+            Some(tx) => tx,
+            None => self.db.begin().await?,
+        };
+        let now = now_micros();
+        let published: Vec<&Pending> = rows
+            .iter()
+            .filter(|(_, o)| matches!(o, Outcome::Published))
+            .map(|(p, _)| p)
+            .collect();
+        if !published.is_empty() {
+            let placeholders = (0..published.len())
+                .map(|i| format!("${}", i + 2))
+                .collect::<Vec<_>>()
+                .join(",");
+            let sql = format!(
+                "UPDATE outbox SET published_at_us = $1 WHERE id IN ({placeholders})"
+            );
+            let mut q = sqlx::query(&sql).bind(now);
+            for p in &published {
+                q = q.bind(p.id);
+            }
+            q.execute(&mut *tx).await?;
+        }
+        // A failure while disconnected says nothing about the row: do not count it.
+        let connected =
+            self.client.connection_state() == async_nats::connection::State::Connected;
+        for (row, outcome) in &rows {
+            let Outcome::Failed { error, permanent } = outcome else {
+                continue;
+            };
+            let attempts = if connected { row.attempts + 1 } else { row.attempts };
+            let park = *permanent || attempts >= self.config.max_attempts;
+            let delay = self
+                .config
+                .retry_base
+                .saturating_mul(1u32 << attempts.clamp(0, 10) as u32)
+                .min(Duration::from_secs(60));
+            sqlx::query(
+                "UPDATE outbox SET attempts = $1, last_error = $2, next_attempt_at_us = $3, \
+                 parked_at_us = $4 WHERE id = $5",
+            )
+            .bind(attempts)
+            .bind(error)
+            .bind(now + delay.as_micros() as i64)
+            .bind(if park { Some(now) } else { None })
+            .bind(row.id)
+            .execute(&mut *tx)
+            .await?;
+            if park {
+                tracing::error!(event_id = %row.event_id, subject = %row.subject, %error, "outbox row parked");
+            } else {
+                tracing::warn!(event_id = %row.event_id, subject = %row.subject, %error, attempts, "outbox publish failed; will retry");
+            }
+        }
+        tx.commit().await?;
+        for p in &published {
+            let latency = (now - p.created_at_us).max(0) as f64 / 1e6;
+            metrics::histogram!("outbox_relay_latency_seconds").record(latency);
+        }
+        metrics::counter!("outbox_published_total").increment(published.len() as u64);
+        if published.len() < rows.len() && !connected {
+            return Err(RelayError::Disconnected);
+        }
+        Ok(published.len())
+    }
+}
+
+/// Counts for a service's outbox, for readiness pages and tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct OutboxStats {
+    /// Rows waiting to be published.
+    pub pending: i64,
+    /// Rows parked after repeated failures.
+    pub parked: i64,
+    /// Rows published.
+    pub published: i64,
+}
+
+/// Outbox counts.
+pub async fn stats(db: &Database) -> Result<OutboxStats, sqlx::Error> {
+    let row = sqlx::query(
+        "SELECT \
+           COALESCE(SUM(CASE WHEN published_at_us IS NULL AND parked_at_us IS NULL THEN 1 ELSE 0 END), 0), \
+           COALESCE(SUM(CASE WHEN parked_at_us IS NOT NULL THEN 1 ELSE 0 END), 0), \
+           COALESCE(SUM(CASE WHEN published_at_us IS NOT NULL THEN 1 ELSE 0 END), 0) \
+         FROM outbox",
+    )
+    .fetch_one(db.pool())
+    .await?;
+    // SUM over integer literals is BIGINT on Postgres and INTEGER on SQLite: both read as i64.
+    Ok(OutboxStats {
+        pending: row.try_get(0)?,
+        parked: row.try_get(1)?,
+        published: row.try_get(2)?,
+    })
+}
+
+/// How long the relay took from enqueue to recorded publish, per published row (microseconds);
+/// used by the relay-latency benchmark.
+pub async fn published_latencies_us(db: &Database) -> Result<Vec<i64>, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT published_at_us - created_at_us FROM outbox WHERE published_at_us IS NOT NULL ORDER BY id",
+    )
+    .fetch_all(db.pool())
+    .await?;
+    rows.iter().map(|r| r.try_get::<i64, _>(0)).collect()
+}

@@ -1,0 +1,372 @@
+//! Test harness: a real nats-server on a free port with a temporary JetStream store (stoppable and
+//! restartable on the same port and store, for fault injection), a throwaway Postgres, and a
+//! temporary SQLite file.
+//!
+//! Binaries are found through `NATS_SERVER_BIN` / `PG_BIN_DIR`, then `PATH`, then the project's
+//! `.tools/` folder where `scripts/install-deps.sh` puts them.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+use crate::db::{Backend, Database, DbOptions};
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free local port")
+}
+
+/// The repository root (where `.tools/` lives), found from this crate's manifest dir.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// Poll `check` until it returns `Some`, or panic with `what` after `deadline`.
+pub async fn eventually<T, F, Fut>(deadline: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if start.elapsed() > deadline {
+            panic!("timed out after {deadline:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn nats_server_binary() -> PathBuf {
+    if let Ok(p) = std::env::var("NATS_SERVER_BIN") {
+        return PathBuf::from(p);
+    }
+    let pinned = repo_root().join(".tools/bin/nats-server");
+    if pinned.exists() {
+        return pinned;
+    }
+    if let Ok(out) = Command::new("nats-server").arg("--version").output() {
+        let v = String::from_utf8_lossy(&out.stdout);
+        if crate::nats::check_server_version(v.trim().trim_start_matches("nats-server: ")).is_ok() {
+            return PathBuf::from("nats-server");
+        }
+    }
+    panic!(
+        "no nats-server >= 2.10 found: run scripts/install-deps.sh (installs one into .tools/bin) \
+         or set NATS_SERVER_BIN"
+    );
+}
+
+/// A nats-server owned by a test. Killed on drop.
+pub struct NatsServer {
+    port: u16,
+    dir: TempDir,
+    extra_config: String,
+    child: Option<Child>,
+}
+
+impl NatsServer {
+    /// Start a server with JetStream on a free port.
+    pub async fn start() -> Self {
+        Self::start_with_config("").await
+    }
+
+    /// Start a server with extra configuration appended (accounts, users...).
+    pub async fn start_with_config(extra_config: &str) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut server = Self {
+            port: free_port(),
+            dir,
+            extra_config: extra_config.to_owned(),
+            child: None,
+        };
+        server.launch().await;
+        server
+    }
+
+    /// `nats://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// The port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The JetStream store directory (kept across restarts).
+    pub fn store_dir(&self) -> PathBuf {
+        self.dir.path().join("jetstream")
+    }
+
+    async fn launch(&mut self) {
+        let conf = self.dir.path().join("nats.conf");
+        let config = format!(
+            "listen: 127.0.0.1:{port}\nserver_name: test-{port}\njetstream {{\n  store_dir: {store:?}\n}}\n{extra}\n",
+            port = self.port,
+            store = self.store_dir().display().to_string(),
+            extra = self.extra_config
+        );
+        std::fs::write(&conf, config).expect("write nats.conf");
+        let log = std::fs::File::create(self.dir.path().join("nats.log")).expect("log file");
+        let child = Command::new(nats_server_binary())
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn nats-server");
+        self.child = Some(child);
+        let url = self.url();
+        eventually(Duration::from_secs(15), "nats-server to accept JetStream requests", || {
+            let url = url.clone();
+            async move {
+                let client = async_nats::connect(&url).await.ok()?;
+                let js = async_nats::jetstream::new(client);
+                js.query_account().await.ok().map(|_| ())
+            }
+        })
+        .await;
+    }
+
+    /// Kill the server abruptly (SIGKILL), keeping its store.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Stop gracefully (SIGTERM, then SIGKILL after 5 s), keeping its store.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(child.id().to_string())
+                .status();
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(5) {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Start again on the same port and store.
+    pub async fn restart(&mut self) {
+        self.stop();
+        self.launch().await;
+    }
+
+    /// Start again after [`NatsServer::stop`] or [`NatsServer::kill`].
+    pub async fn start_again(&mut self) {
+        if self.child.is_none() {
+            self.launch().await;
+        }
+    }
+
+    /// The server's log so far, for assertion messages.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("nats.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A throwaway Postgres cluster owned by a test process. Stopped on drop.
+pub struct PgCluster {
+    dir: TempDir,
+    port: u16,
+    bin: PathBuf,
+    as_postgres_user: bool,
+}
+
+fn pg_bin_dir() -> PathBuf {
+    if let Ok(p) = std::env::var("PG_BIN_DIR") {
+        return PathBuf::from(p);
+    }
+    for candidate in ["/usr/local/bin", "/usr/lib/postgresql/17/bin", "/usr/lib/postgresql/16/bin", "/usr/lib/postgresql/15/bin"] {
+        if Path::new(candidate).join("initdb").exists() {
+            return PathBuf::from(candidate);
+        }
+    }
+    panic!("no Postgres server binaries (initdb) found: run scripts/install-deps.sh or set PG_BIN_DIR or TEST_DATABASE_URL");
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+impl PgCluster {
+    /// `initdb` a cluster in a temp dir and start it on a free port (as the `postgres` user when
+    /// running as root, since Postgres refuses to run as root).
+    pub fn start() -> Self {
+        let bin = pg_bin_dir();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let as_postgres_user = is_root();
+        let cluster = Self {
+            port: free_port(),
+            dir,
+            bin,
+            as_postgres_user,
+        };
+        if as_postgres_user {
+            let _ = Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(cluster.dir.path())
+                .status();
+        }
+        let data = cluster.dir.path().join("data");
+        cluster.run(
+            "initdb",
+            &["-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync", "-D", &data.display().to_string()],
+        );
+        let opts = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200",
+            cluster.port,
+            cluster.dir.path().display()
+        );
+        cluster.run(
+            "pg_ctl",
+            &["-D", &data.display().to_string(), "-o", &opts, "-l", &cluster.dir.path().join("pg.log").display().to_string(), "-w", "start"],
+        );
+        cluster
+    }
+
+    fn run(&self, tool: &str, args: &[&str]) {
+        let program = self.bin.join(tool);
+        let status = if self.as_postgres_user {
+            Command::new("runuser")
+                .args(["-u", "postgres", "--"])
+                .arg(&program)
+                .args(args)
+                .stdout(Stdio::null())
+                .status()
+        } else {
+            Command::new(&program).args(args).stdout(Stdio::null()).status()
+        };
+        match status {
+            Ok(s) if s.success() => {}
+            other => panic!("{tool} failed: {other:?}"),
+        }
+    }
+
+    /// Admin URL (database `postgres`).
+    pub fn admin_url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        let data = self.dir.path().join("data").display().to_string();
+        let program = self.bin.join("pg_ctl");
+        let args = ["-D", data.as_str(), "-m", "immediate", "stop"];
+        let _ = if self.as_postgres_user {
+            Command::new("runuser")
+                .args(["-u", "postgres", "--"])
+                .arg(&program)
+                .args(args)
+                .stdout(Stdio::null())
+                .status()
+        } else {
+            Command::new(&program).args(args).stdout(Stdio::null()).status()
+        };
+    }
+}
+
+/// A fresh, empty database for one test, on either backend.
+pub struct TestDb {
+    /// The URL services and pools should use.
+    pub url: String,
+    _sqlite_dir: Option<TempDir>,
+    _cluster: Option<std::sync::Arc<PgCluster>>,
+}
+
+/// Where test databases for Postgres come from: `TEST_DATABASE_URL` (an admin URL) when set, else a
+/// cluster started for this process.
+static CLUSTER: std::sync::Mutex<Option<std::sync::Weak<PgCluster>>> = std::sync::Mutex::new(None);
+
+fn shared_cluster() -> std::sync::Arc<PgCluster> {
+    let mut guard = CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(c) = guard.as_ref().and_then(|w| w.upgrade()) {
+        return c;
+    }
+    let c = std::sync::Arc::new(PgCluster::start());
+    *guard = Some(std::sync::Arc::downgrade(&c));
+    c
+}
+
+impl TestDb {
+    /// A new empty database on `backend`.
+    pub async fn new(backend: Backend) -> Self {
+        match backend {
+            Backend::Sqlite => {
+                let dir = tempfile::tempdir().expect("temp dir");
+                let url = format!("sqlite://{}", dir.path().join("test.db").display());
+                Self {
+                    url,
+                    _sqlite_dir: Some(dir),
+                    _cluster: None,
+                }
+            }
+            Backend::Postgres => {
+                let (admin, cluster) = match std::env::var("TEST_DATABASE_URL") {
+                    Ok(url) => (url, None),
+                    Err(_) => {
+                        let c = shared_cluster();
+                        (c.admin_url(), Some(c))
+                    }
+                };
+                let name = format!("t_{}", uuid::Uuid::new_v4().simple());
+                sqlx::any::install_default_drivers();
+                let mut conn = <sqlx::AnyConnection as sqlx::Connection>::connect(&admin)
+                    .await
+                    .expect("connect to test Postgres");
+                sqlx::query(&format!("CREATE DATABASE {name}"))
+                    .execute(&mut conn)
+                    .await
+                    .expect("create test database");
+                let base = admin.rsplit_once('/').map(|(b, _)| b).unwrap_or(&admin);
+                Self {
+                    url: format!("{base}/{name}"),
+                    _sqlite_dir: None,
+                    _cluster: cluster,
+                }
+            }
+        }
+    }
+
+    /// Open it with the toolkit's tables migrated.
+    pub async fn connect(&self) -> Database {
+        Database::connect(&self.url, DbOptions::default())
+            .await
+            .expect("open test database")
+    }
+}
+
+/// Both backends, for tests that must behave the same on each.
+pub const BACKENDS: [Backend; 2] = [Backend::Sqlite, Backend::Postgres];
