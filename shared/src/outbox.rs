@@ -93,6 +93,9 @@ pub enum RelayError {
     /// NATS is not connected; nothing was attempted.
     #[error("NATS is not connected")]
     Disconnected,
+    /// Publishes failed for reasons that are not the rows' (timeouts, no stream answering).
+    #[error("JetStream unavailable; unpublished rows stay due")]
+    Outage,
 }
 
 /// One claimed row.
@@ -110,7 +113,30 @@ struct Pending {
 #[derive(Debug)]
 enum Outcome {
     Published,
-    Failed { error: String, permanent: bool },
+    Failed { error: String, class: Failure },
+}
+
+/// Whose fault a failed publish was, which decides whether the row is charged an attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Failure {
+    /// NATS or JetStream unavailable (timeout, broken pipe, no stream answering): says nothing about
+    /// the row; the relay backs off as a whole.
+    Outage,
+    /// The server refused this row: retried with its own backoff, parked after `max_attempts`.
+    Row,
+    /// Can never be published (too large): parked at once.
+    Permanent,
+}
+
+fn classify(kind: PublishErrorKind) -> Failure {
+    match kind {
+        PublishErrorKind::TimedOut
+        | PublishErrorKind::BrokenPipe
+        | PublishErrorKind::MaxAckPending
+        | PublishErrorKind::StreamNotFound => Failure::Outage,
+        PublishErrorKind::MaxPayloadExceeded => Failure::Permanent,
+        _ => Failure::Row,
+    }
 }
 
 /// Rows published (or not) but not yet recorded. Dropping it without [`OutboxRelay::record`] is what
@@ -288,21 +314,19 @@ impl OutboxRelay {
             }
             let mut results = Vec::with_capacity(window.len());
             for ack in acks {
-                results.push(match ack {
-                    Ok(fut) => fut.await.map(|_| ()).map_err(|e| {
-                        let permanent = false;
-                        (e.to_string(), permanent)
-                    }),
-                    Err(e) => {
-                        let permanent = matches!(e.kind(), PublishErrorKind::MaxPayloadExceeded);
-                        Err((e.to_string(), permanent))
-                    }
-                });
+                let result = match ack {
+                    Ok(fut) => fut.await.map(|_| ()),
+                    Err(e) => Err(e),
+                };
+                results.push(result);
             }
             for (row, result) in window.into_iter().zip(results) {
                 let outcome = match result {
                     Ok(()) => Outcome::Published,
-                    Err((error, permanent)) => Outcome::Failed { error, permanent },
+                    Err(e) => Outcome::Failed {
+                        class: classify(e.kind()),
+                        error: e.to_string(),
+                    },
                 };
                 out.push((row, outcome));
             }
@@ -343,20 +367,23 @@ impl OutboxRelay {
             }
             q.execute(&mut *tx).await?;
         }
-        // A failure while disconnected says nothing about the row: do not count it.
-        let connected =
-            self.client.connection_state() == async_nats::connection::State::Connected;
+        let mut outage = false;
         for (row, outcome) in &rows {
-            let Outcome::Failed { error, permanent } = outcome else {
+            let Outcome::Failed { error, class } = outcome else {
                 continue;
             };
-            let attempts = if connected { row.attempts + 1 } else { row.attempts };
-            let park = *permanent || attempts >= self.config.max_attempts;
+            if *class == Failure::Outage {
+                // Not the row's fault: leave it due, uncharged; the relay backs off as a whole.
+                outage = true;
+                continue;
+            }
+            let attempts = row.attempts + 1;
+            let park = *class == Failure::Permanent || attempts >= self.config.max_attempts;
             let delay = self
                 .config
                 .retry_base
-                .saturating_mul(1u32 << attempts.clamp(0, 10) as u32)
-                .min(Duration::from_secs(60));
+                .saturating_mul(1u32 << attempts.clamp(0, 8) as u32)
+                .min(Duration::from_secs(30));
             sqlx::query(
                 "UPDATE outbox SET attempts = $1, last_error = $2, next_attempt_at_us = $3, \
                  parked_at_us = $4 WHERE id = $5",
@@ -371,7 +398,7 @@ impl OutboxRelay {
             if park {
                 tracing::error!(event_id = %row.event_id, subject = %row.subject, %error, "outbox row parked");
             } else {
-                tracing::warn!(event_id = %row.event_id, subject = %row.subject, %error, attempts, "outbox publish failed; will retry");
+                tracing::warn!(event_id = %row.event_id, subject = %row.subject, %error, attempts, "outbox publish refused; will retry");
             }
         }
         tx.commit().await?;
@@ -380,8 +407,8 @@ impl OutboxRelay {
             metrics::histogram!("outbox_relay_latency_seconds").record(latency);
         }
         metrics::counter!("outbox_published_total").increment(published.len() as u64);
-        if published.len() < rows.len() && !connected {
-            return Err(RelayError::Disconnected);
+        if outage {
+            return Err(RelayError::Outage);
         }
         Ok(published.len())
     }

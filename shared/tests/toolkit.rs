@@ -1,0 +1,473 @@
+//! The toolkit against a real nats-server and a real database, on SQLite and on Postgres.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, stream::Stream};
+use event_toolkit::consumer::{dead_letters, ConsumerRunner, ConsumerSpec, Handler, HandlerError};
+use event_toolkit::nats::{ensure_stream, StreamSpec};
+use event_toolkit::outbox::{self, OutboxRelay, RelayConfig};
+use event_toolkit::testing::{eventually, NatsServer, TestDb};
+use event_toolkit::{Backend, Database, Envelope, EventPayload};
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use sqlx::{AnyConnection, Row};
+use tokio_util::sync::CancellationToken;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Deposited {
+    account: String,
+    amount: i64,
+}
+impl EventPayload for Deposited {
+    const TYPE: &'static str = "bank.deposited.v1";
+    fn entity_id(&self) -> String {
+        self.account.clone()
+    }
+}
+
+struct Fixture {
+    nats: NatsServer,
+    client: async_nats::Client,
+    js: jetstream::Context,
+    db: Database,
+    _testdb: TestDb,
+}
+
+async fn fixture(backend: Backend) -> Fixture {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let nats = NatsServer::start().await;
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let js = jetstream::new(client.clone());
+    ensure_stream(&js, &StreamSpec::new("BANK", &["bank.>"])).await.unwrap();
+    let testdb = TestDb::new(backend).await;
+    let db = testdb.connect().await;
+    sqlx::raw_sql(
+        "CREATE TABLE balances (account TEXT PRIMARY KEY, amount BIGINT NOT NULL); \
+         CREATE TABLE applied (event_id TEXT NOT NULL)",
+    )
+    .execute(db.pool())
+    .await
+    .unwrap();
+    Fixture {
+        nats,
+        client,
+        js,
+        db,
+        _testdb: testdb,
+    }
+}
+
+fn deposit(account: &str, amount: i64) -> Envelope {
+    Envelope::new("/test", &Deposited { account: account.into(), amount }, None)
+}
+
+async fn enqueue_committed(db: &Database, event: &Envelope) {
+    let mut tx = db.begin().await.unwrap();
+    outbox::enqueue(&mut tx, Deposited::SUBJECT, event).await.unwrap();
+    tx.commit().await.unwrap();
+}
+
+/// (Nats-Msg-Id, envelope) of every message in the stream, in stream order.
+async fn stream_contents(js: &jetstream::Context, name: &str) -> Vec<(String, Envelope)> {
+    let stream: Stream = js.get_stream(name).await.unwrap();
+    let count = stream.get_info().await.unwrap().state.messages;
+    let mut out = Vec::new();
+    for seq in 1..=count {
+        let Ok(msg) = stream.get_raw_message(seq).await else {
+            continue;
+        };
+        let id = msg
+            .headers
+            .get(async_nats::header::NATS_MESSAGE_ID)
+            .map(|v| v.to_string())
+            .unwrap_or_default();
+        out.push((id, serde_json::from_slice(&msg.payload).unwrap()));
+    }
+    out
+}
+
+async fn stream_len(js: &jetstream::Context, name: &str) -> u64 {
+    js.get_stream(name)
+        .await
+        .unwrap()
+        .get_info()
+        .await
+        .unwrap()
+        .state
+        .messages
+}
+
+fn spawn_relay(f: &Fixture) -> (CancellationToken, tokio::task::JoinHandle<()>, OutboxRelay) {
+    let relay = OutboxRelay::new(f.db.clone(), f.client.clone(), RelayConfig::default());
+    let stop = CancellationToken::new();
+    let handle = tokio::spawn(relay.clone().run(stop.clone()));
+    (stop, handle, relay)
+}
+
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name(event_toolkit::Backend::Sqlite).await })*
+        }
+        mod postgres {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name(event_toolkit::Backend::Postgres).await })*
+        }
+    };
+}
+
+on_both_backends!(
+    committed_events_are_published_once_in_order_and_rolled_back_ones_never,
+    relay_dying_between_publish_and_mark_publishes_nothing_twice,
+    relay_survives_a_nats_restart_without_loss_or_duplicates,
+    redelivered_and_republished_events_take_effect_once,
+    poison_is_dead_lettered_and_the_consumer_keeps_going,
+    transient_failures_are_retried_with_delay_and_apply_once,
+    bare_json_published_by_hand_is_processed_once,
+    a_row_that_can_never_be_published_is_parked_and_blocks_nothing,
+);
+
+async fn a_row_that_can_never_be_published_is_parked_and_blocks_nothing(b: Backend) {
+    let f = fixture(b).await;
+    enqueue_committed(&f.db, &deposit("a", 1)).await;
+    let mut huge = deposit("a", 2);
+    huge.data = serde_json::json!({ "account": "a", "amount": 2, "pad": "x".repeat(2 * 1024 * 1024) });
+    enqueue_committed(&f.db, &huge).await;
+    enqueue_committed(&f.db, &deposit("a", 3)).await;
+    let (stop, handle, _) = spawn_relay(&f);
+    eventually(WAIT, "the two publishable events out, the huge one parked", || async {
+        let s = outbox::stats(&f.db).await.unwrap();
+        (s.published == 2 && s.parked == 1 && s.pending == 0).then_some(())
+    })
+    .await;
+    stop.cancel();
+    handle.await.unwrap();
+    let amounts: Vec<i64> = stream_contents(&f.js, "BANK")
+        .await
+        .iter()
+        .map(|(_, e)| e.data["amount"].as_i64().unwrap())
+        .collect();
+    assert_eq!(amounts, vec![1, 3]);
+    let error: String = sqlx::query("SELECT last_error FROM outbox WHERE parked_at_us IS NOT NULL")
+        .fetch_one(f.db.pool())
+        .await
+        .unwrap()
+        .get(0);
+    assert!(error.contains("payload"), "{error}");
+}
+
+async fn committed_events_are_published_once_in_order_and_rolled_back_ones_never(b: Backend) {
+    let f = fixture(b).await;
+    let mut expected = Vec::new();
+    for i in 0..120 {
+        let e = deposit(&format!("acct-{}", i % 3), i);
+        enqueue_committed(&f.db, &e).await;
+        expected.push(e.id.clone());
+        if i % 40 == 0 {
+            let mut tx = f.db.begin().await.unwrap();
+            outbox::enqueue(&mut tx, Deposited::SUBJECT, &deposit("ghost", -1))
+                .await
+                .unwrap();
+            tx.rollback().await.unwrap();
+        }
+    }
+    let (stop, handle, _) = spawn_relay(&f);
+    eventually(WAIT, "120 events in the stream", || async {
+        (stream_len(&f.js, "BANK").await >= 120).then_some(())
+    })
+    .await;
+    stop.cancel();
+    handle.await.unwrap();
+
+    let contents = stream_contents(&f.js, "BANK").await;
+    let ids: Vec<String> = contents.iter().map(|(_, e)| e.id.clone()).collect();
+    assert_eq!(ids, expected, "each committed event once, in commit order");
+    for (msg_id, env) in &contents {
+        assert_eq!(msg_id, &env.id, "Nats-Msg-Id is the event id");
+        assert_ne!(env.subject.as_deref(), Some("ghost"));
+    }
+    let stats = outbox::stats(&f.db).await.unwrap();
+    assert_eq!((stats.pending, stats.published, stats.parked), (0, 120, 0));
+}
+
+async fn relay_dying_between_publish_and_mark_publishes_nothing_twice(b: Backend) {
+    let f = fixture(b).await;
+    for i in 0..50 {
+        enqueue_committed(&f.db, &deposit("a", i)).await;
+    }
+    let relay = OutboxRelay::new(f.db.clone(), f.client.clone(), RelayConfig::default());
+    // Publish, then "crash": the batch is never recorded.
+    let batch = relay.publish_batch().await.unwrap();
+    assert_eq!(batch.len(), 50);
+    drop(batch);
+    assert_eq!(outbox::stats(&f.db).await.unwrap().pending, 50, "nothing marked");
+    assert_eq!(stream_len(&f.js, "BANK").await, 50);
+
+    // Restart: everything is published again and deduplicated by the stream.
+    let published = relay.publish_pending().await.unwrap();
+    assert_eq!(published, 50);
+    assert_eq!(stream_len(&f.js, "BANK").await, 50, "exactly N in the stream");
+    assert_eq!(outbox::stats(&f.db).await.unwrap().pending, 0);
+}
+
+async fn relay_survives_a_nats_restart_without_loss_or_duplicates(b: Backend) {
+    let mut f = fixture(b).await;
+    let (stop, handle, relay) = spawn_relay(&f);
+    let mut ids = Vec::new();
+    for i in 0..40 {
+        let e = deposit("a", i);
+        let mut tx = f.db.begin().await.unwrap();
+        outbox::enqueue(&mut tx, Deposited::SUBJECT, &e).await.unwrap();
+        relay.waker().commit(tx).await.unwrap();
+        ids.push(e.id);
+    }
+    f.nats.stop();
+    // Commits go on while NATS is down; they wait in the outbox.
+    for i in 40..80 {
+        let e = deposit("a", i);
+        let mut tx = f.db.begin().await.unwrap();
+        outbox::enqueue(&mut tx, Deposited::SUBJECT, &e).await.unwrap();
+        relay.waker().commit(tx).await.unwrap();
+        ids.push(e.id);
+    }
+    f.nats.start_again().await;
+    eventually(Duration::from_secs(30), "outbox drained after NATS restart", || async {
+        (outbox::stats(&f.db).await.unwrap().pending == 0).then_some(())
+    })
+    .await;
+    stop.cancel();
+    handle.await.unwrap();
+    let mut got: Vec<String> = stream_contents(&f.js, "BANK")
+        .await
+        .into_iter()
+        .map(|(_, e)| e.id)
+        .collect();
+    assert_eq!(got.len(), 80, "nothing lost, nothing doubled");
+    got.sort();
+    ids.sort();
+    assert_eq!(got, ids);
+    assert_eq!(outbox::stats(&f.db).await.unwrap().parked, 0);
+}
+
+/// Applies deposits; fails transiently `fail_first` times per event; counts calls.
+#[derive(Clone, Default)]
+struct Bank {
+    fail_first: usize,
+    calls: Arc<AtomicUsize>,
+}
+
+impl Handler for Bank {
+    async fn handle(&self, conn: &mut AnyConnection, event: &Envelope) -> Result<(), HandlerError> {
+        let n = self.calls.fetch_add(1, Ordering::SeqCst);
+        if n < self.fail_first {
+            return Err(HandlerError::Transient(format!("simulated outage #{n}")));
+        }
+        let d: Deposited = event.payload()?;
+        sqlx::query(
+            "INSERT INTO balances (account, amount) VALUES ($1, $2) \
+             ON CONFLICT (account) DO UPDATE SET amount = balances.amount + excluded.amount",
+        )
+        .bind(&d.account)
+        .bind(d.amount)
+        .execute(&mut *conn)
+        .await?;
+        sqlx::query("INSERT INTO applied (event_id) VALUES ($1)")
+            .bind(&event.id)
+            .execute(&mut *conn)
+            .await?;
+        Ok(())
+    }
+}
+
+fn spec() -> ConsumerSpec {
+    let mut s = ConsumerSpec::new("bank-test", "BANK", &["bank.deposited.v1"]);
+    s.ack_wait = Duration::from_secs(2);
+    s.max_deliver = 5;
+    s
+}
+
+async fn start_consumer(f: &Fixture, handler: Bank, spec: ConsumerSpec) -> CancellationToken {
+    let runner = ConsumerRunner::new(spec, f.db.clone(), f.client.clone(), handler, Default::default());
+    let stop = CancellationToken::new();
+    let consumer = runner.provision(&stop).await.unwrap();
+    tokio::spawn(runner.run(consumer, stop.clone()));
+    stop
+}
+
+async fn balance(db: &Database, account: &str) -> Option<i64> {
+    sqlx::query("SELECT amount FROM balances WHERE account = $1")
+        .bind(account)
+        .fetch_optional(db.pool())
+        .await
+        .unwrap()
+        .map(|r| r.get::<i64, _>(0))
+}
+
+async fn applied_count(db: &Database) -> i64 {
+    sqlx::query("SELECT COUNT(*) FROM applied")
+        .fetch_one(db.pool())
+        .await
+        .unwrap()
+        .get::<i64, _>(0)
+}
+
+async fn publish_envelope(f: &Fixture, event: &Envelope, msg_id: &str) {
+    f.js.send_publish(
+        "bank.deposited.v1",
+        async_nats::jetstream::message::PublishMessage::build()
+            .payload(event.to_bytes().into())
+            .message_id(msg_id),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+}
+
+async fn redelivered_and_republished_events_take_effect_once(b: Backend) {
+    let f = fixture(b).await;
+    let e = deposit("alice", 100);
+    publish_envelope(&f, &e, &e.id).await;
+    // Same envelope id, new Nats-Msg-Id: the stream keeps both; the inbox applies one.
+    publish_envelope(&f, &e, "another-msg-id").await;
+    assert_eq!(stream_len(&f.js, "BANK").await, 2);
+
+    // A first consumer instance pulls but never acks (a crash after commit, before ack, looks the
+    // same to the server): the messages come back after ack_wait.
+    let stream = f.js.get_stream("BANK").await.unwrap();
+    let consumer = stream.create_consumer(spec().config()).await.unwrap();
+    let mut batch = consumer.fetch().max_messages(2).messages().await.unwrap();
+    let mut pulled = 0;
+    while let Some(m) = batch.next().await {
+        m.unwrap();
+        pulled += 1;
+    }
+    assert_eq!(pulled, 2);
+
+    let bank = Bank::default();
+    let _stop = start_consumer(&f, bank.clone(), spec()).await;
+    eventually(WAIT, "both deliveries seen after redelivery", || async {
+        let info = f.js.get_stream("BANK").await.ok()?.get_consumer::<async_nats::jetstream::consumer::pull::Config>("bank-test").await.ok()?.get_info().await.ok()?.clone();
+        (info.ack_floor.stream_sequence == 2 && info.num_ack_pending == 0).then_some(())
+    })
+    .await;
+    assert_eq!(balance(&f.db, "alice").await, Some(100));
+    assert_eq!(applied_count(&f.db).await, 1, "effect exactly once");
+    assert_eq!(bank.calls.load(Ordering::SeqCst), 1, "handler ran once");
+}
+
+async fn poison_is_dead_lettered_and_the_consumer_keeps_going(b: Backend) {
+    let f = fixture(b).await;
+    let bank = Bank::default();
+    let _stop = start_consumer(&f, bank.clone(), spec()).await;
+    let poison: Vec<(&str, Vec<u8>)> = vec![
+        ("not json", b"{oops".to_vec()),
+        ("wrong shape", br#"{"account": 5}"#.to_vec()),
+        (
+            "unknown type",
+            serde_json::to_vec(&serde_json::json!({
+                "specversion": "1.0", "id": "x-1", "source": "/t", "type": "bank.exploded.v9",
+                "time": "2026-01-01T00:00:00Z", "data": {}
+            }))
+            .unwrap(),
+        ),
+        ("oversized", vec![b' '; 70 * 1024]),
+    ];
+    for (_, body) in &poison {
+        f.js.publish("bank.deposited.v1", body.clone().into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    let good = deposit("bob", 7);
+    publish_envelope(&f, &good, &good.id).await;
+
+    eventually(WAIT, "good event applied after the poison", || async {
+        (balance(&f.db, "bob").await == Some(7)).then_some(())
+    })
+    .await;
+    let letters = eventually(WAIT, "4 dead letters", || async {
+        let l = dead_letters(&f.db, 100).await.unwrap();
+        (l.len() == poison.len()).then_some(l)
+    })
+    .await;
+    let mut seqs: Vec<i64> = letters.iter().map(|l| l.stream_sequence).collect();
+    seqs.sort();
+    assert_eq!(seqs, vec![1, 2, 3, 4], "exactly the poison, nothing else");
+    let by_seq = |s: i64| letters.iter().find(|l| l.stream_sequence == s).unwrap();
+    assert!(by_seq(1).reason.contains("not JSON"), "{}", by_seq(1).reason);
+    assert_eq!(by_seq(1).payload, "{oops");
+    assert!(by_seq(2).reason.contains("payload does not match"), "{}", by_seq(2).reason);
+    assert!(by_seq(3).reason.contains("unknown event type"), "{}", by_seq(3).reason);
+    assert!(by_seq(4).reason.contains("exceeds"), "{}", by_seq(4).reason);
+    assert!(letters.iter().all(|l| l.subject == "bank.deposited.v1" && l.consumer == "bank-test"));
+    assert_eq!(applied_count(&f.db).await, 1);
+}
+
+async fn transient_failures_are_retried_with_delay_and_apply_once(b: Backend) {
+    let f = fixture(b).await;
+    let bank = Bank {
+        fail_first: 2,
+        ..Default::default()
+    };
+    let _stop = start_consumer(&f, bank.clone(), spec()).await;
+    let e = deposit("carol", 5);
+    let started = std::time::Instant::now();
+    publish_envelope(&f, &e, &e.id).await;
+    eventually(WAIT, "deposit applied after two transient failures", || async {
+        (balance(&f.db, "carol").await == Some(5)).then_some(())
+    })
+    .await;
+    assert_eq!(bank.calls.load(Ordering::SeqCst), 3, "two failures then success");
+    assert_eq!(applied_count(&f.db).await, 1);
+    // Naks carried backoff delays (≈250 ms then ≈500 ms, ±12.5 %).
+    assert!(started.elapsed() >= Duration::from_millis(600), "{:?}", started.elapsed());
+    assert!(dead_letters(&f.db, 10).await.unwrap().is_empty());
+}
+
+async fn bare_json_published_by_hand_is_processed_once(b: Backend) {
+    let f = fixture(b).await;
+    let bank = Bank::default();
+    let _stop = start_consumer(&f, bank.clone(), spec()).await;
+    // Exactly what `nats pub bank.deposited.v1 '{...}'` sends: core publish, no headers, no reply.
+    f.client
+        .publish("bank.deposited.v1", r#"{"account":"dave","amount":12}"#.into())
+        .await
+        .unwrap();
+    f.client.flush().await.unwrap();
+    eventually(WAIT, "hand-published deposit applied", || async {
+        (balance(&f.db, "dave").await == Some(12)).then_some(())
+    })
+    .await;
+    let id: String = sqlx::query("SELECT event_id FROM inbox WHERE consumer = 'bank-test'")
+        .fetch_one(f.db.pool())
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(id, "BANK:1", "identified by stream and sequence");
+    // With a Nats-Msg-Id header, that id is the event id, and a repeat is dropped by the stream.
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Msg-Id", "hand-1");
+    for _ in 0..2 {
+        f.client
+            .publish_with_headers("bank.deposited.v1", headers.clone(), r#"{"account":"dave","amount":1}"#.into())
+            .await
+            .unwrap();
+    }
+    f.client.flush().await.unwrap();
+    eventually(WAIT, "second hand-published deposit applied", || async {
+        (balance(&f.db, "dave").await == Some(13)).then_some(())
+    })
+    .await;
+    assert_eq!(stream_len(&f.js, "BANK").await, 2);
+    assert_eq!(applied_count(&f.db).await, 2);
+}
