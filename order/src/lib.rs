@@ -1,1 +1,9 @@
-pub fn placeholder() {}
+//! Order service: owns orders and their saga status; announces placed, confirmed and cancelled.
+
+pub mod deadline;
+pub mod domain;
+pub mod events;
+pub mod handlers;
+pub mod routes;
+pub mod startup;
+pub mod store;

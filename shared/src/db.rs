@@ -223,3 +223,18 @@ fn sqlite_url_with_create(url: &str) -> Result<String, DbError> {
 pub fn now_micros() -> i64 {
     chrono::Utc::now().timestamp_micros()
 }
+
+/// `" FOR UPDATE"` on Postgres, nothing on SQLite (whose `BEGIN IMMEDIATE` already serializes
+/// writers): append to a `SELECT` that precedes a read-modify-write.
+pub fn lock_clause(conn: &sqlx::AnyConnection) -> &'static str {
+    if conn.backend_name() == "PostgreSQL" {
+        " FOR UPDATE"
+    } else {
+        ""
+    }
+}
+
+/// Microseconds since the epoch as a UTC timestamp.
+pub fn micros_to_datetime(us: i64) -> chrono::DateTime<chrono::Utc> {
+    chrono::DateTime::from_timestamp_micros(us).unwrap_or_default()
+}

@@ -127,13 +127,24 @@ impl Envelope {
 
     /// An event caused by `self`: same correlation and trace, causation = `self.id`.
     pub fn caused<P: EventPayload>(&self, source: &str, payload: &P) -> Self {
-        let mut next = Self::new(source, payload, self.correlationid.clone());
-        if next.correlationid.is_none() {
-            next.correlationid = next.subject.clone();
+        Self::new(source, payload, None).caused_by(Some(self))
+    }
+
+    /// Record `cause` (when there is one) as the cause of this event: causation = its id, trace
+    /// context and, if this event has none, correlation inherited. Without a correlation from
+    /// anywhere, the event's own subject (the entity id) correlates.
+    pub fn caused_by(mut self, cause: Option<&Envelope>) -> Self {
+        if let Some(c) = cause {
+            self.causationid = Some(c.id.clone());
+            self.traceparent = c.traceparent.clone();
+            if self.correlationid.is_none() {
+                self.correlationid = c.correlationid.clone();
+            }
         }
-        next.causationid = Some(self.id.clone());
-        next.traceparent = self.traceparent.clone();
-        next
+        if self.correlationid.is_none() {
+            self.correlationid = self.subject.clone();
+        }
+        self
     }
 
     /// Decode the `data` into the payload type `P`, checking that the declared type matches.

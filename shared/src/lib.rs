@@ -6,13 +6,18 @@
 //! - [`outbox`]: transactional outbox and the relay that publishes it.
 //! - [`consumer`]: idempotent, batching consumer with inbox, dead letters and bounded redelivery.
 //! - [`nats`]: connecting (server ≥ 2.10) and provisioning streams.
+//! - `service` and `http` (feature `service`): the shell of a running service and its HTTP edge.
 //! - `testing` (feature `testing`): real nats-server / Postgres / SQLite for tests.
 
 pub mod consumer;
 pub mod db;
 pub mod envelope;
+#[cfg(feature = "service")]
+pub mod http;
 pub mod nats;
 pub mod outbox;
+#[cfg(feature = "service")]
+pub mod service;
 #[cfg(feature = "testing")]
 pub mod testing;
 

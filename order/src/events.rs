@@ -1,0 +1,169 @@
+//! The order service's event catalogue: what it announces (owned here) and its reading of the
+//! events and commands it consumes (only the fields it needs; unknown fields are ignored).
+//! The whole catalogue is documented in `docs/asyncapi.yaml`.
+
+use chrono::{DateTime, Utc};
+use event_toolkit::{EventPayload, StreamSpec};
+use serde::{Deserialize, Serialize};
+
+use crate::domain::{Line, LineInput};
+
+/// The stream of order events.
+pub const STREAM: &str = "ORDERS";
+/// The stream of commands people send with the nats CLI.
+pub const COMMAND_STREAM: &str = "ORDER_COMMANDS";
+
+/// The streams this service owns.
+pub fn streams() -> Vec<StreamSpec> {
+    vec![
+        StreamSpec::new(STREAM, &["orders.>"]),
+        StreamSpec::new(COMMAND_STREAM, &["cmd.orders.>"]),
+    ]
+}
+
+// ---- announced ----
+
+/// `orders.placed.v1`: a new saga starts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OrderPlaced {
+    /// The order (and saga) id.
+    pub order_id: String,
+    /// Who pays.
+    pub customer_id: String,
+    /// Currency of all amounts.
+    pub currency: String,
+    /// Sum of the lines.
+    pub total_minor: i64,
+    /// What to reserve.
+    pub items: Vec<Line>,
+    /// When the order gives up.
+    pub deadline_at: DateTime<Utc>,
+}
+impl EventPayload for OrderPlaced {
+    const TYPE: &'static str = "orders.placed.v1";
+    fn entity_id(&self) -> String {
+        self.order_id.clone()
+    }
+}
+
+/// `orders.confirmed.v1`: paid; inventory commits the reservation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OrderConfirmed {
+    /// The order.
+    pub order_id: String,
+}
+impl EventPayload for OrderConfirmed {
+    const TYPE: &'static str = "orders.confirmed.v1";
+    fn entity_id(&self) -> String {
+        self.order_id.clone()
+    }
+}
+
+/// `orders.cancelled.v1`: inventory releases, payment refunds or never charges.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OrderCancelled {
+    /// The order.
+    pub order_id: String,
+    /// Why (`insufficient_stock`, `customer_cancelled`, `deadline_exceeded`, ...).
+    pub reason: String,
+}
+impl EventPayload for OrderCancelled {
+    const TYPE: &'static str = "orders.cancelled.v1";
+    fn entity_id(&self) -> String {
+        self.order_id.clone()
+    }
+}
+
+// ---- consumed ----
+
+/// `inventory.reserved.v1`, as read here.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StockReserved {
+    /// The order.
+    pub order_id: String,
+}
+impl EventPayload for StockReserved {
+    const TYPE: &'static str = "inventory.reserved.v1";
+    fn entity_id(&self) -> String {
+        self.order_id.clone()
+    }
+}
+
+/// `inventory.rejected.v1`, as read here.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StockRejected {
+    /// The order.
+    pub order_id: String,
+    /// `insufficient_stock` or `unknown_sku`.
+    pub reason: String,
+}
+impl EventPayload for StockRejected {
+    const TYPE: &'static str = "inventory.rejected.v1";
+    fn entity_id(&self) -> String {
+        self.order_id.clone()
+    }
+}
+
+/// `payments.succeeded.v1`, as read here.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PaymentSucceeded {
+    /// The order.
+    pub order_id: String,
+}
+impl EventPayload for PaymentSucceeded {
+    const TYPE: &'static str = "payments.succeeded.v1";
+    fn entity_id(&self) -> String {
+        self.order_id.clone()
+    }
+}
+
+/// `payments.failed.v1`, as read here.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PaymentFailed {
+    /// The order.
+    pub order_id: String,
+    /// `insufficient_funds`, `payment_declined` or `payment_unavailable`.
+    pub reason: String,
+}
+impl EventPayload for PaymentFailed {
+    const TYPE: &'static str = "payments.failed.v1";
+    fn entity_id(&self) -> String {
+        self.order_id.clone()
+    }
+}
+
+/// `cmd.orders.place.v1`: place an order without HTTP. Durable in its stream while the service is
+/// down; idempotent by `order_id` when given (and by `Nats-Msg-Id` in the stream's window).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlaceOrder {
+    /// Optional client-chosen order id (UUID).
+    #[serde(default)]
+    pub order_id: Option<String>,
+    /// Who pays.
+    pub customer_id: String,
+    /// Currency.
+    pub currency: String,
+    /// Lines.
+    pub items: Vec<LineInput>,
+}
+impl EventPayload for PlaceOrder {
+    const TYPE: &'static str = "cmd.orders.place.v1";
+    fn entity_id(&self) -> String {
+        self.order_id.clone().unwrap_or_default()
+    }
+}
+
+/// `cmd.orders.cancel.v1`: the customer cancels, without HTTP.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CancelOrder {
+    /// The order.
+    pub order_id: String,
+}
+impl EventPayload for CancelOrder {
+    const TYPE: &'static str = "cmd.orders.cancel.v1";
+    fn entity_id(&self) -> String {
+        self.order_id.clone()
+    }
+}

@@ -1,0 +1,96 @@
+//! Wiring: configuration, runtime, consumers, workers and HTTP.
+
+use std::time::Duration;
+
+use event_toolkit::http::{bind, finish_router, run_until_stopped};
+use event_toolkit::service::{env_u64, Runtime, ServiceConfig, StartError};
+use event_toolkit::ConsumerSpec;
+
+use crate::events::{self, COMMAND_STREAM};
+use crate::handlers::{Commands, SagaEvents};
+use crate::routes::{router, AppState};
+
+/// Service name.
+pub const NAME: &str = "order-service";
+
+/// Order-specific settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Shared service settings.
+    pub service: ServiceConfig,
+    /// `ORDER_DEADLINE_MS`: how long a saga may take before the order is cancelled.
+    pub deadline: Duration,
+}
+
+impl Settings {
+    /// Read the environment.
+    pub fn from_env() -> Result<Self, StartError> {
+        Ok(Self {
+            service: ServiceConfig::from_env(NAME, "127.0.0.1:8081"),
+            deadline: Duration::from_millis(env_u64("ORDER_DEADLINE_MS", 30_000)?),
+        })
+    }
+}
+
+/// A built, not yet running, order service.
+pub struct Application {
+    runtime: Runtime,
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+}
+
+impl Application {
+    /// Connect, provision, start consumers and workers, bind HTTP.
+    pub async fn build(settings: Settings) -> Result<Self, StartError> {
+        let mut runtime = Runtime::start(
+            &settings.service,
+            (sqlx::migrate!("./migrations/sqlite"), sqlx::migrate!("./migrations/postgres")),
+            &events::streams(),
+        )
+        .await?;
+        let source = runtime.source();
+        let saga = SagaEvents { source: source.clone() };
+        runtime.spawn_consumer(
+            ConsumerSpec::new("order-from-inventory", "INVENTORY", &["inventory.reserved.v1", "inventory.rejected.v1"]),
+            saga.clone(),
+        );
+        runtime.spawn_consumer(
+            ConsumerSpec::new("order-from-payments", "PAYMENTS", &["payments.succeeded.v1", "payments.failed.v1"]),
+            saga,
+        );
+        runtime.spawn_consumer(
+            ConsumerSpec::new("order-commands", COMMAND_STREAM, &["cmd.orders.>"]),
+            Commands { source: source.clone(), deadline: settings.deadline },
+        );
+        runtime.spawn_worker(crate::deadline::run(
+            runtime.db.clone(),
+            runtime.waker.clone(),
+            source.clone(),
+            runtime.shutdown.clone(),
+        ));
+        let state = AppState {
+            db: runtime.db.clone(),
+            waker: runtime.waker.clone(),
+            source,
+            deadline: settings.deadline,
+        };
+        let app = finish_router(router(state), runtime.readiness());
+        let listener = bind(&settings.service.http_addr).await?;
+        Ok(Self { runtime, listener, app })
+    }
+
+    /// The bound HTTP port.
+    pub fn port(&self) -> u16 {
+        self.listener.local_addr().map(|a| a.port()).unwrap_or(0)
+    }
+
+    /// Serve until SIGTERM/SIGINT, then shut down in order.
+    pub async fn run_until_stopped(self) -> Result<(), StartError> {
+        run_until_stopped(self.runtime, self.listener, self.app).await
+    }
+}
+
+/// Build from the environment and run.
+pub async fn run_from_env() -> Result<(), StartError> {
+    Application::build(Settings::from_env()?).await?.run_until_stopped().await
+}

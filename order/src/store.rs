@@ -1,0 +1,265 @@
+//! Orders in the database, and the thin shell that applies [`crate::domain::decide`]: load the
+//! order (locked), decide, write the new state and enqueue the announcement in the same transaction.
+
+use chrono::{DateTime, Duration as ChronoDuration, Utc};
+use event_toolkit::db::{lock_clause, micros_to_datetime, now_micros};
+use event_toolkit::outbox::enqueue;
+use event_toolkit::{Envelope, EventPayload};
+use serde::Serialize;
+use sqlx::any::AnyRow;
+use sqlx::{AnyConnection, AnyPool, Row};
+
+use crate::domain::{decide, CancelReason, Decision, Happening, Line, NewOrder, OrderStatus};
+use crate::events::{OrderCancelled, OrderConfirmed, OrderPlaced};
+
+/// An order as stored and served.
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+pub struct Order {
+    /// Order id (UUID), also the saga's correlation id.
+    pub id: String,
+    /// Who pays.
+    pub customer_id: String,
+    /// Saga status.
+    pub status: OrderStatus,
+    /// Why it was cancelled, when it was.
+    pub reason: Option<CancelReason>,
+    /// Sum of the lines.
+    pub total_minor: i64,
+    /// Currency.
+    pub currency: String,
+    /// Lines.
+    pub items: Vec<Line>,
+    /// When the saga gives up.
+    pub deadline_at: DateTime<Utc>,
+    /// Created.
+    pub created_at: DateTime<Utc>,
+    /// Last changed.
+    pub updated_at: DateTime<Utc>,
+}
+
+const COLUMNS: &str = "id, customer_id, status, reason, total_minor, currency, items, deadline_at_us, created_at_us, updated_at_us";
+
+fn from_row(r: &AnyRow) -> Result<Order, sqlx::Error> {
+    let status: String = r.try_get(2)?;
+    let reason: Option<String> = r.try_get(3)?;
+    let items: String = r.try_get(6)?;
+    Ok(Order {
+        id: r.try_get(0)?,
+        customer_id: r.try_get(1)?,
+        status: OrderStatus::parse(&status)
+            .ok_or_else(|| sqlx::Error::Decode(format!("bad status {status:?}").into()))?,
+        reason: reason.as_deref().and_then(CancelReason::parse),
+        total_minor: r.try_get(4)?,
+        currency: r.try_get(5)?,
+        items: serde_json::from_str(&items).map_err(|e| sqlx::Error::Decode(e.into()))?,
+        deadline_at: micros_to_datetime(r.try_get(7)?),
+        created_at: micros_to_datetime(r.try_get(8)?),
+        updated_at: micros_to_datetime(r.try_get(9)?),
+    })
+}
+
+/// One order.
+pub async fn get(pool: &AnyPool, id: &str) -> Result<Option<Order>, sqlx::Error> {
+    let sql = format!("SELECT {COLUMNS} FROM orders WHERE id = $1");
+    sqlx::query(&sql)
+        .bind(id)
+        .fetch_optional(pool)
+        .await?
+        .as_ref()
+        .map(from_row)
+        .transpose()
+}
+
+/// Newest orders first, optionally with one status.
+pub async fn list(
+    pool: &AnyPool,
+    status: Option<OrderStatus>,
+    limit: i64,
+) -> Result<Vec<Order>, sqlx::Error> {
+    let rows = match status {
+        Some(s) => {
+            let sql = format!("SELECT {COLUMNS} FROM orders WHERE status = $1 ORDER BY created_at_us DESC, id DESC LIMIT $2");
+            sqlx::query(&sql).bind(s.as_str()).bind(limit).fetch_all(pool).await?
+        }
+        None => {
+            let sql = format!("SELECT {COLUMNS} FROM orders ORDER BY created_at_us DESC, id DESC LIMIT $1");
+            sqlx::query(&sql).bind(limit).fetch_all(pool).await?
+        }
+    };
+    rows.iter().map(from_row).collect()
+}
+
+async fn load_locked(conn: &mut AnyConnection, id: &str) -> Result<Option<Order>, sqlx::Error> {
+    let sql = format!("SELECT {COLUMNS} FROM orders WHERE id = $1{}", lock_clause(conn));
+    sqlx::query(&sql)
+        .bind(id)
+        .fetch_optional(&mut *conn)
+        .await?
+        .as_ref()
+        .map(from_row)
+        .transpose()
+}
+
+/// Result of placing an order.
+#[derive(Debug)]
+pub enum Placed {
+    /// A new order; its saga has started.
+    Created(Order),
+    /// The idempotency key (or order id) was seen before with the same request: that order.
+    Existing(Order),
+    /// The idempotency key was used before with a different request.
+    KeyReused,
+}
+
+/// How a placement is identified for idempotency.
+#[derive(Debug, Clone)]
+pub struct Placement<'a> {
+    /// The new order's id.
+    pub order_id: &'a str,
+    /// `Idempotency-Key` header or command id.
+    pub idempotency_key: Option<&'a str>,
+    /// Canonical form of the request, compared on key reuse.
+    pub fingerprint: &'a str,
+    /// How long the saga may take.
+    pub deadline: std::time::Duration,
+}
+
+/// Insert the order and enqueue `orders.placed.v1`, in the caller's transaction.
+pub async fn place(
+    conn: &mut AnyConnection,
+    source: &str,
+    order: &NewOrder,
+    placement: Placement<'_>,
+    cause: Option<&Envelope>,
+) -> Result<Placed, sqlx::Error> {
+    if let Some(key) = placement.idempotency_key {
+        let found = sqlx::query("SELECT id, request_fingerprint FROM orders WHERE idempotency_key = $1")
+            .bind(key)
+            .fetch_optional(&mut *conn)
+            .await?;
+        if let Some(row) = found {
+            let id: String = row.try_get(0)?;
+            let fingerprint: Option<String> = row.try_get(1)?;
+            if fingerprint.as_deref() != Some(placement.fingerprint) {
+                return Ok(Placed::KeyReused);
+            }
+            return Ok(match load_locked(conn, &id).await? {
+                Some(o) => Placed::Existing(o),
+                None => Placed::KeyReused,
+            });
+        }
+    }
+    if let Some(existing) = load_locked(conn, placement.order_id).await? {
+        return Ok(Placed::Existing(existing));
+    }
+    let now = now_micros();
+    let deadline_at = Utc::now()
+        + ChronoDuration::from_std(placement.deadline).unwrap_or(ChronoDuration::seconds(30));
+    let items = serde_json::to_string(&order.lines).map_err(|e| sqlx::Error::Encode(e.into()))?;
+    sqlx::query(
+        "INSERT INTO orders (id, customer_id, status, reason, total_minor, currency, items, \
+         deadline_at_us, created_at_us, updated_at_us, idempotency_key, request_fingerprint) \
+         VALUES ($1, $2, 'PENDING', NULL, $3, $4, $5, $6, $7, $7, $8, $9)",
+    )
+    .bind(placement.order_id)
+    .bind(&order.customer_id)
+    .bind(order.total_minor)
+    .bind(order.currency.as_str())
+    .bind(&items)
+    .bind(deadline_at.timestamp_micros())
+    .bind(now)
+    .bind(placement.idempotency_key)
+    .bind(placement.fingerprint)
+    .execute(&mut *conn)
+    .await?;
+    let payload = OrderPlaced {
+        order_id: placement.order_id.to_owned(),
+        customer_id: order.customer_id.clone(),
+        currency: order.currency.as_str().to_owned(),
+        total_minor: order.total_minor,
+        items: order.lines.clone(),
+        deadline_at,
+    };
+    let event =
+        Envelope::new(source, &payload, Some(placement.order_id.to_owned())).caused_by(cause);
+    enqueue(conn, OrderPlaced::SUBJECT, &event).await?;
+    let created = load_locked(conn, placement.order_id)
+        .await?
+        .ok_or(sqlx::Error::RowNotFound)?;
+    Ok(Placed::Created(created))
+}
+
+/// What applying a happening did.
+#[derive(Debug)]
+pub enum Applied {
+    /// No such order.
+    NotFound,
+    /// The decision taken, and the order after it.
+    Decided(Decision, Order),
+}
+
+/// Load the order, decide, persist and announce — all in the caller's transaction.
+pub async fn apply(
+    conn: &mut AnyConnection,
+    source: &str,
+    order_id: &str,
+    happening: Happening,
+    cause: Option<&Envelope>,
+) -> Result<Applied, sqlx::Error> {
+    let Some(order) = load_locked(conn, order_id).await? else {
+        return Ok(Applied::NotFound);
+    };
+    let decision = decide(order.status, happening);
+    let (status, reason) = match decision {
+        Decision::Advance(s) => (s, None),
+        Decision::Confirm => (OrderStatus::Confirmed, None),
+        Decision::Cancel(r) => (OrderStatus::Cancelled, Some(r)),
+        Decision::Ignore | Decision::Refuse => return Ok(Applied::Decided(decision, order)),
+    };
+    sqlx::query("UPDATE orders SET status = $1, reason = $2, updated_at_us = $3 WHERE id = $4")
+        .bind(status.as_str())
+        .bind(reason.map(|r| r.as_str()))
+        .bind(now_micros())
+        .bind(order_id)
+        .execute(&mut *conn)
+        .await?;
+    let correlation = Some(order_id.to_owned());
+    match decision {
+        Decision::Confirm => {
+            let p = OrderConfirmed {
+                order_id: order_id.to_owned(),
+            };
+            let e = Envelope::new(source, &p, correlation).caused_by(cause);
+            enqueue(conn, OrderConfirmed::SUBJECT, &e).await?;
+        }
+        Decision::Cancel(r) => {
+            let p = OrderCancelled {
+                order_id: order_id.to_owned(),
+                reason: r.as_str().to_owned(),
+            };
+            let e = Envelope::new(source, &p, correlation).caused_by(cause);
+            enqueue(conn, OrderCancelled::SUBJECT, &e).await?;
+        }
+        _ => {}
+    }
+    let updated = Order {
+        status,
+        reason,
+        updated_at: Utc::now(),
+        ..order
+    };
+    Ok(Applied::Decided(decision, updated))
+}
+
+/// Ids of unfinished orders whose deadline has passed, oldest deadline first.
+pub async fn overdue(pool: &AnyPool, limit: i64) -> Result<Vec<String>, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT id FROM orders WHERE status IN ('PENDING', 'RESERVED') AND deadline_at_us <= $1 \
+         ORDER BY deadline_at_us LIMIT $2",
+    )
+    .bind(now_micros())
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    rows.iter().map(|r| r.try_get(0)).collect()
+}

@@ -1,0 +1,216 @@
+//! HTTP edge shared by services: RFC 9457 problem responses, a JSON extractor whose rejections are
+//! problems too, size limits, health/readiness/dead-letter routes and graceful serving.
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{FromRequest, Query, Request, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use crate::service::{Readiness, StartError};
+
+/// Largest request body accepted (bytes).
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// An `application/problem+json` error response.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Problem {
+    /// A URI reference naming the problem type.
+    #[serde(rename = "type")]
+    pub problem_type: String,
+    /// Short summary of the problem type.
+    pub title: String,
+    /// HTTP status.
+    pub status: u16,
+    /// What went wrong this time.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+impl Problem {
+    /// A problem with `status`, a slug for its type and a detail.
+    pub fn new(status: StatusCode, slug: &str, detail: impl Into<String>) -> Self {
+        Self {
+            problem_type: format!("/problems/{slug}"),
+            title: status.canonical_reason().unwrap_or("Error").to_owned(),
+            status: status.as_u16(),
+            detail: Some(detail.into()),
+        }
+    }
+
+    /// 400.
+    pub fn bad_request(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad-request", detail)
+    }
+    /// 404.
+    pub fn not_found(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not-found", detail)
+    }
+    /// 409.
+    pub fn conflict(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, "conflict", detail)
+    }
+    /// 422.
+    pub fn unprocessable(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNPROCESSABLE_ENTITY, "validation", detail)
+    }
+    /// 503, for storage trouble; the cause is logged, not leaked.
+    pub fn unavailable(cause: &dyn std::fmt::Display) -> Self {
+        tracing::error!(error = %cause, "request failed on a dependency");
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "a dependency is unavailable; retry later",
+        )
+    }
+}
+
+impl From<sqlx::Error> for Problem {
+    fn from(e: sqlx::Error) -> Self {
+        Problem::unavailable(&e)
+    }
+}
+
+impl IntoResponse for Problem {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        (
+            status,
+            [(header::CONTENT_TYPE, "application/problem+json")],
+            serde_json::to_vec(&self).unwrap_or_default(),
+        )
+            .into_response()
+    }
+}
+
+/// `Json<T>` whose every rejection (bad syntax, wrong shape, wrong content type, too large) is a
+/// problem response.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ApiJson<T>(pub T);
+
+impl<T, S> FromRequest<S> for ApiJson<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = Problem;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(ApiJson(v)),
+            Err(rejection) => Err(json_problem(rejection)),
+        }
+    }
+}
+
+fn json_problem(rejection: JsonRejection) -> Problem {
+    let status = rejection.status();
+    let slug = match rejection {
+        JsonRejection::JsonDataError(_) => "invalid-body",
+        JsonRejection::JsonSyntaxError(_) => "malformed-json",
+        JsonRejection::MissingJsonContentType(_) => "unsupported-media-type",
+        _ if status == StatusCode::PAYLOAD_TOO_LARGE => "body-too-large",
+        _ => "bad-request",
+    };
+    Problem::new(status, slug, rejection.body_text())
+}
+
+/// Body limit, problem-shaped 404/405, and the probes every service serves:
+/// `GET /healthz`, `GET /readyz`, `GET /admin/dead-letters`.
+pub fn finish_router(app: Router, readiness: Readiness) -> Router {
+    let probes = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/admin/dead-letters", get(dead_letters))
+        .with_state(readiness);
+    app.merge(probes)
+        .fallback(|| async { Problem::not_found("no such resource") })
+        .method_not_allowed_fallback(|| async {
+            Problem::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method-not-allowed",
+                "method not allowed on this resource",
+            )
+        })
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(tower_http::trace::TraceLayer::new_for_http())
+}
+
+async fn healthz() -> impl IntoResponse {
+    Json(serde_json::json!({"status": "ok"}))
+}
+
+async fn readyz(State(r): State<Readiness>) -> Response {
+    let report = r.check().await;
+    let status = if report.ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(report)).into_response()
+}
+
+#[derive(Debug, Deserialize)]
+struct Limit {
+    limit: Option<i64>,
+}
+
+async fn dead_letters(
+    State(r): State<Readiness>,
+    Query(q): Query<Limit>,
+) -> Result<impl IntoResponse, Problem> {
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    Ok(Json(crate::consumer::dead_letters(r.db(), limit).await?))
+}
+
+/// Bind `addr`.
+pub async fn bind(addr: &str) -> Result<tokio::net::TcpListener, StartError> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind {
+            addr: addr.to_owned(),
+            source,
+        })
+}
+
+/// Serve until `shutdown`, then finish in-flight requests.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}
+
+/// Serve `app` until SIGTERM/SIGINT, then stop in order: HTTP intake and consumers first, then
+/// in-flight work, then the outbox flush.
+pub async fn run_until_stopped(
+    runtime: crate::service::Runtime,
+    listener: tokio::net::TcpListener,
+    app: Router,
+) -> Result<(), StartError> {
+    let shutdown = runtime.shutdown.clone();
+    tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move {
+            crate::service::termination_signal().await;
+            tracing::info!("termination signal: shutting down");
+            shutdown.cancel();
+        }
+    });
+    let addr = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    tracing::info!(service = %runtime.name, %addr, "listening");
+    let served = serve(listener, app, shutdown).await;
+    runtime.stop().await;
+    tracing::info!("stopped");
+    served.map_err(|source| StartError::Bind { addr, source })
+}

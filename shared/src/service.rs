@@ -1,0 +1,284 @@
+//! The running shell every event-driven service shares: configuration from the environment,
+//! connections, its own streams, the outbox relay, consumers, background workers, readiness and
+//! an orderly shutdown.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::migrate::Migrator;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::consumer::{ConsumerRunner, ConsumerSpec, Handler};
+use crate::db::{default_sqlite_url, Database, DbError, DbOptions};
+use crate::nats::{connect, ensure_stream, NatsError, NatsSettings, StreamSpec};
+use crate::outbox::{OutboxRelay, OutboxWaker, RelayConfig};
+
+/// Start-up failures.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A setting is malformed.
+    #[error("invalid setting {name}: {reason}")]
+    Config {
+        /// The variable.
+        name: String,
+        /// Why.
+        reason: String,
+    },
+    /// Database trouble.
+    #[error(transparent)]
+    Db(#[from] DbError),
+    /// NATS trouble.
+    #[error(transparent)]
+    Nats(#[from] NatsError),
+    /// The HTTP listener could not bind.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: String,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Settings every service reads from its environment.
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
+    /// Service name: NATS client name, event `source`, default SQLite file name.
+    pub name: String,
+    /// NATS connection.
+    pub nats: NatsSettings,
+    /// `DATABASE_URL`, default `sqlite://data/<name>.db`.
+    pub database_url: String,
+    /// `HTTP_ADDR`.
+    pub http_addr: String,
+    /// Database tuning.
+    pub db: DbOptions,
+}
+
+impl ServiceConfig {
+    /// Read `NATS_URL`, `NATS_USER`, `NATS_PASSWORD`, `DATABASE_URL`, `HTTP_ADDR`.
+    pub fn from_env(name: &str, default_http_addr: &str) -> Self {
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        Self {
+            name: name.to_owned(),
+            nats: NatsSettings {
+                url: var("NATS_URL").unwrap_or_else(|| "nats://127.0.0.1:4222".to_owned()),
+                user: var("NATS_USER"),
+                password: var("NATS_PASSWORD"),
+                name: name.to_owned(),
+                connect_for: Duration::from_secs(120),
+            },
+            database_url: var("DATABASE_URL").unwrap_or_else(|| default_sqlite_url(name)),
+            http_addr: var("HTTP_ADDR").unwrap_or_else(|| default_http_addr.to_owned()),
+            db: DbOptions::default(),
+        }
+    }
+}
+
+/// Read an integer setting, with a default; a malformed value is an error, not a silent default.
+pub fn env_u64(name: &str, default: u64) -> Result<u64, StartError> {
+    match std::env::var(name) {
+        Ok(v) if !v.trim().is_empty() => v.trim().parse().map_err(|e| StartError::Config {
+            name: name.to_owned(),
+            reason: format!("{v:?}: {e}"),
+        }),
+        _ => Ok(default),
+    }
+}
+
+/// Connections and background tasks of one running service.
+pub struct Runtime {
+    /// Service name (event `source` is `/<name>`).
+    pub name: String,
+    /// The database.
+    pub db: Database,
+    /// The NATS client.
+    pub client: async_nats::Client,
+    /// Wakes the outbox relay after a commit.
+    pub waker: OutboxWaker,
+    /// Cancelled when the service should stop taking new work.
+    pub shutdown: CancellationToken,
+    relay_stop: CancellationToken,
+    relay_task: Option<tokio::task::JoinHandle<()>>,
+    tasks: JoinSet<()>,
+    consumers_expected: usize,
+    consumers_ready: Arc<AtomicUsize>,
+}
+
+impl Runtime {
+    /// Connect to the database (running the service's migrations) and to NATS, provision the
+    /// service's own streams and start its outbox relay.
+    pub async fn start(
+        config: &ServiceConfig,
+        migrations: (Migrator, Migrator),
+        streams: &[StreamSpec],
+    ) -> Result<Self, StartError> {
+        let db = Database::connect(&config.database_url, config.db.clone()).await?;
+        db.migrate(migrations.0, migrations.1).await?;
+        let client = connect(&config.nats).await?;
+        let js = async_nats::jetstream::new(client.clone());
+        for spec in streams {
+            ensure_stream(&js, spec).await?;
+        }
+        let relay = OutboxRelay::new(db.clone(), client.clone(), RelayConfig::default());
+        let waker = relay.waker();
+        let relay_stop = CancellationToken::new();
+        let relay_task = tokio::spawn(relay.run(relay_stop.clone()));
+        Ok(Self {
+            name: config.name.clone(),
+            db,
+            client,
+            waker,
+            shutdown: CancellationToken::new(),
+            relay_stop,
+            relay_task: Some(relay_task),
+            tasks: JoinSet::new(),
+            consumers_expected: 0,
+            consumers_ready: Arc::new(AtomicUsize::new(0)),
+        })
+    }
+
+    /// The CloudEvents `source` of this service's events.
+    pub fn source(&self) -> String {
+        format!("/{}", self.name)
+    }
+
+    /// Provision (retrying until its stream exists) and run a consumer until shutdown.
+    pub fn spawn_consumer<H: Handler>(&mut self, spec: ConsumerSpec, handler: H) {
+        self.consumers_expected += 1;
+        let runner = ConsumerRunner::new(
+            spec,
+            self.db.clone(),
+            self.client.clone(),
+            handler,
+            self.waker.clone(),
+        );
+        let shutdown = self.shutdown.clone();
+        let ready = self.consumers_ready.clone();
+        self.tasks.spawn(async move {
+            if let Some(consumer) = runner.provision(&shutdown).await {
+                ready.fetch_add(1, Ordering::SeqCst);
+                runner.run(consumer, shutdown).await;
+            }
+        });
+    }
+
+    /// Run a background worker; it must return soon after `shutdown` is cancelled.
+    pub fn spawn_worker<F>(&mut self, worker: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        self.tasks.spawn(worker);
+    }
+
+    /// A cheap handle answering readiness questions, for HTTP handlers.
+    pub fn readiness(&self) -> Readiness {
+        Readiness {
+            db: self.db.clone(),
+            client: self.client.clone(),
+            expected: self.consumers_expected,
+            ready: self.consumers_ready.clone(),
+        }
+    }
+
+    /// Stop intake, let consumers and workers finish what they hold, then flush the outbox.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        let drain = async { while self.tasks.join_next().await.is_some() {} };
+        if tokio::time::timeout(Duration::from_secs(20), drain).await.is_err() {
+            tracing::warn!("background tasks did not finish within 20 s; aborting them");
+            self.tasks.abort_all();
+        }
+        self.relay_stop.cancel();
+        if let Some(relay) = self.relay_task.take() {
+            let _ = relay.await;
+        }
+        // Unacked messages are redelivered; make sure acks already sent leave the socket.
+        let _ = self.client.flush().await;
+        self.db.close().await;
+    }
+}
+
+/// Whether the service can do its work: database answers, NATS connected, consumers provisioned.
+#[derive(Debug, Clone)]
+pub struct Readiness {
+    db: Database,
+    client: async_nats::Client,
+    expected: usize,
+    ready: Arc<AtomicUsize>,
+}
+
+/// What readiness found.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ReadinessReport {
+    /// All checks pass.
+    pub ready: bool,
+    /// The database answered.
+    pub database: bool,
+    /// NATS is connected.
+    pub nats: bool,
+    /// Consumers provisioned, of those declared.
+    pub consumers_ready: usize,
+    /// Consumers declared.
+    pub consumers_expected: usize,
+}
+
+impl Readiness {
+    /// Run the checks.
+    pub async fn check(&self) -> ReadinessReport {
+        let database = self.db.ping().await;
+        let nats = self.client.connection_state() == async_nats::connection::State::Connected;
+        let consumers_ready = self.ready.load(Ordering::SeqCst);
+        ReadinessReport {
+            ready: database && nats && consumers_ready >= self.expected,
+            database,
+            nats,
+            consumers_ready,
+            consumers_expected: self.expected,
+        }
+    }
+
+    /// The database, for handlers next to the probe (dead letters).
+    pub fn db(&self) -> &Database {
+        &self.db
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn termination_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}
+
+/// Log to stderr, filtered by `RUST_LOG` (default `info`); `LOG_FORMAT=json` for JSON lines.
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if std::env::var("LOG_FORMAT").as_deref() == Ok("json") {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}
