@@ -1,0 +1,290 @@
+//! Products, reservations and per-order state in the database; the shell that applies
+//! [`crate::domain::decide`] and announces the result in the same transaction.
+
+use std::collections::BTreeMap;
+
+use event_toolkit::db::{lock_clause, now_micros};
+use event_toolkit::outbox::enqueue;
+use event_toolkit::{Envelope, EventPayload};
+use serde::Serialize;
+use sqlx::{AnyConnection, AnyPool, Row};
+
+use crate::domain::{decide, reserve, Action, Happening, OrderState};
+use crate::events::{
+    OrderPlaced, StockCommitted, StockLine, StockRejected, StockReleased, StockReserved,
+};
+
+/// A product's stock.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct Product {
+    /// Stock keeping unit.
+    pub sku: String,
+    /// Units free to reserve.
+    pub available: i64,
+    /// Units held for orders in flight.
+    pub reserved: i64,
+    /// Units sold.
+    pub sold: i64,
+}
+
+/// One reserved line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct Reservation {
+    /// The order.
+    pub order_id: String,
+    /// Stock keeping unit.
+    pub sku: String,
+    /// Units.
+    pub quantity: i64,
+    /// RESERVED, RELEASED or COMMITTED.
+    pub status: String,
+}
+
+/// Set a product's available stock (creating it), keeping the stock-ever-added ledger exact.
+pub async fn set_available(conn: &mut AnyConnection, sku: &str, available: i64) -> Result<Product, sqlx::Error> {
+    let now = now_micros();
+    sqlx::query(
+        "INSERT INTO products (sku, available, reserved, sold, added, updated_at_us) VALUES ($1, $2, 0, 0, $2, $3) \
+         ON CONFLICT (sku) DO UPDATE SET added = products.added + (excluded.available - products.available), \
+         available = excluded.available, updated_at_us = excluded.updated_at_us",
+    )
+    .bind(sku)
+    .bind(available)
+    .bind(now)
+    .execute(&mut *conn)
+    .await?;
+    let row = sqlx::query("SELECT sku, available, reserved, sold FROM products WHERE sku = $1")
+        .bind(sku)
+        .fetch_one(&mut *conn)
+        .await?;
+    product(&row)
+}
+
+fn product(r: &sqlx::any::AnyRow) -> Result<Product, sqlx::Error> {
+    Ok(Product {
+        sku: r.try_get(0)?,
+        available: r.try_get(1)?,
+        reserved: r.try_get(2)?,
+        sold: r.try_get(3)?,
+    })
+}
+
+/// One product.
+pub async fn get_product(pool: &AnyPool, sku: &str) -> Result<Option<Product>, sqlx::Error> {
+    sqlx::query("SELECT sku, available, reserved, sold FROM products WHERE sku = $1")
+        .bind(sku)
+        .fetch_optional(pool)
+        .await?
+        .as_ref()
+        .map(product)
+        .transpose()
+}
+
+/// All products, by SKU.
+pub async fn list_products(pool: &AnyPool) -> Result<Vec<Product>, sqlx::Error> {
+    let rows = sqlx::query("SELECT sku, available, reserved, sold FROM products ORDER BY sku")
+        .fetch_all(pool)
+        .await?;
+    rows.iter().map(product).collect()
+}
+
+/// The lines reserved for an order.
+pub async fn reservations(pool: &AnyPool, order_id: &str) -> Result<Vec<Reservation>, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT order_id, sku, quantity, status FROM reservations WHERE order_id = $1 ORDER BY sku",
+    )
+    .bind(order_id)
+    .fetch_all(pool)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(Reservation {
+                order_id: r.try_get(0)?,
+                sku: r.try_get(1)?,
+                quantity: r.try_get(2)?,
+                status: r.try_get(3)?,
+            })
+        })
+        .collect()
+}
+
+async fn order_state(conn: &mut AnyConnection, order_id: &str) -> Result<Option<OrderState>, sqlx::Error> {
+    let sql = format!("SELECT state FROM order_states WHERE order_id = $1{}", lock_clause(conn));
+    let row = sqlx::query(&sql).bind(order_id).fetch_optional(&mut *conn).await?;
+    Ok(match row {
+        Some(r) => OrderState::parse(&r.try_get::<String, _>(0)?),
+        None => None,
+    })
+}
+
+async fn set_state(conn: &mut AnyConnection, order_id: &str, state: OrderState) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO order_states (order_id, state, updated_at_us) VALUES ($1, $2, $3) \
+         ON CONFLICT (order_id) DO UPDATE SET state = excluded.state, updated_at_us = excluded.updated_at_us",
+    )
+    .bind(order_id)
+    .bind(state.as_str())
+    .bind(now_micros())
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// What applying a saga event did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Reserved and announced.
+    Reserved,
+    /// Refused and announced.
+    Rejected,
+    /// Released and announced.
+    Released,
+    /// Committed and announced.
+    Committed,
+    /// Cancellation remembered for a placement not seen yet.
+    Remembered,
+    /// Nothing to do.
+    Nothing,
+}
+
+/// Apply a saga event to an order's reservation, in the caller's transaction. `placed` carries the
+/// placement's lines when `happening` is [`Happening::Placed`].
+pub async fn apply(
+    conn: &mut AnyConnection,
+    source: &str,
+    order_id: &str,
+    happening: Happening,
+    placed: Option<&OrderPlaced>,
+    cause: &Envelope,
+) -> Result<Outcome, sqlx::Error> {
+    let state = order_state(conn, order_id).await?;
+    match decide(state, happening) {
+        Action::Nothing => Ok(Outcome::Nothing),
+        Action::RememberCancellation => {
+            set_state(conn, order_id, OrderState::CancelledEarly).await?;
+            Ok(Outcome::Remembered)
+        }
+        Action::TryReserve => match placed {
+            Some(p) => try_reserve(conn, source, p, cause).await,
+            None => Ok(Outcome::Nothing),
+        },
+        Action::Commit => {
+            let lines = move_reserved(conn, order_id, "sold", "COMMITTED").await?;
+            set_state(conn, order_id, OrderState::Committed).await?;
+            let e = cause.caused(source, &StockCommitted { order_id: order_id.to_owned(), items: lines });
+            enqueue(conn, StockCommitted::SUBJECT, &e).await?;
+            Ok(Outcome::Committed)
+        }
+        Action::Release => {
+            let lines = move_reserved(conn, order_id, "available", "RELEASED").await?;
+            set_state(conn, order_id, OrderState::Released).await?;
+            let e = cause.caused(source, &StockReleased { order_id: order_id.to_owned(), items: lines });
+            enqueue(conn, StockReleased::SUBJECT, &e).await?;
+            Ok(Outcome::Released)
+        }
+    }
+}
+
+async fn try_reserve(
+    conn: &mut AnyConnection,
+    source: &str,
+    placed: &OrderPlaced,
+    cause: &Envelope,
+) -> Result<Outcome, sqlx::Error> {
+    let lines: Vec<(String, i64)> = placed.items.iter().map(|l| (l.sku.clone(), l.quantity)).collect();
+    // Lock the products in SKU order so concurrent reservations cannot deadlock.
+    let mut available = BTreeMap::new();
+    for sku in crate::domain::merge(&lines).keys() {
+        let sql = format!("SELECT available FROM products WHERE sku = $1{}", lock_clause(conn));
+        if let Some(r) = sqlx::query(&sql).bind(sku).fetch_optional(&mut *conn).await? {
+            available.insert(sku.clone(), r.try_get::<i64, _>(0)?);
+        }
+    }
+    match reserve(&lines, &available) {
+        Ok(wanted) => {
+            let now = now_micros();
+            for (sku, qty) in &wanted {
+                sqlx::query(
+                    "UPDATE products SET available = available - $1, reserved = reserved + $1, updated_at_us = $2 WHERE sku = $3",
+                )
+                .bind(qty)
+                .bind(now)
+                .bind(sku)
+                .execute(&mut *conn)
+                .await?;
+                sqlx::query(
+                    "INSERT INTO reservations (order_id, sku, quantity, status, updated_at_us) VALUES ($1, $2, $3, 'RESERVED', $4)",
+                )
+                .bind(&placed.order_id)
+                .bind(sku)
+                .bind(qty)
+                .bind(now)
+                .execute(&mut *conn)
+                .await?;
+            }
+            set_state(conn, &placed.order_id, OrderState::Reserved).await?;
+            let payload = StockReserved {
+                order_id: placed.order_id.clone(),
+                customer_id: placed.customer_id.clone(),
+                total_minor: placed.total_minor,
+                currency: placed.currency.clone(),
+                items: wanted.into_iter().map(|(sku, quantity)| StockLine { sku, quantity }).collect(),
+            };
+            enqueue(conn, StockReserved::SUBJECT, &cause.caused(source, &payload)).await?;
+            Ok(Outcome::Reserved)
+        }
+        Err(rejection) => {
+            set_state(conn, &placed.order_id, OrderState::Rejected).await?;
+            let payload = StockRejected {
+                order_id: placed.order_id.clone(),
+                reason: rejection.reason().to_owned(),
+                sku: rejection.sku().to_owned(),
+            };
+            enqueue(conn, StockRejected::SUBJECT, &cause.caused(source, &payload)).await?;
+            Ok(Outcome::Rejected)
+        }
+    }
+}
+
+/// Move an order's reserved units to `to` (`available` or `sold`) and mark its lines `status`.
+async fn move_reserved(
+    conn: &mut AnyConnection,
+    order_id: &str,
+    to: &'static str,
+    status: &'static str,
+) -> Result<Vec<StockLine>, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT sku, quantity FROM reservations WHERE order_id = $1 AND status = 'RESERVED' ORDER BY sku",
+    )
+    .bind(order_id)
+    .fetch_all(&mut *conn)
+    .await?;
+    let now = now_micros();
+    let mut lines = Vec::with_capacity(rows.len());
+    for r in &rows {
+        let sku: String = r.try_get(0)?;
+        let qty: i64 = r.try_get(1)?;
+        let sql = format!(
+            "UPDATE products SET reserved = reserved - $1, {to} = {to} + $1, updated_at_us = $2 WHERE sku = $3"
+        );
+        sqlx::query(&sql).bind(qty).bind(now).bind(&sku).execute(&mut *conn).await?;
+        lines.push(StockLine { sku, quantity: qty });
+    }
+    sqlx::query("UPDATE reservations SET status = $1, updated_at_us = $2 WHERE order_id = $3 AND status = 'RESERVED'")
+        .bind(status)
+        .bind(now)
+        .bind(order_id)
+        .execute(&mut *conn)
+        .await?;
+    Ok(lines)
+}
+
+/// Per-SKU ledger check (available + reserved + sold = added, available ≥ 0); SKUs that break it.
+pub async fn ledger_violations(pool: &AnyPool) -> Result<Vec<String>, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT sku FROM products WHERE available + reserved + sold <> added OR available < 0 OR reserved < 0 OR sold < 0",
+    )
+    .fetch_all(pool)
+    .await?;
+    rows.iter().map(|r| r.try_get(0)).collect()
+}
