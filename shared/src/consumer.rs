@@ -198,6 +198,7 @@ pub struct ConsumerRunner<H> {
     js: async_nats::jetstream::Context,
     handler: Arc<H>,
     waker: OutboxWaker,
+    also_wake: Vec<OutboxWaker>,
 }
 
 impl<H: Handler> ConsumerRunner<H> {
@@ -215,7 +216,14 @@ impl<H: Handler> ConsumerRunner<H> {
             js: async_nats::jetstream::new(client),
             handler: Arc::new(handler),
             waker,
+            also_wake: Vec::new(),
         }
+    }
+
+    /// Also wake `waker` after each commit (a local worker waiting for what handlers write).
+    pub fn also_wake(mut self, waker: OutboxWaker) -> Self {
+        self.also_wake.push(waker);
+        self
     }
 
     /// Create or update the durable consumer, retrying (with backoff) until its stream exists.
@@ -315,6 +323,9 @@ impl<H: Handler> ConsumerRunner<H> {
         }
         if enqueued {
             self.waker.wake();
+            for w in &self.also_wake {
+                w.wake();
+            }
         }
     }
 

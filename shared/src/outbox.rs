@@ -48,6 +48,11 @@ impl OutboxWaker {
         self.0.notify_one();
     }
 
+    /// Wait for the next [`OutboxWaker::wake`] (or one that came since the last wait).
+    pub async fn woken(&self) {
+        self.0.notified().await;
+    }
+
     /// Commit `tx` and wake the relay.
     pub async fn commit(&self, tx: Transaction<'static, Any>) -> Result<(), sqlx::Error> {
         tx.commit().await?;

@@ -148,14 +148,27 @@ impl Runtime {
 
     /// Provision (retrying until its stream exists) and run a consumer until shutdown.
     pub fn spawn_consumer<H: Handler>(&mut self, spec: ConsumerSpec, handler: H) {
+        self.spawn_consumer_waking(spec, handler, None);
+    }
+
+    /// Like [`Runtime::spawn_consumer`], also waking `worker` after each commit.
+    pub fn spawn_consumer_waking<H: Handler>(
+        &mut self,
+        spec: ConsumerSpec,
+        handler: H,
+        worker: Option<OutboxWaker>,
+    ) {
         self.consumers_expected += 1;
-        let runner = ConsumerRunner::new(
+        let mut runner = ConsumerRunner::new(
             spec,
             self.db.clone(),
             self.client.clone(),
             handler,
             self.waker.clone(),
         );
+        if let Some(w) = worker {
+            runner = runner.also_wake(w);
+        }
         let shutdown = self.shutdown.clone();
         let ready = self.consumers_ready.clone();
         self.tasks.spawn(async move {

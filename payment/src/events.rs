@@ -1,0 +1,104 @@
+//! The payment service's event catalogue: what it announces (owned here) and its reading of what
+//! it consumes (only the fields it needs). Documented in `docs/asyncapi.yaml`.
+
+use event_toolkit::{EventPayload, StreamSpec};
+use serde::{Deserialize, Serialize};
+
+/// The stream of payment events.
+pub const STREAM: &str = "PAYMENTS";
+
+/// The streams this service owns.
+pub fn streams() -> Vec<StreamSpec> {
+    vec![StreamSpec::new(STREAM, &["payments.>"])]
+}
+
+// ---- announced ----
+
+/// `payments.succeeded.v1`: the order's total was captured.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PaymentSucceeded {
+    /// The order.
+    pub order_id: String,
+    /// The payment.
+    pub payment_id: String,
+    /// Who paid.
+    pub customer_id: String,
+    /// Amount captured.
+    pub amount_minor: i64,
+    /// Currency.
+    pub currency: String,
+}
+impl EventPayload for PaymentSucceeded {
+    const TYPE: &'static str = "payments.succeeded.v1";
+    fn entity_id(&self) -> String {
+        self.order_id.clone()
+    }
+}
+
+/// `payments.failed.v1`: nothing captured; inventory releases, the order cancels.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PaymentFailed {
+    /// The order.
+    pub order_id: String,
+    /// `insufficient_funds`, `payment_declined` or `payment_unavailable`.
+    pub reason: String,
+}
+impl EventPayload for PaymentFailed {
+    const TYPE: &'static str = "payments.failed.v1";
+    fn entity_id(&self) -> String {
+        self.order_id.clone()
+    }
+}
+
+/// `payments.refunded.v1`: a capture given back (compensation).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PaymentRefunded {
+    /// The order.
+    pub order_id: String,
+    /// The payment.
+    pub payment_id: String,
+    /// Amount returned.
+    pub amount_minor: i64,
+    /// Currency.
+    pub currency: String,
+}
+impl EventPayload for PaymentRefunded {
+    const TYPE: &'static str = "payments.refunded.v1";
+    fn entity_id(&self) -> String {
+        self.order_id.clone()
+    }
+}
+
+// ---- consumed ----
+
+/// `inventory.reserved.v1`, as read here: what to charge.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StockReserved {
+    /// The order.
+    pub order_id: String,
+    /// Who pays.
+    pub customer_id: String,
+    /// Amount.
+    pub total_minor: i64,
+    /// Currency.
+    pub currency: String,
+}
+impl EventPayload for StockReserved {
+    const TYPE: &'static str = "inventory.reserved.v1";
+    fn entity_id(&self) -> String {
+        self.order_id.clone()
+    }
+}
+
+/// `orders.cancelled.v1`, as read here.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OrderCancelled {
+    /// The order.
+    pub order_id: String,
+}
+impl EventPayload for OrderCancelled {
+    const TYPE: &'static str = "orders.cancelled.v1";
+    fn entity_id(&self) -> String {
+        self.order_id.clone()
+    }
+}

@@ -1,0 +1,105 @@
+//! Wiring: configuration, runtime, consumers, the payment processor and HTTP.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use event_toolkit::http::{bind, finish_router, run_until_stopped};
+use event_toolkit::service::{env_u64, Runtime, ServiceConfig, StartError};
+use event_toolkit::{ConsumerSpec, OutboxWaker};
+
+use crate::events;
+use crate::gateway::{ResilienceConfig, ResilientGateway, SimulatedGateway};
+use crate::handlers::SagaEvents;
+use crate::processor::Processor;
+use crate::routes::{router, AppState};
+
+/// Service name.
+pub const NAME: &str = "payment-service";
+
+/// Payment-specific settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Shared service settings.
+    pub service: ServiceConfig,
+    /// `PAYMENT_GATEWAY_LATENCY_MS`: simulated provider latency.
+    pub gateway_latency: Duration,
+    /// `PAYMENT_GATEWAY_DECLINE_OVER_MINOR`: amounts above it are declined.
+    pub decline_over_minor: Option<i64>,
+}
+
+impl Settings {
+    /// Read the environment.
+    pub fn from_env() -> Result<Self, StartError> {
+        let decline = match std::env::var("PAYMENT_GATEWAY_DECLINE_OVER_MINOR") {
+            Ok(v) if !v.trim().is_empty() => Some(v.trim().parse::<i64>().map_err(|e| StartError::Config {
+                name: "PAYMENT_GATEWAY_DECLINE_OVER_MINOR".into(),
+                reason: format!("{v:?}: {e}"),
+            })?),
+            _ => None,
+        };
+        Ok(Self {
+            service: ServiceConfig::from_env(NAME, "127.0.0.1:8083"),
+            gateway_latency: Duration::from_millis(env_u64("PAYMENT_GATEWAY_LATENCY_MS", 0)?),
+            decline_over_minor: decline,
+        })
+    }
+}
+
+/// A built, not yet running, payment service.
+pub struct Application {
+    runtime: Runtime,
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+}
+
+impl Application {
+    /// Connect, provision, start consumers and the processor, bind HTTP.
+    pub async fn build(settings: Settings) -> Result<Self, StartError> {
+        let mut runtime = Runtime::start(
+            &settings.service,
+            (sqlx::migrate!("./migrations/sqlite"), sqlx::migrate!("./migrations/postgres")),
+            &events::streams(),
+        )
+        .await?;
+        let simulated = SimulatedGateway::new(settings.gateway_latency, settings.decline_over_minor);
+        let resilience = ResilienceConfig::default();
+        let concurrency = resilience.max_concurrent;
+        let gateway = Arc::new(ResilientGateway::new(simulated.clone(), resilience));
+        let processor_wake = OutboxWaker::default();
+        let saga = SagaEvents { source: runtime.source() };
+        runtime.spawn_consumer_waking(
+            ConsumerSpec::new("payment-from-inventory", "INVENTORY", &["inventory.reserved.v1"]),
+            saga.clone(),
+            Some(processor_wake.clone()),
+        );
+        runtime.spawn_consumer(ConsumerSpec::new("payment-from-orders", "ORDERS", &["orders.cancelled.v1"]), saga);
+        let processor = Processor {
+            db: runtime.db.clone(),
+            gateway,
+            outbox: runtime.waker.clone(),
+            wake: processor_wake,
+            source: runtime.source(),
+            concurrency,
+        };
+        runtime.spawn_worker(processor.run(runtime.shutdown.clone()));
+        let state = AppState { db: runtime.db.clone(), gateway: Arc::new(simulated) };
+        let app = finish_router(router(state), runtime.readiness());
+        let listener = bind(&settings.service.http_addr).await?;
+        Ok(Self { runtime, listener, app })
+    }
+
+    /// The bound HTTP port.
+    pub fn port(&self) -> u16 {
+        self.listener.local_addr().map(|a| a.port()).unwrap_or(0)
+    }
+
+    /// Serve until SIGTERM/SIGINT, then shut down in order.
+    pub async fn run_until_stopped(self) -> Result<(), StartError> {
+        run_until_stopped(self.runtime, self.listener, self.app).await
+    }
+}
+
+/// Build from the environment and run.
+pub async fn run_from_env() -> Result<(), StartError> {
+    Application::build(Settings::from_env()?).await?.run_until_stopped().await
+}
