@@ -126,7 +126,9 @@ impl Default for ResilienceConfig {
             timeout: Duration::from_secs(2),
             retries: 3,
             retry_base: Duration::from_millis(50),
-            breaker_failures: 5,
+            // One charge that exhausts its retries (4 failed attempts) opens the circuit: the
+            // provider is down, and the next charges should fail fast instead of waiting.
+            breaker_failures: 4,
             breaker_open_for: Duration::from_secs(5),
             max_concurrent: 64,
         }

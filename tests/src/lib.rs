@@ -1,1 +1,491 @@
-//! End-to-end support.
+//! End-to-end support: the three real service binaries, a real nats-server and real databases,
+//! started per test, with helpers to drive them over HTTP and NATS and to inject faults.
+
+pub mod invariants;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use event_toolkit::testing::{eventually, free_port, repo_root, NatsServer, TestDb};
+use event_toolkit::{Backend, Envelope};
+use serde_json::{json, Value};
+
+pub use event_toolkit::testing::eventually as wait_for;
+
+/// How long any single condition may take to come true in these tests.
+pub const WAIT: Duration = Duration::from_secs(30);
+
+/// One of the three services.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Service {
+    /// order-service
+    Order,
+    /// inventory-service
+    Inventory,
+    /// payment-service
+    Payment,
+}
+
+impl Service {
+    /// All three.
+    pub const ALL: [Service; 3] = [Service::Order, Service::Inventory, Service::Payment];
+
+    /// Binary name.
+    pub fn binary(self) -> &'static str {
+        match self {
+            Self::Order => "order-service",
+            Self::Inventory => "inventory-service",
+            Self::Payment => "payment-service",
+        }
+    }
+}
+
+/// Where the service binaries are: `SAGA_BIN_DIR`, else the profile directory this test binary
+/// was built into (`target/debug/deps/<test>` → `target/debug`).
+pub fn bin_dir() -> PathBuf {
+    if let Ok(d) = std::env::var("SAGA_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent()?.parent().map(PathBuf::from))
+        .unwrap_or_else(|| repo_root().join("target/debug"))
+}
+
+struct Running {
+    child: Option<Child>,
+    port: u16,
+    env: HashMap<String, String>,
+    log: PathBuf,
+}
+
+/// Settings of a [`System`] run.
+#[derive(Debug, Clone)]
+pub struct SystemConfig {
+    /// Storage backend of all three services.
+    pub backend: Backend,
+    /// Order deadline.
+    pub deadline_ms: u64,
+    /// Simulated provider latency.
+    pub gateway_latency_ms: u64,
+    /// Amounts above this are declined.
+    pub decline_over_minor: Option<i64>,
+}
+
+impl SystemConfig {
+    /// Defaults for a backend: 30 s deadline, instant provider.
+    pub fn new(backend: Backend) -> Self {
+        Self {
+            backend,
+            deadline_ms: 30_000,
+            gateway_latency_ms: 0,
+            decline_over_minor: None,
+        }
+    }
+}
+
+/// NATS, three databases and the three services.
+pub struct System {
+    /// The nats-server.
+    pub nats: NatsServer,
+    /// A client for tests (publishing by hand, reading streams).
+    pub client: async_nats::Client,
+    /// HTTP client.
+    pub http: reqwest::Client,
+    dbs: HashMap<Service, TestDb>,
+    services: HashMap<Service, Running>,
+    logs: tempfile::TempDir,
+}
+
+impl System {
+    /// Start everything and wait until all three services are ready.
+    pub async fn start(config: SystemConfig) -> Self {
+        let nats = NatsServer::start().await;
+        let client = async_nats::connect(nats.url()).await.expect("test client");
+        let mut dbs = HashMap::new();
+        for s in Service::ALL {
+            dbs.insert(s, TestDb::new(config.backend).await);
+        }
+        let logs = tempfile::tempdir().expect("log dir");
+        let mut system = Self {
+            nats,
+            client,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(20))
+                .build()
+                .expect("http client"),
+            dbs,
+            services: HashMap::new(),
+            logs,
+        };
+        for s in Service::ALL {
+            let mut env = HashMap::new();
+            env.insert("NATS_URL".to_owned(), system.nats.url());
+            env.insert("DATABASE_URL".to_owned(), system.dbs[&s].url.clone());
+            let port = free_port();
+            env.insert("HTTP_ADDR".to_owned(), format!("127.0.0.1:{port}"));
+            env.insert("RUST_LOG".to_owned(), "info,sqlx=warn".to_owned());
+            match s {
+                Service::Order => {
+                    env.insert("ORDER_DEADLINE_MS".into(), config.deadline_ms.to_string());
+                }
+                Service::Payment => {
+                    env.insert("PAYMENT_GATEWAY_LATENCY_MS".into(), config.gateway_latency_ms.to_string());
+                    if let Some(d) = config.decline_over_minor {
+                        env.insert("PAYMENT_GATEWAY_DECLINE_OVER_MINOR".into(), d.to_string());
+                    }
+                }
+                Service::Inventory => {}
+            }
+            let log = system.logs.path().join(format!("{}.log", s.binary()));
+            system.services.insert(s, Running { child: None, port, env, log });
+        }
+        for s in Service::ALL {
+            system.launch(s);
+        }
+        for s in Service::ALL {
+            system.wait_ready(s).await;
+        }
+        system
+    }
+
+    fn launch(&mut self, s: Service) {
+        let r = self.services.get_mut(&s).expect("service");
+        let binary = bin_dir().join(s.binary());
+        assert!(
+            binary.exists(),
+            "{} not found: build the services first (cargo build --bins) or set SAGA_BIN_DIR",
+            binary.display()
+        );
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&r.log)
+            .expect("log file");
+        let child = Command::new(binary)
+            .envs(&r.env)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn service");
+        r.child = Some(child);
+    }
+
+    /// Wait until `/readyz` answers 200.
+    pub async fn wait_ready(&self, s: Service) {
+        let url = format!("{}/readyz", self.url(s));
+        let what = format!("{} ready", s.binary());
+        let http = self.http.clone();
+        eventually(WAIT, &what, || {
+            let url = url.clone();
+            let http = http.clone();
+            async move {
+                let r = http.get(&url).send().await.ok()?;
+                (r.status() == 200).then_some(())
+            }
+        })
+        .await;
+    }
+
+    /// `http://127.0.0.1:<port>` of a service.
+    pub fn url(&self, s: Service) -> String {
+        format!("http://127.0.0.1:{}", self.services[&s].port)
+    }
+
+    /// The database URL a service uses.
+    pub fn database_url(&self, s: Service) -> &str {
+        &self.dbs[&s].url
+    }
+
+    /// SIGKILL a service (no shutdown at all).
+    pub fn kill(&mut self, s: Service) {
+        if let Some(mut c) = self.services.get_mut(&s).and_then(|r| r.child.take()) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Send a signal (e.g. `STOP`, `CONT`, `TERM`) to a service's process.
+    pub fn signal(&self, s: Service, signal: &str) {
+        if let Some(c) = self.services[&s].child.as_ref() {
+            let _ = Command::new("kill").arg(format!("-{signal}")).arg(c.id().to_string()).status();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit; returns the exit status success.
+    pub async fn stop(&mut self, s: Service) -> bool {
+        self.signal(s, "TERM");
+        let mut child = match self.services.get_mut(&s).and_then(|r| r.child.take()) {
+            Some(c) => c,
+            None => return true,
+        };
+        let status = tokio::task::spawn_blocking(move || child.wait()).await;
+        matches!(status, Ok(Ok(st)) if st.success())
+    }
+
+    /// Start a stopped or killed service again (same database, same port) and wait until ready.
+    pub async fn restart(&mut self, s: Service) {
+        self.kill(s);
+        self.launch(s);
+        self.wait_ready(s).await;
+    }
+
+    /// Start a stopped service without waiting for readiness.
+    pub fn launch_again(&mut self, s: Service) {
+        self.kill(s);
+        self.launch(s);
+    }
+
+    /// A service's log so far.
+    pub fn log(&self, s: Service) -> String {
+        std::fs::read_to_string(&self.services[&s].log).unwrap_or_default()
+    }
+
+    // ---- HTTP helpers ----
+
+    /// `PUT /products/{sku}`.
+    pub async fn set_stock(&self, sku: &str, available: i64) {
+        let r = self
+            .http
+            .put(format!("{}/products/{sku}", self.url(Service::Inventory)))
+            .json(&json!({ "available": available }))
+            .send()
+            .await
+            .expect("set stock");
+        assert_eq!(r.status(), 200, "{}", r.text().await.unwrap_or_default());
+    }
+
+    /// `GET /products/{sku}` as JSON.
+    pub async fn product(&self, sku: &str) -> Value {
+        self.get_json(Service::Inventory, &format!("/products/{sku}")).await
+    }
+
+    /// `PUT /accounts/{customer}`.
+    pub async fn set_balance(&self, customer: &str, balance_minor: i64) {
+        let r = self
+            .http
+            .put(format!("{}/accounts/{customer}", self.url(Service::Payment)))
+            .json(&json!({ "balance_minor": balance_minor, "currency": "EUR" }))
+            .send()
+            .await
+            .expect("set balance");
+        assert_eq!(r.status(), 200, "{}", r.text().await.unwrap_or_default());
+    }
+
+    /// A customer's balance.
+    pub async fn balance(&self, customer: &str) -> i64 {
+        self.get_json(Service::Payment, &format!("/accounts/{customer}")).await["balance_minor"]
+            .as_i64()
+            .expect("balance")
+    }
+
+    /// `PUT /admin/gateway`.
+    pub async fn set_gateway(&self, mode: &str) {
+        let r = self
+            .http
+            .put(format!("{}/admin/gateway", self.url(Service::Payment)))
+            .json(&json!({ "mode": mode }))
+            .send()
+            .await
+            .expect("gateway");
+        assert_eq!(r.status(), 200);
+    }
+
+    /// `POST /orders` with one line per `(sku, quantity, unit price)`; returns the order id.
+    pub async fn place_order(&self, customer: &str, lines: &[(&str, i64, i64)]) -> String {
+        let items: Vec<Value> = lines
+            .iter()
+            .map(|(sku, q, p)| json!({ "sku": sku, "quantity": q, "unit_price_minor": p }))
+            .collect();
+        let r = self
+            .http
+            .post(format!("{}/orders", self.url(Service::Order)))
+            .json(&json!({ "customer_id": customer, "currency": "EUR", "items": items }))
+            .send()
+            .await
+            .expect("place order");
+        assert_eq!(r.status(), 202, "{}", r.text().await.unwrap_or_default());
+        let body: Value = r.json().await.expect("order json");
+        body["id"].as_str().expect("order id").to_owned()
+    }
+
+    /// `GET /orders/{id}`.
+    pub async fn order(&self, id: &str) -> Value {
+        self.get_json(Service::Order, &format!("/orders/{id}")).await
+    }
+
+    /// `POST /orders/{id}/cancel`: status code and body.
+    pub async fn cancel(&self, id: &str) -> (u16, Value) {
+        let r = self
+            .http
+            .post(format!("{}/orders/{id}/cancel", self.url(Service::Order)))
+            .send()
+            .await
+            .expect("cancel");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Wait until the order is CONFIRMED or CANCELLED; returns it.
+    pub async fn wait_terminal(&self, id: &str) -> Value {
+        self.wait_status(id, &["CONFIRMED", "CANCELLED"]).await
+    }
+
+    /// Wait until the order has one of `statuses`; returns it.
+    pub async fn wait_status(&self, id: &str, statuses: &[&str]) -> Value {
+        let what = format!("order {id} to reach {statuses:?}");
+        eventually(WAIT, &what, || async {
+            let o = self.try_get_json(Service::Order, &format!("/orders/{id}")).await?;
+            statuses.contains(&o["status"].as_str()?).then_some(o)
+        })
+        .await
+    }
+
+    /// `GET /payments?order_id=`.
+    pub async fn payments(&self, order_id: &str) -> Vec<Value> {
+        self.get_json(Service::Payment, &format!("/payments?order_id={order_id}"))
+            .await
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// `GET /reservations?order_id=`.
+    pub async fn reservations(&self, order_id: &str) -> Vec<Value> {
+        self.get_json(Service::Inventory, &format!("/reservations?order_id={order_id}"))
+            .await
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// `GET` a path and parse JSON, panicking on failure.
+    pub async fn get_json(&self, s: Service, path: &str) -> Value {
+        self.try_get_json(s, path)
+            .await
+            .unwrap_or_else(|| panic!("GET {path} on {} failed", s.binary()))
+    }
+
+    /// `GET` a path and parse JSON if it answered 2xx.
+    pub async fn try_get_json(&self, s: Service, path: &str) -> Option<Value> {
+        let r = self.http.get(format!("{}{path}", self.url(s))).send().await.ok()?;
+        if !r.status().is_success() {
+            return None;
+        }
+        r.json().await.ok()
+    }
+
+    // ---- NATS helpers ----
+
+    /// Every message of a stream, in order: (sequence, subject, Nats-Msg-Id, body).
+    pub async fn stream_messages(&self, stream: &str) -> Vec<(u64, String, Option<String>, Vec<u8>)> {
+        let js = async_nats::jetstream::new(self.client.clone());
+        let Ok(stream) = js.get_stream(stream).await else {
+            return Vec::new();
+        };
+        let last = match stream.get_info().await {
+            Ok(info) => info.state.last_sequence,
+            Err(_) => return Vec::new(),
+        };
+        let mut out = Vec::new();
+        for seq in 1..=last {
+            if let Ok(m) = stream.get_raw_message(seq).await {
+                let id = m
+                    .headers
+                    .get(async_nats::header::NATS_MESSAGE_ID)
+                    .map(|v| v.to_string());
+                out.push((seq, m.subject.to_string(), id, m.payload.to_vec()));
+            }
+        }
+        out
+    }
+
+    /// Every structured event of the three event streams with this correlation id, in time order.
+    pub async fn saga_events(&self, correlation: &str) -> Vec<Envelope> {
+        let mut events = Vec::new();
+        for stream in ["ORDERS", "INVENTORY", "PAYMENTS"] {
+            for (_, _, _, body) in self.stream_messages(stream).await {
+                if let Ok(e) = serde_json::from_slice::<Envelope>(&body) {
+                    if e.correlationid.as_deref() == Some(correlation) {
+                        events.push(e);
+                    }
+                }
+            }
+        }
+        events.sort_by(|a, b| a.time.cmp(&b.time).then(a.id.cmp(&b.id)));
+        events
+    }
+
+    /// Publish like `nats pub`: a core message, optional headers, no reply subject.
+    pub async fn nats_pub(&self, subject: &str, headers: &[(&str, &str)], body: &[u8]) {
+        let subject = subject.to_owned();
+        let payload = bytes::Bytes::copy_from_slice(body);
+        if headers.is_empty() {
+            self.client.publish(subject, payload).await.expect("publish");
+        } else {
+            let mut h = async_nats::HeaderMap::new();
+            for (k, v) in headers {
+                h.insert(*k, *v);
+            }
+            self.client
+                .publish_with_headers(subject, h, payload)
+                .await
+                .expect("publish");
+        }
+        self.client.flush().await.expect("flush");
+    }
+
+    /// Pause a durable consumer until `resume_consumer` (an operator's `nats consumer pause`;
+    /// needs nats-server ≥ 2.11).
+    pub async fn pause_consumer(&self, stream: &str, consumer: &str) {
+        let until = (chrono::Utc::now() + chrono::Duration::hours(1)).to_rfc3339();
+        self.consumer_pause_request(stream, consumer, json!({ "pause_until": until })).await;
+    }
+
+    /// Resume a paused consumer.
+    pub async fn resume_consumer(&self, stream: &str, consumer: &str) {
+        self.consumer_pause_request(stream, consumer, json!({})).await;
+    }
+
+    async fn consumer_pause_request(&self, stream: &str, consumer: &str, body: Value) {
+        let reply = self
+            .client
+            .request(
+                format!("$JS.API.CONSUMER.PAUSE.{stream}.{consumer}"),
+                serde_json::to_vec(&body).expect("json").into(),
+            )
+            .await
+            .expect("pause request");
+        let answer: Value = serde_json::from_slice(&reply.payload).expect("pause reply");
+        assert!(answer.get("error").is_none(), "pause failed: {answer}");
+    }
+
+    /// Dead letters of a service.
+    pub async fn dead_letters(&self, s: Service) -> Vec<Value> {
+        self.get_json(s, "/admin/dead-letters?limit=1000")
+            .await
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for System {
+    fn drop(&mut self) {
+        for s in Service::ALL {
+            self.kill(s);
+        }
+        if std::thread::panicking() {
+            for s in Service::ALL {
+                let log = self.log(s);
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                eprintln!("---- last lines of {} ----", s.binary());
+                for l in tail.into_iter().rev() {
+                    eprintln!("{l}");
+                }
+            }
+        }
+    }
+}
