@@ -140,7 +140,8 @@ pub fn merge(lines: &[(String, i64)]) -> BTreeMap<String, i64> {
 pub fn valid_sku(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:@".contains(&b))
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:@".contains(&b))
 }
 
 #[cfg(test)]

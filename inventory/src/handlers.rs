@@ -22,22 +22,48 @@ impl Handler for SagaEvents {
                 validate(&p)?;
                 (p.order_id.clone(), Happening::Placed, Some(p))
             }
-            OrderConfirmed::TYPE => (event.payload::<OrderConfirmed>()?.order_id, Happening::Confirmed, None),
-            OrderCancelled::TYPE => (event.payload::<OrderCancelled>()?.order_id, Happening::Cancelled, None),
-            PaymentFailed::TYPE => (event.payload::<PaymentFailed>()?.order_id, Happening::Cancelled, None),
+            OrderConfirmed::TYPE => (
+                event.payload::<OrderConfirmed>()?.order_id,
+                Happening::Confirmed,
+                None,
+            ),
+            OrderCancelled::TYPE => (
+                event.payload::<OrderCancelled>()?.order_id,
+                Happening::Cancelled,
+                None,
+            ),
+            PaymentFailed::TYPE => (
+                event.payload::<PaymentFailed>()?.order_id,
+                Happening::Cancelled,
+                None,
+            ),
             other => return Err(DecodeError::UnknownType(other.to_owned()).into()),
         };
         if order_id.is_empty() || order_id.len() > 64 {
-            return Err(HandlerError::Permanent("order_id must be 1-64 characters".into()));
+            return Err(HandlerError::Permanent(
+                "order_id must be 1-64 characters".into(),
+            ));
         }
-        let outcome = store::apply(conn, &self.source, &order_id, happening, placed.as_ref(), event).await?;
+        let outcome = store::apply(
+            conn,
+            &self.source,
+            &order_id,
+            happening,
+            placed.as_ref(),
+            event,
+        )
+        .await?;
         tracing::info!(%order_id, ?outcome, "inventory applied");
         Ok(())
     }
 }
 
 fn validate(p: &OrderPlaced) -> Result<(), HandlerError> {
-    let bad = |m: &str| Err(HandlerError::Permanent(format!("invalid orders.placed: {m}")));
+    let bad = |m: &str| {
+        Err(HandlerError::Permanent(format!(
+            "invalid orders.placed: {m}"
+        )))
+    };
     if p.items.is_empty() {
         return bad("no items");
     }

@@ -47,10 +47,14 @@ async fn put_product(
     ApiJson(body): ApiJson<SetStock>,
 ) -> Result<Json<Product>, Problem> {
     if !valid_sku(&sku) {
-        return Err(Problem::unprocessable("sku must be 1-64 characters of letters, digits, '-', '_', '.', ':' or '@'"));
+        return Err(Problem::unprocessable(
+            "sku must be 1-64 characters of letters, digits, '-', '_', '.', ':' or '@'",
+        ));
     }
     if !(0..=1_000_000_000_000).contains(&body.available) {
-        return Err(Problem::unprocessable("available must be between 0 and 10^12"));
+        return Err(Problem::unprocessable(
+            "available must be between 0 and 10^12",
+        ));
     }
     let mut tx = db.begin().await?;
     let product = store::set_available(&mut tx, &sku, body.available).await?;
@@ -60,7 +64,10 @@ async fn put_product(
 
 /// One product's stock.
 #[utoipa::path(get, path = "/products/{sku}", responses((status = 200, body = Product), (status = 404, body = Problem)))]
-async fn get_product(State(db): State<Database>, Path(sku): Path<String>) -> Result<Json<Product>, Problem> {
+async fn get_product(
+    State(db): State<Database>,
+    Path(sku): Path<String>,
+) -> Result<Json<Product>, Problem> {
     sku_or_404(&sku)?;
     store::get_product(db.pool(), &sku)
         .await?
@@ -91,13 +98,18 @@ async fn list_reservations(
     let order_id = q
         .order_id
         .filter(|o| !o.is_empty() && o.len() <= 64)
-        .ok_or_else(|| Problem::bad_request("order_id query parameter (1-64 characters) is required"))?;
+        .ok_or_else(|| {
+            Problem::bad_request("order_id query parameter (1-64 characters) is required")
+        })?;
     Ok(Json(store::reservations(db.pool(), &order_id).await?))
 }
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "inventory-service", description = "Products, stock and reservations"),
+    info(
+        title = "inventory-service",
+        description = "Products, stock and reservations"
+    ),
     paths(put_product, get_product, list_products, list_reservations),
     components(schemas(Problem, Product, Reservation, SetStock))
 )]

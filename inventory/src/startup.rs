@@ -23,26 +23,43 @@ impl Application {
     pub async fn build(config: ServiceConfig) -> Result<Self, StartError> {
         let mut runtime = Runtime::start(
             &config,
-            (sqlx::migrate!("./migrations/sqlite"), sqlx::migrate!("./migrations/postgres")),
+            (
+                sqlx::migrate!("./migrations/sqlite"),
+                sqlx::migrate!("./migrations/postgres"),
+            ),
             &events::streams(),
         )
         .await?;
-        let saga = SagaEvents { source: runtime.source() };
+        let saga = SagaEvents {
+            source: runtime.source(),
+        };
         runtime.spawn_consumer(
             ConsumerSpec::new(
                 "inventory-from-orders",
                 "ORDERS",
-                &["orders.placed.v1", "orders.confirmed.v1", "orders.cancelled.v1"],
+                &[
+                    "orders.placed.v1",
+                    "orders.confirmed.v1",
+                    "orders.cancelled.v1",
+                ],
             ),
             saga.clone(),
         );
         runtime.spawn_consumer(
-            ConsumerSpec::new("inventory-from-payments", "PAYMENTS", &["payments.failed.v1"]),
+            ConsumerSpec::new(
+                "inventory-from-payments",
+                "PAYMENTS",
+                &["payments.failed.v1"],
+            ),
             saga,
         );
         let app = finish_router(router(runtime.db.clone()), runtime.readiness());
         let listener = bind(&config.http_addr).await?;
-        Ok(Self { runtime, listener, app })
+        Ok(Self {
+            runtime,
+            listener,
+            app,
+        })
     }
 
     /// The bound HTTP port.

@@ -41,7 +41,11 @@ pub struct Reservation {
 }
 
 /// Set a product's available stock (creating it), keeping the stock-ever-added ledger exact.
-pub async fn set_available(conn: &mut AnyConnection, sku: &str, available: i64) -> Result<Product, sqlx::Error> {
+pub async fn set_available(
+    conn: &mut AnyConnection,
+    sku: &str,
+    available: i64,
+) -> Result<Product, sqlx::Error> {
     let now = now_micros();
     sqlx::query(
         "INSERT INTO products (sku, available, reserved, sold, added, updated_at_us) VALUES ($1, $2, 0, 0, $2, $3) \
@@ -108,16 +112,29 @@ pub async fn reservations(pool: &AnyPool, order_id: &str) -> Result<Vec<Reservat
         .collect()
 }
 
-async fn order_state(conn: &mut AnyConnection, order_id: &str) -> Result<Option<OrderState>, sqlx::Error> {
-    let sql = format!("SELECT state FROM order_states WHERE order_id = $1{}", lock_clause(conn));
-    let row = sqlx::query(&sql).bind(order_id).fetch_optional(&mut *conn).await?;
+async fn order_state(
+    conn: &mut AnyConnection,
+    order_id: &str,
+) -> Result<Option<OrderState>, sqlx::Error> {
+    let sql = format!(
+        "SELECT state FROM order_states WHERE order_id = $1{}",
+        lock_clause(conn)
+    );
+    let row = sqlx::query(&sql)
+        .bind(order_id)
+        .fetch_optional(&mut *conn)
+        .await?;
     Ok(match row {
         Some(r) => OrderState::parse(&r.try_get::<String, _>(0)?),
         None => None,
     })
 }
 
-async fn set_state(conn: &mut AnyConnection, order_id: &str, state: OrderState) -> Result<(), sqlx::Error> {
+async fn set_state(
+    conn: &mut AnyConnection,
+    order_id: &str,
+    state: OrderState,
+) -> Result<(), sqlx::Error> {
     sqlx::query(
         "INSERT INTO order_states (order_id, state, updated_at_us) VALUES ($1, $2, $3) \
          ON CONFLICT (order_id) DO UPDATE SET state = excluded.state, updated_at_us = excluded.updated_at_us",
@@ -171,14 +188,26 @@ pub async fn apply(
         Action::Commit => {
             let lines = move_reserved(conn, order_id, "sold", "COMMITTED").await?;
             set_state(conn, order_id, OrderState::Committed).await?;
-            let e = cause.caused(source, &StockCommitted { order_id: order_id.to_owned(), items: lines });
+            let e = cause.caused(
+                source,
+                &StockCommitted {
+                    order_id: order_id.to_owned(),
+                    items: lines,
+                },
+            );
             enqueue(conn, StockCommitted::SUBJECT, &e).await?;
             Ok(Outcome::Committed)
         }
         Action::Release => {
             let lines = move_reserved(conn, order_id, "available", "RELEASED").await?;
             set_state(conn, order_id, OrderState::Released).await?;
-            let e = cause.caused(source, &StockReleased { order_id: order_id.to_owned(), items: lines });
+            let e = cause.caused(
+                source,
+                &StockReleased {
+                    order_id: order_id.to_owned(),
+                    items: lines,
+                },
+            );
             enqueue(conn, StockReleased::SUBJECT, &e).await?;
             Ok(Outcome::Released)
         }
@@ -191,12 +220,23 @@ async fn try_reserve(
     placed: &OrderPlaced,
     cause: &Envelope,
 ) -> Result<Outcome, sqlx::Error> {
-    let lines: Vec<(String, i64)> = placed.items.iter().map(|l| (l.sku.clone(), l.quantity)).collect();
+    let lines: Vec<(String, i64)> = placed
+        .items
+        .iter()
+        .map(|l| (l.sku.clone(), l.quantity))
+        .collect();
     // Lock the products in SKU order so concurrent reservations cannot deadlock.
     let mut available = BTreeMap::new();
     for sku in crate::domain::merge(&lines).keys() {
-        let sql = format!("SELECT available FROM products WHERE sku = $1{}", lock_clause(conn));
-        if let Some(r) = sqlx::query(&sql).bind(sku).fetch_optional(&mut *conn).await? {
+        let sql = format!(
+            "SELECT available FROM products WHERE sku = $1{}",
+            lock_clause(conn)
+        );
+        if let Some(r) = sqlx::query(&sql)
+            .bind(sku)
+            .fetch_optional(&mut *conn)
+            .await?
+        {
             available.insert(sku.clone(), r.try_get::<i64, _>(0)?);
         }
     }
@@ -228,9 +268,17 @@ async fn try_reserve(
                 customer_id: placed.customer_id.clone(),
                 total_minor: placed.total_minor,
                 currency: placed.currency.clone(),
-                items: wanted.into_iter().map(|(sku, quantity)| StockLine { sku, quantity }).collect(),
+                items: wanted
+                    .into_iter()
+                    .map(|(sku, quantity)| StockLine { sku, quantity })
+                    .collect(),
             };
-            enqueue(conn, StockReserved::SUBJECT, &cause.caused(source, &payload)).await?;
+            enqueue(
+                conn,
+                StockReserved::SUBJECT,
+                &cause.caused(source, &payload),
+            )
+            .await?;
             Ok(Outcome::Reserved)
         }
         Err(rejection) => {
@@ -240,7 +288,12 @@ async fn try_reserve(
                 reason: rejection.reason().to_owned(),
                 sku: rejection.sku().to_owned(),
             };
-            enqueue(conn, StockRejected::SUBJECT, &cause.caused(source, &payload)).await?;
+            enqueue(
+                conn,
+                StockRejected::SUBJECT,
+                &cause.caused(source, &payload),
+            )
+            .await?;
             Ok(Outcome::Rejected)
         }
     }
@@ -267,7 +320,12 @@ async fn move_reserved(
         let sql = format!(
             "UPDATE products SET reserved = reserved - $1, {to} = {to} + $1, updated_at_us = $2 WHERE sku = $3"
         );
-        sqlx::query(&sql).bind(qty).bind(now).bind(&sku).execute(&mut *conn).await?;
+        sqlx::query(&sql)
+            .bind(qty)
+            .bind(now)
+            .bind(&sku)
+            .execute(&mut *conn)
+            .await?;
         lines.push(StockLine { sku, quantity: qty });
     }
     sqlx::query("UPDATE reservations SET status = $1, updated_at_us = $2 WHERE order_id = $3 AND status = 'RESERVED'")

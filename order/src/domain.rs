@@ -228,14 +228,18 @@ pub struct LineInput {
 fn valid_identifier(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:@".contains(&b))
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:@".contains(&b))
 }
 
 impl NewOrder {
     /// Parse, don't validate: an invalid order cannot exist past this point.
     pub fn parse(customer_id: &str, currency: &str, items: &[LineInput]) -> Result<Self, String> {
         if !valid_identifier(customer_id) {
-            return Err("customer_id must be 1-64 characters of letters, digits, '-', '_', '.', ':' or '@'".into());
+            return Err(
+                "customer_id must be 1-64 characters of letters, digits, '-', '_', '.', ':' or '@'"
+                    .into(),
+            );
         }
         let currency = Currency::parse(currency)?;
         if items.is_empty() {
@@ -251,7 +255,9 @@ impl NewOrder {
                 return Err(format!("items[{i}].sku must be 1-64 characters of letters, digits, '-', '_', '.', ':' or '@'"));
             }
             if item.quantity <= 0 || item.quantity > MAX_QUANTITY {
-                return Err(format!("items[{i}].quantity must be between 1 and {MAX_QUANTITY}"));
+                return Err(format!(
+                    "items[{i}].quantity must be between 1 and {MAX_QUANTITY}"
+                ));
             }
             if item.unit_price_minor < 0 {
                 return Err(format!("items[{i}].unit_price_minor must not be negative"));
@@ -285,7 +291,10 @@ mod tests {
 
     #[test]
     fn happy_path_reserves_then_confirms() {
-        assert_eq!(decide(S::Pending, H::StockReserved), Decision::Advance(S::Reserved));
+        assert_eq!(
+            decide(S::Pending, H::StockReserved),
+            Decision::Advance(S::Reserved)
+        );
         assert_eq!(decide(S::Reserved, H::PaymentSucceeded), Decision::Confirm);
     }
 

@@ -85,7 +85,9 @@ impl Handler for Commands {
                     deadline: self.deadline,
                 };
                 match store::place(conn, &self.source, &order, placement, Some(event)).await? {
-                    Placed::Created(o) => tracing::info!(order_id = %o.id, "order placed by command"),
+                    Placed::Created(o) => {
+                        tracing::info!(order_id = %o.id, "order placed by command")
+                    }
                     Placed::Existing(o) => tracing::info!(order_id = %o.id, "order already placed"),
                     Placed::KeyReused => {}
                 }
@@ -93,8 +95,19 @@ impl Handler for Commands {
             }
             CancelOrder::TYPE => {
                 let cmd: CancelOrder = event.payload()?;
-                match store::apply(conn, &self.source, &cmd.order_id, Happening::CustomerCancelled, Some(event)).await? {
-                    Applied::NotFound => Err(HandlerError::Permanent(format!("no order {:?}", cmd.order_id))),
+                match store::apply(
+                    conn,
+                    &self.source,
+                    &cmd.order_id,
+                    Happening::CustomerCancelled,
+                    Some(event),
+                )
+                .await?
+                {
+                    Applied::NotFound => Err(HandlerError::Permanent(format!(
+                        "no order {:?}",
+                        cmd.order_id
+                    ))),
                     Applied::Decided(decision, o) => {
                         tracing::info!(order_id = %o.id, ?decision, "cancel command applied");
                         Ok(())

@@ -69,7 +69,9 @@ async fn place_order(
                 .to_str()
                 .ok()
                 .filter(|k| !k.is_empty() && k.len() <= 200)
-                .ok_or_else(|| Problem::bad_request("Idempotency-Key must be 1-200 visible ASCII characters"))?;
+                .ok_or_else(|| {
+                    Problem::bad_request("Idempotency-Key must be 1-200 visible ASCII characters")
+                })?;
             Some(key.to_owned())
         }
     };
@@ -101,7 +103,12 @@ async fn place_order(
 
 fn accepted(order: Order) -> Response {
     let location = format!("/orders/{}", order.id);
-    (StatusCode::ACCEPTED, [(header::LOCATION, location)], Json(order)).into_response()
+    (
+        StatusCode::ACCEPTED,
+        [(header::LOCATION, location)],
+        Json(order),
+    )
+        .into_response()
 }
 
 fn parse_id(id: &str) -> Result<String, Problem> {
@@ -112,7 +119,10 @@ fn parse_id(id: &str) -> Result<String, Problem> {
 
 /// One order.
 #[utoipa::path(get, path = "/orders/{id}", responses((status = 200, body = Order), (status = 404, body = Problem)))]
-async fn get_order(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Order>, Problem> {
+async fn get_order(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Order>, Problem> {
     let id = parse_id(&id)?;
     store::get(state.db.pool(), &id)
         .await?
@@ -131,7 +141,10 @@ pub struct ListQuery {
 
 /// Newest orders first.
 #[utoipa::path(get, path = "/orders", params(ListQuery), responses((status = 200, body = Vec<Order>), (status = 400, body = Problem)))]
-async fn list_orders(State(state): State<AppState>, Query(q): Query<ListQuery>) -> Result<Json<Vec<Order>>, Problem> {
+async fn list_orders(
+    State(state): State<AppState>,
+    Query(q): Query<ListQuery>,
+) -> Result<Json<Vec<Order>>, Problem> {
     let status = match q.status.as_deref() {
         None | Some("") => None,
         Some(s) => Some(OrderStatus::parse(s).ok_or_else(|| {
@@ -152,18 +165,29 @@ async fn list_orders(State(state): State<AppState>, Query(q): Query<ListQuery>) 
 /// Cancel: `202` while the saga runs, `200` if already cancelled, `409` once confirmed.
 #[utoipa::path(post, path = "/orders/{id}/cancel",
     responses((status = 202, body = Order), (status = 200, body = Order), (status = 404, body = Problem), (status = 409, body = Problem)))]
-async fn cancel_order(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, Problem> {
+async fn cancel_order(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, Problem> {
     let id = parse_id(&id)?;
     let mut tx = state.db.begin().await?;
-    match store::apply(&mut tx, &state.source, &id, Happening::CustomerCancelled, None).await? {
+    match store::apply(
+        &mut tx,
+        &state.source,
+        &id,
+        Happening::CustomerCancelled,
+        None,
+    )
+    .await?
+    {
         Applied::NotFound => Err(Problem::not_found(format!("no order {id:?}"))),
         Applied::Decided(crate::domain::Decision::Cancel(_), order) => {
             state.waker.commit(tx).await?;
             Ok((StatusCode::ACCEPTED, Json(order)).into_response())
         }
-        Applied::Decided(crate::domain::Decision::Refuse, _) => {
-            Err(Problem::conflict("the order is confirmed and can no longer be cancelled"))
-        }
+        Applied::Decided(crate::domain::Decision::Refuse, _) => Err(Problem::conflict(
+            "the order is confirmed and can no longer be cancelled",
+        )),
         Applied::Decided(_, order) => Ok((StatusCode::OK, Json(order)).into_response()),
     }
 }
@@ -172,7 +196,15 @@ async fn cancel_order(State(state): State<AppState>, Path(id): Path<String>) -> 
 #[openapi(
     info(title = "order-service", description = "Orders and their saga status"),
     paths(place_order, get_order, list_orders, cancel_order),
-    components(schemas(Problem, Order, PlaceOrderRequest, LineInput, OrderStatus, crate::domain::CancelReason, crate::domain::Line))
+    components(schemas(
+        Problem,
+        Order,
+        PlaceOrderRequest,
+        LineInput,
+        OrderStatus,
+        crate::domain::CancelReason,
+        crate::domain::Line
+    ))
 )]
 struct ApiDoc;
 

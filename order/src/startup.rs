@@ -44,23 +44,39 @@ impl Application {
     pub async fn build(settings: Settings) -> Result<Self, StartError> {
         let mut runtime = Runtime::start(
             &settings.service,
-            (sqlx::migrate!("./migrations/sqlite"), sqlx::migrate!("./migrations/postgres")),
+            (
+                sqlx::migrate!("./migrations/sqlite"),
+                sqlx::migrate!("./migrations/postgres"),
+            ),
             &events::streams(),
         )
         .await?;
         let source = runtime.source();
-        let saga = SagaEvents { source: source.clone() };
+        let saga = SagaEvents {
+            source: source.clone(),
+        };
         runtime.spawn_consumer(
-            ConsumerSpec::new("order-from-inventory", "INVENTORY", &["inventory.reserved.v1", "inventory.rejected.v1"]),
+            ConsumerSpec::new(
+                "order-from-inventory",
+                "INVENTORY",
+                &["inventory.reserved.v1", "inventory.rejected.v1"],
+            ),
             saga.clone(),
         );
         runtime.spawn_consumer(
-            ConsumerSpec::new("order-from-payments", "PAYMENTS", &["payments.succeeded.v1", "payments.failed.v1"]),
+            ConsumerSpec::new(
+                "order-from-payments",
+                "PAYMENTS",
+                &["payments.succeeded.v1", "payments.failed.v1"],
+            ),
             saga,
         );
         runtime.spawn_consumer(
             ConsumerSpec::new("order-commands", COMMAND_STREAM, &["cmd.orders.>"]),
-            Commands { source: source.clone(), deadline: settings.deadline },
+            Commands {
+                source: source.clone(),
+                deadline: settings.deadline,
+            },
         );
         runtime.spawn_worker(crate::deadline::run(
             runtime.db.clone(),
@@ -76,7 +92,11 @@ impl Application {
         };
         let app = finish_router(router(state), runtime.readiness());
         let listener = bind(&settings.service.http_addr).await?;
-        Ok(Self { runtime, listener, app })
+        Ok(Self {
+            runtime,
+            listener,
+            app,
+        })
     }
 
     /// The bound HTTP port.
@@ -92,5 +112,8 @@ impl Application {
 
 /// Build from the environment and run.
 pub async fn run_from_env() -> Result<(), StartError> {
-    Application::build(Settings::from_env()?).await?.run_until_stopped().await
+    Application::build(Settings::from_env()?)
+        .await?
+        .run_until_stopped()
+        .await
 }

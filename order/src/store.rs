@@ -79,10 +79,16 @@ pub async fn list(
     let rows = match status {
         Some(s) => {
             let sql = format!("SELECT {COLUMNS} FROM orders WHERE status = $1 ORDER BY created_at_us DESC, id DESC LIMIT $2");
-            sqlx::query(&sql).bind(s.as_str()).bind(limit).fetch_all(pool).await?
+            sqlx::query(&sql)
+                .bind(s.as_str())
+                .bind(limit)
+                .fetch_all(pool)
+                .await?
         }
         None => {
-            let sql = format!("SELECT {COLUMNS} FROM orders ORDER BY created_at_us DESC, id DESC LIMIT $1");
+            let sql = format!(
+                "SELECT {COLUMNS} FROM orders ORDER BY created_at_us DESC, id DESC LIMIT $1"
+            );
             sqlx::query(&sql).bind(limit).fetch_all(pool).await?
         }
     };
@@ -90,7 +96,10 @@ pub async fn list(
 }
 
 async fn load_locked(conn: &mut AnyConnection, id: &str) -> Result<Option<Order>, sqlx::Error> {
-    let sql = format!("SELECT {COLUMNS} FROM orders WHERE id = $1{}", lock_clause(conn));
+    let sql = format!(
+        "SELECT {COLUMNS} FROM orders WHERE id = $1{}",
+        lock_clause(conn)
+    );
     sqlx::query(&sql)
         .bind(id)
         .fetch_optional(&mut *conn)
@@ -133,10 +142,11 @@ pub async fn place(
     cause: Option<&Envelope>,
 ) -> Result<Placed, sqlx::Error> {
     if let Some(key) = placement.idempotency_key {
-        let found = sqlx::query("SELECT id, request_fingerprint FROM orders WHERE idempotency_key = $1")
-            .bind(key)
-            .fetch_optional(&mut *conn)
-            .await?;
+        let found =
+            sqlx::query("SELECT id, request_fingerprint FROM orders WHERE idempotency_key = $1")
+                .bind(key)
+                .fetch_optional(&mut *conn)
+                .await?;
         if let Some(row) = found {
             let id: String = row.try_get(0)?;
             let fingerprint: Option<String> = row.try_get(1)?;

@@ -132,7 +132,11 @@ pub fn settle(
 }
 
 /// Checks done before calling the provider at all (no point charging an empty account).
-pub fn precheck(balance: Option<(i64, &str)>, amount: i64, currency: &str) -> Result<(), FailReason> {
+pub fn precheck(
+    balance: Option<(i64, &str)>,
+    amount: i64,
+    currency: &str,
+) -> Result<(), FailReason> {
     settle(balance, amount, currency, ProviderAnswer::Approved)
 }
 
@@ -167,10 +171,25 @@ mod tests {
     fn settling_checks_account_then_provider() {
         let eur = Some((1000, "EUR"));
         assert_eq!(settle(eur, 1000, "EUR", ProviderAnswer::Approved), Ok(()));
-        assert_eq!(settle(eur, 1001, "EUR", ProviderAnswer::Approved), Err(FailReason::InsufficientFunds));
-        assert_eq!(settle(eur, 10, "USD", ProviderAnswer::Approved), Err(FailReason::PaymentDeclined));
-        assert_eq!(settle(None, 10, "EUR", ProviderAnswer::Approved), Err(FailReason::PaymentDeclined));
-        assert_eq!(settle(eur, 10, "EUR", ProviderAnswer::Declined), Err(FailReason::PaymentDeclined));
-        assert_eq!(settle(eur, 10, "EUR", ProviderAnswer::Unavailable), Err(FailReason::PaymentUnavailable));
+        assert_eq!(
+            settle(eur, 1001, "EUR", ProviderAnswer::Approved),
+            Err(FailReason::InsufficientFunds)
+        );
+        assert_eq!(
+            settle(eur, 10, "USD", ProviderAnswer::Approved),
+            Err(FailReason::PaymentDeclined)
+        );
+        assert_eq!(
+            settle(None, 10, "EUR", ProviderAnswer::Approved),
+            Err(FailReason::PaymentDeclined)
+        );
+        assert_eq!(
+            settle(eur, 10, "EUR", ProviderAnswer::Declined),
+            Err(FailReason::PaymentDeclined)
+        );
+        assert_eq!(
+            settle(eur, 10, "EUR", ProviderAnswer::Unavailable),
+            Err(FailReason::PaymentUnavailable)
+        );
     }
 }

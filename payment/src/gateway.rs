@@ -43,7 +43,9 @@ pub trait PaymentGateway: Send + Sync + 'static {
 }
 
 /// How the simulated provider behaves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum GatewayMode {
     /// Approves (subject to the decline threshold).
@@ -135,10 +137,7 @@ impl Default for ResilienceConfig {
     }
 }
 
-type Breaker = StateMachine<
-    failure_policy::ConsecutiveFailures<backoff::Constant>,
-    (),
->;
+type Breaker = StateMachine<failure_policy::ConsecutiveFailures<backoff::Constant>, ()>;
 
 /// Any provider behind timeout, retry, circuit breaker and bulkhead.
 pub struct ResilientGateway<G> {
@@ -183,12 +182,17 @@ impl<G: PaymentGateway> ResilientGateway<G> {
             };
             match self
                 .breaker
-                .call_with(|e: &GatewayError| matches!(e, GatewayError::Unavailable(_)), call)
+                .call_with(
+                    |e: &GatewayError| matches!(e, GatewayError::Unavailable(_)),
+                    call,
+                )
                 .await
             {
                 Ok(()) => Ok(()),
                 Err(failsafe::Error::Inner(e)) => Err(e),
-                Err(failsafe::Error::Rejected) => Err(GatewayError::Unavailable("circuit open".into())),
+                Err(failsafe::Error::Rejected) => {
+                    Err(GatewayError::Unavailable("circuit open".into()))
+                }
             }
         };
         let result = attempt

@@ -40,7 +40,8 @@ impl Processor {
     /// Settle pending payments until `shutdown`; payments in flight are finished first.
     pub async fn run(self, shutdown: CancellationToken) {
         loop {
-            let claimed = match store::claim_pending(&self.db, 256, LEASE.as_micros() as i64).await {
+            let claimed = match store::claim_pending(&self.db, 256, LEASE.as_micros() as i64).await
+            {
                 Ok(ids) => ids,
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot claim pending payments; retrying");
@@ -75,7 +76,9 @@ impl Processor {
         let p = store::peek(self.db.pool(), order_id).await?;
         let balance = store::get_account(self.db.pool(), &p.customer_id).await?;
         let pre = precheck(
-            balance.as_ref().map(|a| (a.balance_minor, a.currency.as_str())),
+            balance
+                .as_ref()
+                .map(|a| (a.balance_minor, a.currency.as_str())),
             p.amount_minor,
             &p.currency,
         );

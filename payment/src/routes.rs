@@ -44,7 +44,11 @@ pub struct SetAccount {
 }
 
 fn valid_customer(id: &str) -> bool {
-    !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:@".contains(&b))
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:@".contains(&b))
 }
 
 /// Set a customer's balance, creating the account.
@@ -56,13 +60,19 @@ async fn put_account(
     ApiJson(body): ApiJson<SetAccount>,
 ) -> Result<Json<Account>, Problem> {
     if !valid_customer(&customer_id) {
-        return Err(Problem::unprocessable("customer_id must be 1-64 characters of letters, digits, '-', '_', '.', ':' or '@'"));
+        return Err(Problem::unprocessable(
+            "customer_id must be 1-64 characters of letters, digits, '-', '_', '.', ':' or '@'",
+        ));
     }
     if !(0..=1_000_000_000_000_000).contains(&body.balance_minor) {
-        return Err(Problem::unprocessable("balance_minor must be between 0 and 10^18"));
+        return Err(Problem::unprocessable(
+            "balance_minor must be between 0 and 10^18",
+        ));
     }
     if body.currency.len() != 3 || !body.currency.bytes().all(|b| b.is_ascii_uppercase()) {
-        return Err(Problem::unprocessable("currency must be three capital letters"));
+        return Err(Problem::unprocessable(
+            "currency must be three capital letters",
+        ));
     }
     let mut tx = state.db.begin().await?;
     match store::set_account(&mut tx, &customer_id, body.balance_minor, &body.currency).await {
@@ -70,14 +80,19 @@ async fn put_account(
             tx.commit().await?;
             Ok(Json(a))
         }
-        Err(AccountError::CurrencyChange(..)) => Err(Problem::conflict("an account's currency cannot change")),
+        Err(AccountError::CurrencyChange(..)) => {
+            Err(Problem::conflict("an account's currency cannot change"))
+        }
         Err(AccountError::Db(e)) => Err(e.into()),
     }
 }
 
 /// One account.
 #[utoipa::path(get, path = "/accounts/{customer_id}", responses((status = 200, body = Account), (status = 404, body = Problem)))]
-async fn get_account(State(state): State<AppState>, Path(customer_id): Path<String>) -> Result<Json<Account>, Problem> {
+async fn get_account(
+    State(state): State<AppState>,
+    Path(customer_id): Path<String>,
+) -> Result<Json<Account>, Problem> {
     if !valid_customer(&customer_id) {
         return Err(Problem::not_found(format!("no account {customer_id:?}")));
     }
@@ -96,11 +111,16 @@ pub struct PaymentQuery {
 
 /// An order's payments.
 #[utoipa::path(get, path = "/payments", params(PaymentQuery), responses((status = 200, body = Vec<Payment>), (status = 400, body = Problem)))]
-async fn list_payments(State(state): State<AppState>, Query(q): Query<PaymentQuery>) -> Result<Json<Vec<Payment>>, Problem> {
+async fn list_payments(
+    State(state): State<AppState>,
+    Query(q): Query<PaymentQuery>,
+) -> Result<Json<Vec<Payment>>, Problem> {
     let order_id = q
         .order_id
         .filter(|o| !o.is_empty() && o.len() <= 64)
-        .ok_or_else(|| Problem::bad_request("order_id query parameter (1-64 characters) is required"))?;
+        .ok_or_else(|| {
+            Problem::bad_request("order_id query parameter (1-64 characters) is required")
+        })?;
     Ok(Json(store::payments_for(state.db.pool(), &order_id).await?))
 }
 
@@ -115,21 +135,31 @@ pub struct GatewaySetting {
 /// Switch the simulated provider.
 #[utoipa::path(put, path = "/admin/gateway", request_body = GatewaySetting,
     responses((status = 200, body = GatewaySetting), (status = 422, body = Problem)))]
-async fn put_gateway(State(state): State<AppState>, ApiJson(body): ApiJson<GatewaySetting>) -> Json<GatewaySetting> {
+async fn put_gateway(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<GatewaySetting>,
+) -> Json<GatewaySetting> {
     state.gateway.set_mode(body.mode);
     tracing::info!(mode = ?body.mode, "simulated provider switched");
-    Json(GatewaySetting { mode: state.gateway.mode() })
+    Json(GatewaySetting {
+        mode: state.gateway.mode(),
+    })
 }
 
 /// The simulated provider's mode.
 #[utoipa::path(get, path = "/admin/gateway", responses((status = 200, body = GatewaySetting)))]
 async fn get_gateway(State(state): State<AppState>) -> Json<GatewaySetting> {
-    Json(GatewaySetting { mode: state.gateway.mode() })
+    Json(GatewaySetting {
+        mode: state.gateway.mode(),
+    })
 }
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "payment-service", description = "Accounts, payments and refunds"),
+    info(
+        title = "payment-service",
+        description = "Accounts, payments and refunds"
+    ),
     paths(put_account, get_account, list_payments, put_gateway, get_gateway),
     components(schemas(Problem, Account, Payment, SetAccount, GatewaySetting, GatewayMode))
 )]

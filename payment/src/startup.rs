@@ -31,10 +31,12 @@ impl Settings {
     /// Read the environment.
     pub fn from_env() -> Result<Self, StartError> {
         let decline = match std::env::var("PAYMENT_GATEWAY_DECLINE_OVER_MINOR") {
-            Ok(v) if !v.trim().is_empty() => Some(v.trim().parse::<i64>().map_err(|e| StartError::Config {
-                name: "PAYMENT_GATEWAY_DECLINE_OVER_MINOR".into(),
-                reason: format!("{v:?}: {e}"),
-            })?),
+            Ok(v) if !v.trim().is_empty() => {
+                Some(v.trim().parse::<i64>().map_err(|e| StartError::Config {
+                    name: "PAYMENT_GATEWAY_DECLINE_OVER_MINOR".into(),
+                    reason: format!("{v:?}: {e}"),
+                })?)
+            }
             _ => None,
         };
         Ok(Self {
@@ -57,22 +59,35 @@ impl Application {
     pub async fn build(settings: Settings) -> Result<Self, StartError> {
         let mut runtime = Runtime::start(
             &settings.service,
-            (sqlx::migrate!("./migrations/sqlite"), sqlx::migrate!("./migrations/postgres")),
+            (
+                sqlx::migrate!("./migrations/sqlite"),
+                sqlx::migrate!("./migrations/postgres"),
+            ),
             &events::streams(),
         )
         .await?;
-        let simulated = SimulatedGateway::new(settings.gateway_latency, settings.decline_over_minor);
+        let simulated =
+            SimulatedGateway::new(settings.gateway_latency, settings.decline_over_minor);
         let resilience = ResilienceConfig::default();
         let concurrency = resilience.max_concurrent;
         let gateway = Arc::new(ResilientGateway::new(simulated.clone(), resilience));
         let processor_wake = OutboxWaker::default();
-        let saga = SagaEvents { source: runtime.source() };
+        let saga = SagaEvents {
+            source: runtime.source(),
+        };
         runtime.spawn_consumer_waking(
-            ConsumerSpec::new("payment-from-inventory", "INVENTORY", &["inventory.reserved.v1"]),
+            ConsumerSpec::new(
+                "payment-from-inventory",
+                "INVENTORY",
+                &["inventory.reserved.v1"],
+            ),
             saga.clone(),
             Some(processor_wake.clone()),
         );
-        runtime.spawn_consumer(ConsumerSpec::new("payment-from-orders", "ORDERS", &["orders.cancelled.v1"]), saga);
+        runtime.spawn_consumer(
+            ConsumerSpec::new("payment-from-orders", "ORDERS", &["orders.cancelled.v1"]),
+            saga,
+        );
         let processor = Processor {
             db: runtime.db.clone(),
             gateway,
@@ -82,10 +97,17 @@ impl Application {
             concurrency,
         };
         runtime.spawn_worker(processor.run(runtime.shutdown.clone()));
-        let state = AppState { db: runtime.db.clone(), gateway: Arc::new(simulated) };
+        let state = AppState {
+            db: runtime.db.clone(),
+            gateway: Arc::new(simulated),
+        };
         let app = finish_router(router(state), runtime.readiness());
         let listener = bind(&settings.service.http_addr).await?;
-        Ok(Self { runtime, listener, app })
+        Ok(Self {
+            runtime,
+            listener,
+            app,
+        })
     }
 
     /// The bound HTTP port.
@@ -101,5 +123,8 @@ impl Application {
 
 /// Build from the environment and run.
 pub async fn run_from_env() -> Result<(), StartError> {
-    Application::build(Settings::from_env()?).await?.run_until_stopped().await
+    Application::build(Settings::from_env()?)
+        .await?
+        .run_until_stopped()
+        .await
 }

@@ -9,7 +9,9 @@ use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, AnyPool, Row};
 use uuid::Uuid;
 
-use crate::domain::{on_cancelled, on_reserved, FailReason, OnCancelled, OnReserved, PaymentStatus};
+use crate::domain::{
+    on_cancelled, on_reserved, FailReason, OnCancelled, OnReserved, PaymentStatus,
+};
 use crate::events::{PaymentFailed, PaymentRefunded, PaymentSucceeded, StockReserved};
 
 /// A customer's account.
@@ -64,11 +66,21 @@ pub async fn set_account(
     balance: i64,
     currency: &str,
 ) -> Result<Account, AccountError> {
-    let sql = format!("SELECT currency FROM accounts WHERE customer_id = $1{}", lock_clause(conn));
-    if let Some(r) = sqlx::query(&sql).bind(customer_id).fetch_optional(&mut *conn).await? {
+    let sql = format!(
+        "SELECT currency FROM accounts WHERE customer_id = $1{}",
+        lock_clause(conn)
+    );
+    if let Some(r) = sqlx::query(&sql)
+        .bind(customer_id)
+        .fetch_optional(&mut *conn)
+        .await?
+    {
         let existing: String = r.try_get(0)?;
         if existing != currency {
-            return Err(AccountError::CurrencyChange(customer_id.to_owned(), existing));
+            return Err(AccountError::CurrencyChange(
+                customer_id.to_owned(),
+                existing,
+            ));
         }
     }
     sqlx::query(
@@ -90,11 +102,16 @@ pub async fn set_account(
 }
 
 /// One account.
-pub async fn get_account(pool: &AnyPool, customer_id: &str) -> Result<Option<Account>, sqlx::Error> {
-    let row = sqlx::query("SELECT customer_id, balance_minor, currency FROM accounts WHERE customer_id = $1")
-        .bind(customer_id)
-        .fetch_optional(pool)
-        .await?;
+pub async fn get_account(
+    pool: &AnyPool,
+    customer_id: &str,
+) -> Result<Option<Account>, sqlx::Error> {
+    let row = sqlx::query(
+        "SELECT customer_id, balance_minor, currency FROM accounts WHERE customer_id = $1",
+    )
+    .bind(customer_id)
+    .fetch_optional(pool)
+    .await?;
     row.map(|r| {
         Ok(Account {
             customer_id: r.try_get(0)?,
@@ -129,9 +146,18 @@ pub async fn payments_for(pool: &AnyPool, order_id: &str) -> Result<Vec<Payment>
     rows.iter().map(payment).collect()
 }
 
-async fn status_locked(conn: &mut AnyConnection, order_id: &str) -> Result<Option<PaymentStatus>, sqlx::Error> {
-    let sql = format!("SELECT status FROM payments WHERE order_id = $1{}", lock_clause(conn));
-    let row = sqlx::query(&sql).bind(order_id).fetch_optional(&mut *conn).await?;
+async fn status_locked(
+    conn: &mut AnyConnection,
+    order_id: &str,
+) -> Result<Option<PaymentStatus>, sqlx::Error> {
+    let sql = format!(
+        "SELECT status FROM payments WHERE order_id = $1{}",
+        lock_clause(conn)
+    );
+    let row = sqlx::query(&sql)
+        .bind(order_id)
+        .fetch_optional(&mut *conn)
+        .await?;
     Ok(match row {
         Some(r) => PaymentStatus::parse(&r.try_get::<String, _>(0)?),
         None => None,
@@ -139,11 +165,13 @@ async fn status_locked(conn: &mut AnyConnection, order_id: &str) -> Result<Optio
 }
 
 async fn known_cancelled(conn: &mut AnyConnection, order_id: &str) -> Result<bool, sqlx::Error> {
-    Ok(sqlx::query("SELECT 1 FROM cancelled_orders WHERE order_id = $1")
-        .bind(order_id)
-        .fetch_optional(conn)
-        .await?
-        .is_some())
+    Ok(
+        sqlx::query("SELECT 1 FROM cancelled_orders WHERE order_id = $1")
+            .bind(order_id)
+            .fetch_optional(conn)
+            .await?
+            .is_some(),
+    )
 }
 
 /// On `inventory.reserved`: start a payment unless the order is known cancelled or already has one.
@@ -195,7 +223,13 @@ pub async fn on_order_cancelled(
     match decision {
         OnCancelled::Nothing => {}
         OnCancelled::Void => {
-            set_status(conn, order_id, PaymentStatus::Failed, Some(FailReason::OrderCancelled)).await?;
+            set_status(
+                conn,
+                order_id,
+                PaymentStatus::Failed,
+                Some(FailReason::OrderCancelled),
+            )
+            .await?;
         }
         OnCancelled::Refund => {
             let p = load(conn, order_id).await?;
@@ -227,13 +261,15 @@ async fn set_status(
     status: PaymentStatus,
     reason: Option<FailReason>,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE payments SET status = $1, reason = $2, updated_at_us = $3 WHERE order_id = $4")
-        .bind(status.as_str())
-        .bind(reason.map(|r| r.as_str()))
-        .bind(now_micros())
-        .bind(order_id)
-        .execute(conn)
-        .await?;
+    sqlx::query(
+        "UPDATE payments SET status = $1, reason = $2, updated_at_us = $3 WHERE order_id = $4",
+    )
+    .bind(status.as_str())
+    .bind(reason.map(|r| r.as_str()))
+    .bind(now_micros())
+    .bind(order_id)
+    .execute(conn)
+    .await?;
     Ok(())
 }
 
@@ -286,22 +322,46 @@ pub async fn peek(pool: &AnyPool, order_id: &str) -> Result<Pending, sqlx::Error
 }
 
 /// Balance and currency of an account, locked for the capture.
-pub async fn balance_locked(conn: &mut AnyConnection, customer_id: &str) -> Result<Option<(i64, String)>, sqlx::Error> {
-    let sql = format!("SELECT balance_minor, currency FROM accounts WHERE customer_id = $1{}", lock_clause(conn));
-    let row = sqlx::query(&sql).bind(customer_id).fetch_optional(&mut *conn).await?;
+pub async fn balance_locked(
+    conn: &mut AnyConnection,
+    customer_id: &str,
+) -> Result<Option<(i64, String)>, sqlx::Error> {
+    let sql = format!(
+        "SELECT balance_minor, currency FROM accounts WHERE customer_id = $1{}",
+        lock_clause(conn)
+    );
+    let row = sqlx::query(&sql)
+        .bind(customer_id)
+        .fetch_optional(&mut *conn)
+        .await?;
     row.map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).transpose()
 }
 
 /// Claim up to `limit` pending payments whose lease has expired, leasing them for `lease_us`.
-pub async fn claim_pending(db: &Database, limit: i64, lease_us: i64) -> Result<Vec<String>, sqlx::Error> {
+pub async fn claim_pending(
+    db: &Database,
+    limit: i64,
+    lease_us: i64,
+) -> Result<Vec<String>, sqlx::Error> {
     let now = now_micros();
     let mut tx = db.begin().await?;
-    let skip = if db.backend() == Backend::Postgres { " FOR UPDATE SKIP LOCKED" } else { "" };
+    let skip = if db.backend() == Backend::Postgres {
+        " FOR UPDATE SKIP LOCKED"
+    } else {
+        ""
+    };
     let sql = format!(
         "SELECT order_id FROM payments WHERE status = 'PENDING' AND lease_until_us <= $1 ORDER BY created_at_us LIMIT $2{skip}"
     );
-    let rows = sqlx::query(&sql).bind(now).bind(limit).fetch_all(&mut *tx).await?;
-    let ids: Vec<String> = rows.iter().map(|r| r.try_get(0)).collect::<Result<_, _>>()?;
+    let rows = sqlx::query(&sql)
+        .bind(now)
+        .bind(limit)
+        .fetch_all(&mut *tx)
+        .await?;
+    let ids: Vec<String> = rows
+        .iter()
+        .map(|r| r.try_get(0))
+        .collect::<Result<_, _>>()?;
     for id in &ids {
         sqlx::query("UPDATE payments SET lease_until_us = $1 WHERE order_id = $2")
             .bind(now + lease_us)

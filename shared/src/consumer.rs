@@ -450,7 +450,9 @@ impl MessageMeta {
                 stream: info.stream.to_owned(),
                 stream_sequence: info.stream_sequence,
                 delivered: info.delivered,
-                published: DateTime::from_timestamp_nanos(info.published.unix_timestamp_nanos() as i64),
+                published: DateTime::from_timestamp_nanos(
+                    info.published.unix_timestamp_nanos() as i64
+                ),
             },
             Err(_) => Self {
                 stream: String::new(),
@@ -482,7 +484,8 @@ fn delivered(msg: &Message) -> i64 {
 
 /// Exponential redelivery delay: 250 ms, 500 ms, 1 s … capped at 30 s, with jitter.
 fn nak_delay(delivered: i64) -> Duration {
-    let base = Duration::from_millis(250).saturating_mul(1u32 << (delivered - 1).clamp(0, 7) as u32);
+    let base =
+        Duration::from_millis(250).saturating_mul(1u32 << (delivered - 1).clamp(0, 7) as u32);
     let jitter = rand::random::<f64>() * 0.25 + 0.875;
     base.min(Duration::from_secs(30)).mul_f64(jitter)
 }

@@ -12,7 +12,6 @@ use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::migrate::Migrator;
 use sqlx::{Any, AnyPool, ConnectOptions, Executor, Transaction};
 
-
 /// Which database engine is behind a [`Database`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {

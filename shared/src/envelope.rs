@@ -252,8 +252,21 @@ mod tests {
 
     #[test]
     fn caused_event_carries_correlation_and_causation() {
-        let first = Envelope::new("/a", &Thing { thing_id: "t".into(), n: 1 }, Some("c".into()));
-        let next = first.caused("/b", &Thing { thing_id: "t".into(), n: 2 });
+        let first = Envelope::new(
+            "/a",
+            &Thing {
+                thing_id: "t".into(),
+                n: 1,
+            },
+            Some("c".into()),
+        );
+        let next = first.caused(
+            "/b",
+            &Thing {
+                thing_id: "t".into(),
+                n: 2,
+            },
+        );
         assert_eq!(next.correlationid.as_deref(), Some("c"));
         assert_eq!(next.causationid.as_deref(), Some(first.id.as_str()));
         assert_ne!(next.id, first.id);

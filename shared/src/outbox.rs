@@ -363,9 +363,8 @@ impl OutboxRelay {
                 .map(|i| format!("${}", i + 2))
                 .collect::<Vec<_>>()
                 .join(",");
-            let sql = format!(
-                "UPDATE outbox SET published_at_us = $1 WHERE id IN ({placeholders})"
-            );
+            let sql =
+                format!("UPDATE outbox SET published_at_us = $1 WHERE id IN ({placeholders})");
             let mut q = sqlx::query(&sql).bind(now);
             for p in &published {
                 q = q.bind(p.id);

@@ -201,7 +201,10 @@ impl Runtime {
     pub async fn stop(mut self) {
         self.shutdown.cancel();
         let drain = async { while self.tasks.join_next().await.is_some() {} };
-        if tokio::time::timeout(Duration::from_secs(20), drain).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(20), drain)
+            .await
+            .is_err()
+        {
             tracing::warn!("background tasks did not finish within 20 s; aborting them");
             self.tasks.abort_all();
         }

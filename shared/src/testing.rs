@@ -129,14 +129,18 @@ impl NatsServer {
             .expect("spawn nats-server");
         self.child = Some(child);
         let url = self.url();
-        eventually(Duration::from_secs(15), "nats-server to accept JetStream requests", || {
-            let url = url.clone();
-            async move {
-                let client = async_nats::connect(&url).await.ok()?;
-                let js = async_nats::jetstream::new(client);
-                js.query_account().await.ok().map(|_| ())
-            }
-        })
+        eventually(
+            Duration::from_secs(15),
+            "nats-server to accept JetStream requests",
+            || {
+                let url = url.clone();
+                async move {
+                    let client = async_nats::connect(&url).await.ok()?;
+                    let js = async_nats::jetstream::new(client);
+                    js.query_account().await.ok().map(|_| ())
+                }
+            },
+        )
         .await;
     }
 
@@ -204,7 +208,12 @@ fn pg_bin_dir() -> PathBuf {
     if let Ok(p) = std::env::var("PG_BIN_DIR") {
         return PathBuf::from(p);
     }
-    for candidate in ["/usr/local/bin", "/usr/lib/postgresql/17/bin", "/usr/lib/postgresql/16/bin", "/usr/lib/postgresql/15/bin"] {
+    for candidate in [
+        "/usr/local/bin",
+        "/usr/lib/postgresql/17/bin",
+        "/usr/lib/postgresql/16/bin",
+        "/usr/lib/postgresql/15/bin",
+    ] {
         if Path::new(candidate).join("initdb").exists() {
             return PathBuf::from(candidate);
         }
@@ -242,7 +251,17 @@ impl PgCluster {
         let data = cluster.dir.path().join("data");
         cluster.run(
             "initdb",
-            &["-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync", "-D", &data.display().to_string()],
+            &[
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "-E",
+                "UTF8",
+                "--no-sync",
+                "-D",
+                &data.display().to_string(),
+            ],
         );
         let opts = format!(
             "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200",
@@ -251,7 +270,16 @@ impl PgCluster {
         );
         cluster.run(
             "pg_ctl",
-            &["-D", &data.display().to_string(), "-o", &opts, "-l", &cluster.dir.path().join("pg.log").display().to_string(), "-w", "start"],
+            &[
+                "-D",
+                &data.display().to_string(),
+                "-o",
+                &opts,
+                "-l",
+                &cluster.dir.path().join("pg.log").display().to_string(),
+                "-w",
+                "start",
+            ],
         );
         cluster
     }
@@ -266,7 +294,10 @@ impl PgCluster {
                 .stdout(Stdio::null())
                 .status()
         } else {
-            Command::new(&program).args(args).stdout(Stdio::null()).status()
+            Command::new(&program)
+                .args(args)
+                .stdout(Stdio::null())
+                .status()
         };
         match status {
             Ok(s) if s.success() => {}
@@ -293,7 +324,10 @@ impl Drop for PgCluster {
                 .stdout(Stdio::null())
                 .status()
         } else {
-            Command::new(&program).args(args).stdout(Stdio::null()).status()
+            Command::new(&program)
+                .args(args)
+                .stdout(Stdio::null())
+                .status()
         };
     }
 }

@@ -45,7 +45,9 @@ async fn fixture(backend: Backend) -> Fixture {
     let nats = NatsServer::start().await;
     let client = async_nats::connect(nats.url()).await.unwrap();
     let js = jetstream::new(client.clone());
-    ensure_stream(&js, &StreamSpec::new("BANK", &["bank.>"])).await.unwrap();
+    ensure_stream(&js, &StreamSpec::new("BANK", &["bank.>"]))
+        .await
+        .unwrap();
     let testdb = TestDb::new(backend).await;
     let db = testdb.connect().await;
     sqlx::raw_sql(
@@ -65,12 +67,21 @@ async fn fixture(backend: Backend) -> Fixture {
 }
 
 fn deposit(account: &str, amount: i64) -> Envelope {
-    Envelope::new("/test", &Deposited { account: account.into(), amount }, None)
+    Envelope::new(
+        "/test",
+        &Deposited {
+            account: account.into(),
+            amount,
+        },
+        None,
+    )
 }
 
 async fn enqueue_committed(db: &Database, event: &Envelope) {
     let mut tx = db.begin().await.unwrap();
-    outbox::enqueue(&mut tx, Deposited::SUBJECT, event).await.unwrap();
+    outbox::enqueue(&mut tx, Deposited::SUBJECT, event)
+        .await
+        .unwrap();
     tx.commit().await.unwrap();
 }
 
@@ -139,14 +150,19 @@ async fn a_row_that_can_never_be_published_is_parked_and_blocks_nothing(b: Backe
     let f = fixture(b).await;
     enqueue_committed(&f.db, &deposit("a", 1)).await;
     let mut huge = deposit("a", 2);
-    huge.data = serde_json::json!({ "account": "a", "amount": 2, "pad": "x".repeat(2 * 1024 * 1024) });
+    huge.data =
+        serde_json::json!({ "account": "a", "amount": 2, "pad": "x".repeat(2 * 1024 * 1024) });
     enqueue_committed(&f.db, &huge).await;
     enqueue_committed(&f.db, &deposit("a", 3)).await;
     let (stop, handle, _) = spawn_relay(&f);
-    eventually(WAIT, "the two publishable events out, the huge one parked", || async {
-        let s = outbox::stats(&f.db).await.unwrap();
-        (s.published == 2 && s.parked == 1 && s.pending == 0).then_some(())
-    })
+    eventually(
+        WAIT,
+        "the two publishable events out, the huge one parked",
+        || async {
+            let s = outbox::stats(&f.db).await.unwrap();
+            (s.published == 2 && s.parked == 1 && s.pending == 0).then_some(())
+        },
+    )
     .await;
     stop.cancel();
     handle.await.unwrap();
@@ -208,13 +224,21 @@ async fn relay_dying_between_publish_and_mark_publishes_nothing_twice(b: Backend
     let batch = relay.publish_batch().await.unwrap();
     assert_eq!(batch.len(), 50);
     drop(batch);
-    assert_eq!(outbox::stats(&f.db).await.unwrap().pending, 50, "nothing marked");
+    assert_eq!(
+        outbox::stats(&f.db).await.unwrap().pending,
+        50,
+        "nothing marked"
+    );
     assert_eq!(stream_len(&f.js, "BANK").await, 50);
 
     // Restart: everything is published again and deduplicated by the stream.
     let published = relay.publish_pending().await.unwrap();
     assert_eq!(published, 50);
-    assert_eq!(stream_len(&f.js, "BANK").await, 50, "exactly N in the stream");
+    assert_eq!(
+        stream_len(&f.js, "BANK").await,
+        50,
+        "exactly N in the stream"
+    );
     assert_eq!(outbox::stats(&f.db).await.unwrap().pending, 0);
 }
 
@@ -225,7 +249,9 @@ async fn relay_survives_a_nats_restart_without_loss_or_duplicates(b: Backend) {
     for i in 0..40 {
         let e = deposit("a", i);
         let mut tx = f.db.begin().await.unwrap();
-        outbox::enqueue(&mut tx, Deposited::SUBJECT, &e).await.unwrap();
+        outbox::enqueue(&mut tx, Deposited::SUBJECT, &e)
+            .await
+            .unwrap();
         relay.waker().commit(tx).await.unwrap();
         ids.push(e.id);
     }
@@ -234,14 +260,18 @@ async fn relay_survives_a_nats_restart_without_loss_or_duplicates(b: Backend) {
     for i in 40..80 {
         let e = deposit("a", i);
         let mut tx = f.db.begin().await.unwrap();
-        outbox::enqueue(&mut tx, Deposited::SUBJECT, &e).await.unwrap();
+        outbox::enqueue(&mut tx, Deposited::SUBJECT, &e)
+            .await
+            .unwrap();
         relay.waker().commit(tx).await.unwrap();
         ids.push(e.id);
     }
     f.nats.start_again().await;
-    eventually(Duration::from_secs(30), "outbox drained after NATS restart", || async {
-        (outbox::stats(&f.db).await.unwrap().pending == 0).then_some(())
-    })
+    eventually(
+        Duration::from_secs(30),
+        "outbox drained after NATS restart",
+        || async { (outbox::stats(&f.db).await.unwrap().pending == 0).then_some(()) },
+    )
     .await;
     stop.cancel();
     handle.await.unwrap();
@@ -295,7 +325,13 @@ fn spec() -> ConsumerSpec {
 }
 
 async fn start_consumer(f: &Fixture, handler: Bank, spec: ConsumerSpec) -> CancellationToken {
-    let runner = ConsumerRunner::new(spec, f.db.clone(), f.client.clone(), handler, Default::default());
+    let runner = ConsumerRunner::new(
+        spec,
+        f.db.clone(),
+        f.client.clone(),
+        handler,
+        Default::default(),
+    );
     let stop = CancellationToken::new();
     let consumer = runner.provision(&stop).await.unwrap();
     tokio::spawn(runner.run(consumer, stop.clone()));
@@ -355,7 +391,17 @@ async fn redelivered_and_republished_events_take_effect_once(b: Backend) {
     let bank = Bank::default();
     let _stop = start_consumer(&f, bank.clone(), spec()).await;
     eventually(WAIT, "both deliveries seen after redelivery", || async {
-        let info = f.js.get_stream("BANK").await.ok()?.get_consumer::<async_nats::jetstream::consumer::pull::Config>("bank-test").await.ok()?.get_info().await.ok()?.clone();
+        let info =
+            f.js.get_stream("BANK")
+                .await
+                .ok()?
+                .get_consumer::<async_nats::jetstream::consumer::pull::Config>("bank-test")
+                .await
+                .ok()?
+                .get_info()
+                .await
+                .ok()?
+                .clone();
         (info.ack_floor.stream_sequence == 2 && info.num_ack_pending == 0).then_some(())
     })
     .await;
@@ -404,12 +450,26 @@ async fn poison_is_dead_lettered_and_the_consumer_keeps_going(b: Backend) {
     seqs.sort();
     assert_eq!(seqs, vec![1, 2, 3, 4], "exactly the poison, nothing else");
     let by_seq = |s: i64| letters.iter().find(|l| l.stream_sequence == s).unwrap();
-    assert!(by_seq(1).reason.contains("not JSON"), "{}", by_seq(1).reason);
+    assert!(
+        by_seq(1).reason.contains("not JSON"),
+        "{}",
+        by_seq(1).reason
+    );
     assert_eq!(by_seq(1).payload, "{oops");
-    assert!(by_seq(2).reason.contains("payload does not match"), "{}", by_seq(2).reason);
-    assert!(by_seq(3).reason.contains("unknown event type"), "{}", by_seq(3).reason);
+    assert!(
+        by_seq(2).reason.contains("payload does not match"),
+        "{}",
+        by_seq(2).reason
+    );
+    assert!(
+        by_seq(3).reason.contains("unknown event type"),
+        "{}",
+        by_seq(3).reason
+    );
     assert!(by_seq(4).reason.contains("exceeds"), "{}", by_seq(4).reason);
-    assert!(letters.iter().all(|l| l.subject == "bank.deposited.v1" && l.consumer == "bank-test"));
+    assert!(letters
+        .iter()
+        .all(|l| l.subject == "bank.deposited.v1" && l.consumer == "bank-test"));
     assert_eq!(applied_count(&f.db).await, 1);
 }
 
@@ -423,14 +483,24 @@ async fn transient_failures_are_retried_with_delay_and_apply_once(b: Backend) {
     let e = deposit("carol", 5);
     let started = std::time::Instant::now();
     publish_envelope(&f, &e, &e.id).await;
-    eventually(WAIT, "deposit applied after two transient failures", || async {
-        (balance(&f.db, "carol").await == Some(5)).then_some(())
-    })
+    eventually(
+        WAIT,
+        "deposit applied after two transient failures",
+        || async { (balance(&f.db, "carol").await == Some(5)).then_some(()) },
+    )
     .await;
-    assert_eq!(bank.calls.load(Ordering::SeqCst), 3, "two failures then success");
+    assert_eq!(
+        bank.calls.load(Ordering::SeqCst),
+        3,
+        "two failures then success"
+    );
     assert_eq!(applied_count(&f.db).await, 1);
     // Naks carried backoff delays (≈250 ms then ≈500 ms, ±12.5 %).
-    assert!(started.elapsed() >= Duration::from_millis(600), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() >= Duration::from_millis(600),
+        "{:?}",
+        started.elapsed()
+    );
     assert!(dead_letters(&f.db, 10).await.unwrap().is_empty());
 }
 
@@ -440,7 +510,10 @@ async fn bare_json_published_by_hand_is_processed_once(b: Backend) {
     let _stop = start_consumer(&f, bank.clone(), spec()).await;
     // Exactly what `nats pub bank.deposited.v1 '{...}'` sends: core publish, no headers, no reply.
     f.client
-        .publish("bank.deposited.v1", r#"{"account":"dave","amount":12}"#.into())
+        .publish(
+            "bank.deposited.v1",
+            r#"{"account":"dave","amount":12}"#.into(),
+        )
         .await
         .unwrap();
     f.client.flush().await.unwrap();
@@ -459,7 +532,11 @@ async fn bare_json_published_by_hand_is_processed_once(b: Backend) {
     headers.insert("Nats-Msg-Id", "hand-1");
     for _ in 0..2 {
         f.client
-            .publish_with_headers("bank.deposited.v1", headers.clone(), r#"{"account":"dave","amount":1}"#.into())
+            .publish_with_headers(
+                "bank.deposited.v1",
+                headers.clone(),
+                r#"{"account":"dave","amount":1}"#.into(),
+            )
             .await
             .unwrap();
     }

@@ -20,13 +20,52 @@ use crate::{Service, System};
 
 /// Durable consumers: (service, durable, stream, filter subjects).
 pub const CONSUMERS: &[(Service, &str, &str, &[&str])] = &[
-    (Service::Order, "order-from-inventory", "INVENTORY", &["inventory.reserved.v1", "inventory.rejected.v1"]),
-    (Service::Order, "order-from-payments", "PAYMENTS", &["payments.succeeded.v1", "payments.failed.v1"]),
-    (Service::Order, "order-commands", "ORDER_COMMANDS", &["cmd.orders."]),
-    (Service::Inventory, "inventory-from-orders", "ORDERS", &["orders.placed.v1", "orders.confirmed.v1", "orders.cancelled.v1"]),
-    (Service::Inventory, "inventory-from-payments", "PAYMENTS", &["payments.failed.v1"]),
-    (Service::Payment, "payment-from-inventory", "INVENTORY", &["inventory.reserved.v1"]),
-    (Service::Payment, "payment-from-orders", "ORDERS", &["orders.cancelled.v1"]),
+    (
+        Service::Order,
+        "order-from-inventory",
+        "INVENTORY",
+        &["inventory.reserved.v1", "inventory.rejected.v1"],
+    ),
+    (
+        Service::Order,
+        "order-from-payments",
+        "PAYMENTS",
+        &["payments.succeeded.v1", "payments.failed.v1"],
+    ),
+    (
+        Service::Order,
+        "order-commands",
+        "ORDER_COMMANDS",
+        &["cmd.orders."],
+    ),
+    (
+        Service::Inventory,
+        "inventory-from-orders",
+        "ORDERS",
+        &[
+            "orders.placed.v1",
+            "orders.confirmed.v1",
+            "orders.cancelled.v1",
+        ],
+    ),
+    (
+        Service::Inventory,
+        "inventory-from-payments",
+        "PAYMENTS",
+        &["payments.failed.v1"],
+    ),
+    (
+        Service::Payment,
+        "payment-from-inventory",
+        "INVENTORY",
+        &["inventory.reserved.v1"],
+    ),
+    (
+        Service::Payment,
+        "payment-from-orders",
+        "ORDERS",
+        &["orders.cancelled.v1"],
+    ),
 ];
 
 /// What the check found.
@@ -128,17 +167,35 @@ pub async fn check(system: &System) -> Report {
         .expect("orders");
     // Inventory per order.
     let mut inv_state: HashMap<String, String> = HashMap::new();
-    for r in sqlx::query("SELECT order_id, state FROM order_states").fetch_all(&inventory_db).await.expect("states") {
+    for r in sqlx::query("SELECT order_id, state FROM order_states")
+        .fetch_all(&inventory_db)
+        .await
+        .expect("states")
+    {
         inv_state.insert(r.get(0), r.get(1));
     }
     let mut reserved_lines: HashMap<String, BTreeMap<String, (i64, String)>> = HashMap::new();
-    for r in sqlx::query("SELECT order_id, sku, quantity, status FROM reservations").fetch_all(&inventory_db).await.expect("reservations") {
-        reserved_lines.entry(r.get(0)).or_default().insert(r.get(1), (r.get(2), r.get(3)));
+    for r in sqlx::query("SELECT order_id, sku, quantity, status FROM reservations")
+        .fetch_all(&inventory_db)
+        .await
+        .expect("reservations")
+    {
+        reserved_lines
+            .entry(r.get(0))
+            .or_default()
+            .insert(r.get(1), (r.get(2), r.get(3)));
     }
     // Payments per order.
     let mut payments: HashMap<String, Vec<(i64, String)>> = HashMap::new();
-    for r in sqlx::query("SELECT order_id, amount_minor, status FROM payments").fetch_all(&payment_db).await.expect("payments") {
-        payments.entry(r.get(0)).or_default().push((r.get(1), r.get(2)));
+    for r in sqlx::query("SELECT order_id, amount_minor, status FROM payments")
+        .fetch_all(&payment_db)
+        .await
+        .expect("payments")
+    {
+        payments
+            .entry(r.get(0))
+            .or_default()
+            .push((r.get(1), r.get(2)));
     }
 
     for o in &orders {
@@ -146,7 +203,8 @@ pub async fn check(system: &System) -> Report {
         let status: String = o.get(1);
         let reason: Option<String> = o.get(2);
         let total: i64 = o.get(3);
-        let items: serde_json::Value = serde_json::from_str(&o.get::<String, _>(4)).unwrap_or_default();
+        let items: serde_json::Value =
+            serde_json::from_str(&o.get::<String, _>(4)).unwrap_or_default();
         *report.orders_by_status.entry(status.clone()).or_default() += 1;
         let pays = payments.get(&id).cloned().unwrap_or_default();
         let state = inv_state.get(&id).map(String::as_str);
@@ -155,8 +213,9 @@ pub async fn check(system: &System) -> Report {
             "CONFIRMED" => {
                 let mut wanted: BTreeMap<String, i64> = BTreeMap::new();
                 for item in items.as_array().into_iter().flatten() {
-                    *wanted.entry(item["sku"].as_str().unwrap_or_default().to_owned()).or_default() +=
-                        item["quantity"].as_i64().unwrap_or(0);
+                    *wanted
+                        .entry(item["sku"].as_str().unwrap_or_default().to_owned())
+                        .or_default() += item["quantity"].as_i64().unwrap_or(0);
                 }
                 let sold: BTreeMap<String, i64> = lines
                     .iter()
@@ -168,15 +227,22 @@ pub async fn check(system: &System) -> Report {
                 }
                 let captured: Vec<_> = pays.iter().filter(|(_, s)| s == "CAPTURED").collect();
                 if captured.len() != 1 || captured[0].0 != total || pays.len() != 1 {
-                    v.push(format!("2: confirmed order {id}: payments {pays:?}, total {total}"));
+                    v.push(format!(
+                        "2: confirmed order {id}: payments {pays:?}, total {total}"
+                    ));
                 }
             }
             "CANCELLED" => {
-                *report.cancelled_by_reason.entry(reason.unwrap_or_default()).or_default() += 1;
+                *report
+                    .cancelled_by_reason
+                    .entry(reason.unwrap_or_default())
+                    .or_default() += 1;
                 if matches!(state, Some("RESERVED") | Some("COMMITTED"))
                     || lines.values().any(|(_, st)| st != "RELEASED")
                 {
-                    v.push(format!("3: cancelled order {id}: inventory state {state:?}, lines {lines:?}"));
+                    v.push(format!(
+                        "3: cancelled order {id}: inventory state {state:?}, lines {lines:?}"
+                    ));
                 }
                 if pays.iter().any(|(_, s)| s == "CAPTURED" || s == "PENDING") {
                     v.push(format!("3: cancelled order {id}: payments {pays:?}"));
@@ -187,10 +253,17 @@ pub async fn check(system: &System) -> Report {
     }
 
     // 4. Stock ledger.
-    for r in sqlx::query("SELECT sku, available, reserved, sold, added FROM products").fetch_all(&inventory_db).await.expect("products") {
-        let (sku, a, res, s, added): (String, i64, i64, i64, i64) = (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4));
+    for r in sqlx::query("SELECT sku, available, reserved, sold, added FROM products")
+        .fetch_all(&inventory_db)
+        .await
+        .expect("products")
+    {
+        let (sku, a, res, s, added): (String, i64, i64, i64, i64) =
+            (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4));
         if a + res + s != added || a < 0 || res < 0 || s < 0 {
-            v.push(format!("4: sku {sku}: available {a} + reserved {res} + sold {s} != added {added}"));
+            v.push(format!(
+                "4: sku {sku}: available {a} + reserved {res} + sold {s} != added {added}"
+            ));
         }
         let held: i64 = reserved_lines
             .values()
@@ -199,20 +272,32 @@ pub async fn check(system: &System) -> Report {
             .map(|(_, (q, _))| q)
             .sum();
         if held != res {
-            v.push(format!("4: sku {sku}: reserved column {res} but reservations hold {held}"));
+            v.push(format!(
+                "4: sku {sku}: reserved column {res} but reservations hold {held}"
+            ));
         }
     }
 
     // 5. Money.
     let mut captured: HashMap<String, i64> = HashMap::new();
-    for r in sqlx::query("SELECT customer_id, amount_minor FROM payments WHERE status = 'CAPTURED'").fetch_all(&payment_db).await.expect("captured") {
+    for r in sqlx::query("SELECT customer_id, amount_minor FROM payments WHERE status = 'CAPTURED'")
+        .fetch_all(&payment_db)
+        .await
+        .expect("captured")
+    {
         *captured.entry(r.get(0)).or_default() += r.get::<i64, _>(1);
     }
-    for r in sqlx::query("SELECT customer_id, balance_minor, deposited FROM accounts").fetch_all(&payment_db).await.expect("accounts") {
+    for r in sqlx::query("SELECT customer_id, balance_minor, deposited FROM accounts")
+        .fetch_all(&payment_db)
+        .await
+        .expect("accounts")
+    {
         let (c, balance, deposited): (String, i64, i64) = (r.get(0), r.get(1), r.get(2));
         let cap = captured.get(&c).copied().unwrap_or(0);
         if balance + cap != deposited || balance < 0 {
-            v.push(format!("5: account {c}: balance {balance} + captured {cap} != deposited {deposited}"));
+            v.push(format!(
+                "5: account {c}: balance {balance} + captured {cap} != deposited {deposited}"
+            ));
         }
     }
 
@@ -229,19 +314,42 @@ pub async fn check(system: &System) -> Report {
             .expect("outbox")
             .get(0);
         if parked > 0 {
-            v.push(format!("6: {} has {parked} unpublished outbox rows", s.binary()));
+            v.push(format!(
+                "6: {} has {parked} unpublished outbox rows",
+                s.binary()
+            ));
         }
-        let dl: i64 = sqlx::query("SELECT COUNT(*) FROM dead_letters").fetch_one(db).await.expect("dl").get(0);
-        report.dead_letters.insert(s.binary().to_owned(), dl as usize);
+        let dl: i64 = sqlx::query("SELECT COUNT(*) FROM dead_letters")
+            .fetch_one(db)
+            .await
+            .expect("dl")
+            .get(0);
+        report
+            .dead_letters
+            .insert(s.binary().to_owned(), dl as usize);
     }
     for (s, durable, stream, filters) in CONSUMERS {
-        let db = dbs.iter().find(|(x, _)| x == s).map(|(_, d)| *d).expect("db");
+        let db = dbs
+            .iter()
+            .find(|(x, _)| x == s)
+            .map(|(_, d)| *d)
+            .expect("db");
         let mut inbox = std::collections::HashSet::new();
-        for r in sqlx::query("SELECT event_id FROM inbox WHERE consumer = $1").bind(*durable).fetch_all(db).await.expect("inbox") {
+        for r in sqlx::query("SELECT event_id FROM inbox WHERE consumer = $1")
+            .bind(*durable)
+            .fetch_all(db)
+            .await
+            .expect("inbox")
+        {
             inbox.insert(r.get::<String, _>(0));
         }
         let mut dead = std::collections::HashSet::new();
-        for r in sqlx::query("SELECT stream_sequence FROM dead_letters WHERE consumer = $1").bind(*durable).fetch_all(db).await.expect("dl") {
+        for r in sqlx::query("SELECT stream_sequence FROM dead_letters WHERE consumer = $1")
+            .bind(*durable)
+            .fetch_all(db)
+            .await
+            .expect("dl")
+        {
             dead.insert(r.get::<i64, _>(0));
         }
         for (seq, subject, msg_id, body) in system.stream_messages(stream).await {
@@ -260,7 +368,9 @@ pub async fn check(system: &System) -> Report {
             };
             match Envelope::decode(&body, origin) {
                 Ok(e) if inbox.contains(&e.id) => {}
-                _ => v.push(format!("6: {durable}: {stream}#{seq} ({subject}) neither applied nor dead-lettered")),
+                _ => v.push(format!(
+                    "6: {durable}: {stream}#{seq} ({subject}) neither applied nor dead-lettered"
+                )),
             }
         }
     }

@@ -132,7 +132,10 @@ impl System {
                     env.insert("ORDER_DEADLINE_MS".into(), config.deadline_ms.to_string());
                 }
                 Service::Payment => {
-                    env.insert("PAYMENT_GATEWAY_LATENCY_MS".into(), config.gateway_latency_ms.to_string());
+                    env.insert(
+                        "PAYMENT_GATEWAY_LATENCY_MS".into(),
+                        config.gateway_latency_ms.to_string(),
+                    );
                     if let Some(d) = config.decline_over_minor {
                         env.insert("PAYMENT_GATEWAY_DECLINE_OVER_MINOR".into(), d.to_string());
                     }
@@ -140,7 +143,15 @@ impl System {
                 Service::Inventory => {}
             }
             let log = system.logs.path().join(format!("{}.log", s.binary()));
-            system.services.insert(s, Running { child: None, port, env, log });
+            system.services.insert(
+                s,
+                Running {
+                    child: None,
+                    port,
+                    env,
+                    log,
+                },
+            );
         }
         for s in Service::ALL {
             system.launch(s);
@@ -210,7 +221,10 @@ impl System {
     /// Send a signal (e.g. `STOP`, `CONT`, `TERM`) to a service's process.
     pub fn signal(&self, s: Service, signal: &str) {
         if let Some(c) = self.services[&s].child.as_ref() {
-            let _ = Command::new("kill").arg(format!("-{signal}")).arg(c.id().to_string()).status();
+            let _ = Command::new("kill")
+                .arg(format!("-{signal}"))
+                .arg(c.id().to_string())
+                .status();
         }
     }
 
@@ -259,14 +273,18 @@ impl System {
 
     /// `GET /products/{sku}` as JSON.
     pub async fn product(&self, sku: &str) -> Value {
-        self.get_json(Service::Inventory, &format!("/products/{sku}")).await
+        self.get_json(Service::Inventory, &format!("/products/{sku}"))
+            .await
     }
 
     /// `PUT /accounts/{customer}`.
     pub async fn set_balance(&self, customer: &str, balance_minor: i64) {
         let r = self
             .http
-            .put(format!("{}/accounts/{customer}", self.url(Service::Payment)))
+            .put(format!(
+                "{}/accounts/{customer}",
+                self.url(Service::Payment)
+            ))
             .json(&json!({ "balance_minor": balance_minor, "currency": "EUR" }))
             .send()
             .await
@@ -276,7 +294,8 @@ impl System {
 
     /// A customer's balance.
     pub async fn balance(&self, customer: &str) -> i64 {
-        self.get_json(Service::Payment, &format!("/accounts/{customer}")).await["balance_minor"]
+        self.get_json(Service::Payment, &format!("/accounts/{customer}"))
+            .await["balance_minor"]
             .as_i64()
             .expect("balance")
     }
@@ -313,7 +332,8 @@ impl System {
 
     /// `GET /orders/{id}`.
     pub async fn order(&self, id: &str) -> Value {
-        self.get_json(Service::Order, &format!("/orders/{id}")).await
+        self.get_json(Service::Order, &format!("/orders/{id}"))
+            .await
     }
 
     /// `POST /orders/{id}/cancel`: status code and body.
@@ -337,7 +357,9 @@ impl System {
     pub async fn wait_status(&self, id: &str, statuses: &[&str]) -> Value {
         let what = format!("order {id} to reach {statuses:?}");
         eventually(WAIT, &what, || async {
-            let o = self.try_get_json(Service::Order, &format!("/orders/{id}")).await?;
+            let o = self
+                .try_get_json(Service::Order, &format!("/orders/{id}"))
+                .await?;
             statuses.contains(&o["status"].as_str()?).then_some(o)
         })
         .await
@@ -354,11 +376,14 @@ impl System {
 
     /// `GET /reservations?order_id=`.
     pub async fn reservations(&self, order_id: &str) -> Vec<Value> {
-        self.get_json(Service::Inventory, &format!("/reservations?order_id={order_id}"))
-            .await
-            .as_array()
-            .cloned()
-            .unwrap_or_default()
+        self.get_json(
+            Service::Inventory,
+            &format!("/reservations?order_id={order_id}"),
+        )
+        .await
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
     }
 
     /// `GET` a path and parse JSON, panicking on failure.
@@ -370,7 +395,12 @@ impl System {
 
     /// `GET` a path and parse JSON if it answered 2xx.
     pub async fn try_get_json(&self, s: Service, path: &str) -> Option<Value> {
-        let r = self.http.get(format!("{}{path}", self.url(s))).send().await.ok()?;
+        let r = self
+            .http
+            .get(format!("{}{path}", self.url(s)))
+            .send()
+            .await
+            .ok()?;
         if !r.status().is_success() {
             return None;
         }
@@ -380,7 +410,10 @@ impl System {
     // ---- NATS helpers ----
 
     /// Every message of a stream, in order: (sequence, subject, Nats-Msg-Id, body).
-    pub async fn stream_messages(&self, stream: &str) -> Vec<(u64, String, Option<String>, Vec<u8>)> {
+    pub async fn stream_messages(
+        &self,
+        stream: &str,
+    ) -> Vec<(u64, String, Option<String>, Vec<u8>)> {
         let js = async_nats::jetstream::new(self.client.clone());
         let Ok(stream) = js.get_stream(stream).await else {
             return Vec::new();
@@ -423,7 +456,10 @@ impl System {
         let subject = subject.to_owned();
         let payload = bytes::Bytes::copy_from_slice(body);
         if headers.is_empty() {
-            self.client.publish(subject, payload).await.expect("publish");
+            self.client
+                .publish(subject, payload)
+                .await
+                .expect("publish");
         } else {
             let mut h = async_nats::HeaderMap::new();
             for (k, v) in headers {
@@ -441,12 +477,14 @@ impl System {
     /// needs nats-server ≥ 2.11).
     pub async fn pause_consumer(&self, stream: &str, consumer: &str) {
         let until = (chrono::Utc::now() + chrono::Duration::hours(1)).to_rfc3339();
-        self.consumer_pause_request(stream, consumer, json!({ "pause_until": until })).await;
+        self.consumer_pause_request(stream, consumer, json!({ "pause_until": until }))
+            .await;
     }
 
     /// Resume a paused consumer.
     pub async fn resume_consumer(&self, stream: &str, consumer: &str) {
-        self.consumer_pause_request(stream, consumer, json!({})).await;
+        self.consumer_pause_request(stream, consumer, json!({}))
+            .await;
     }
 
     async fn consumer_pause_request(&self, stream: &str, consumer: &str, body: Value) {

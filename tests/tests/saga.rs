@@ -56,7 +56,9 @@ on_backends! {
 
 async fn happy_path_confirms_with_exact_stock_and_money_and_linked_events(b: Backend) {
     let s = system(b).await;
-    let id = s.place_order("alice", &[("WIDGET", 3, 250), ("GADGET", 1, 1000)]).await;
+    let id = s
+        .place_order("alice", &[("WIDGET", 3, 250), ("GADGET", 1, 1000)])
+        .await;
     let order = s.wait_terminal(&id).await;
     assert_eq!(order["status"], "CONFIRMED", "{order}");
     assert_eq!(order["total_minor"], 1750);
@@ -64,37 +66,75 @@ async fn happy_path_confirms_with_exact_stock_and_money_and_linked_events(b: Bac
 
     wait_quiet(&s, WAIT).await;
     let widget = s.product("WIDGET").await;
-    assert_eq!((widget["available"].as_i64(), widget["reserved"].as_i64(), widget["sold"].as_i64()), (Some(7), Some(0), Some(3)));
+    assert_eq!(
+        (
+            widget["available"].as_i64(),
+            widget["reserved"].as_i64(),
+            widget["sold"].as_i64()
+        ),
+        (Some(7), Some(0), Some(3))
+    );
     let gadget = s.product("GADGET").await;
-    assert_eq!((gadget["available"].as_i64(), gadget["sold"].as_i64()), (Some(1), Some(1)));
+    assert_eq!(
+        (gadget["available"].as_i64(), gadget["sold"].as_i64()),
+        (Some(1), Some(1))
+    );
     assert_eq!(s.balance("alice").await, 10_000 - 1750);
     let pays = s.payments(&id).await;
     assert_eq!(pays.len(), 1);
-    assert_eq!((pays[0]["status"].as_str(), pays[0]["amount_minor"].as_i64()), (Some("CAPTURED"), Some(1750)));
+    assert_eq!(
+        (pays[0]["status"].as_str(), pays[0]["amount_minor"].as_i64()),
+        (Some("CAPTURED"), Some(1750))
+    );
 
     // The saga's events share its correlation id and each names its cause, in causal order.
     let events = s.saga_events(&id).await;
     let types: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
     assert_eq!(
         types,
-        ["orders.placed.v1", "inventory.reserved.v1", "payments.succeeded.v1", "orders.confirmed.v1", "inventory.committed.v1"]
+        [
+            "orders.placed.v1",
+            "inventory.reserved.v1",
+            "payments.succeeded.v1",
+            "orders.confirmed.v1",
+            "inventory.committed.v1"
+        ]
     );
     for pair in events.windows(2) {
-        assert_eq!(pair[1].causationid.as_deref(), Some(pair[0].id.as_str()), "{} caused by {}", pair[1].event_type, pair[0].event_type);
+        assert_eq!(
+            pair[1].causationid.as_deref(),
+            Some(pair[0].id.as_str()),
+            "{} caused by {}",
+            pair[1].event_type,
+            pair[0].event_type
+        );
     }
-    assert!(events.iter().all(|e| e.subject.as_deref() == Some(id.as_str()) && e.specversion == "1.0"));
+    assert!(events
+        .iter()
+        .all(|e| e.subject.as_deref() == Some(id.as_str()) && e.specversion == "1.0"));
     check(&s).await.assert_clean();
 }
 
 async fn short_stock_and_unknown_sku_cancel_without_charging(b: Backend) {
     let s = system(b).await;
-    let short = s.place_order("alice", &[("WIDGET", 1, 100), ("GADGET", 3, 100)]).await;
-    let unknown = s.place_order("alice", &[("WIDGET", 1, 100), ("NOPE", 1, 100)]).await;
+    let short = s
+        .place_order("alice", &[("WIDGET", 1, 100), ("GADGET", 3, 100)])
+        .await;
+    let unknown = s
+        .place_order("alice", &[("WIDGET", 1, 100), ("NOPE", 1, 100)])
+        .await;
     for (id, reason) in [(&short, "insufficient_stock"), (&unknown, "unknown_sku")] {
         let o = s.wait_terminal(id).await;
-        assert_eq!((o["status"].as_str(), o["reason"].as_str()), (Some("CANCELLED"), Some(reason)), "{o}");
+        assert_eq!(
+            (o["status"].as_str(), o["reason"].as_str()),
+            (Some("CANCELLED"), Some(reason)),
+            "{o}"
+        );
         assert!(s.payments(id).await.is_empty(), "nothing charged");
-        assert!(s.reservations(id).await.is_empty(), "all or nothing: nothing reserved");
+        assert!(
+            s.reservations(id).await.is_empty(),
+            "all or nothing: nothing reserved"
+        );
     }
     assert_eq!(s.product("WIDGET").await["available"], 10);
     assert_eq!(s.balance("alice").await, 10_000);
@@ -126,11 +166,21 @@ async fn insufficient_funds_decline_and_outage_cancel_and_release(b: Backend) {
     wait_quiet(&s, WAIT).await;
     for id in [&poor, &declined, &down, &fast_fail] {
         let lines = s.reservations(id).await;
-        assert!(!lines.is_empty() && lines.iter().all(|l| l["status"] == "RELEASED"), "{lines:?}");
+        assert!(
+            !lines.is_empty() && lines.iter().all(|l| l["status"] == "RELEASED"),
+            "{lines:?}"
+        );
         assert!(s.payments(id).await.iter().all(|p| p["status"] == "FAILED"));
     }
     let w = s.product("WIDGET").await;
-    assert_eq!((w["available"].as_i64(), w["reserved"].as_i64(), w["sold"].as_i64()), (Some(10), Some(0), Some(0)));
+    assert_eq!(
+        (
+            w["available"].as_i64(),
+            w["reserved"].as_i64(),
+            w["sold"].as_i64()
+        ),
+        (Some(10), Some(0), Some(0))
+    );
     assert_eq!(s.balance("alice").await, 10_000);
     assert_eq!(s.balance("bob").await, 100);
     check(&s).await.assert_clean();
@@ -143,7 +193,10 @@ async fn customer_cancels_while_pending_reserved_and_after_the_charge(b: Backend
     s.kill(Service::Inventory);
     let pending = s.place_order("alice", &[("WIDGET", 2, 100)]).await;
     let (code, o) = s.cancel(&pending).await;
-    assert_eq!((code, o["status"].as_str(), o["reason"].as_str()), (202, Some("CANCELLED"), Some("customer_cancelled")));
+    assert_eq!(
+        (code, o["status"].as_str(), o["reason"].as_str()),
+        (202, Some("CANCELLED"), Some("customer_cancelled"))
+    );
     s.restart(Service::Inventory).await;
 
     // While RESERVED: payment is down, so the order waits after its reservation.
@@ -183,11 +236,27 @@ async fn customer_cancels_while_pending_reserved_and_after_the_charge(b: Backend
     wait_quiet(&s, WAIT).await;
     for id in [&pending, &reserved, &charged] {
         let o = s.order(id).await;
-        assert_eq!((o["status"].as_str(), o["reason"].as_str()), (Some("CANCELLED"), Some("customer_cancelled")), "{o}");
-        assert!(s.reservations(id).await.iter().all(|l| l["status"] == "RELEASED"));
+        assert_eq!(
+            (o["status"].as_str(), o["reason"].as_str()),
+            (Some("CANCELLED"), Some("customer_cancelled")),
+            "{o}"
+        );
+        assert!(s
+            .reservations(id)
+            .await
+            .iter()
+            .all(|l| l["status"] == "RELEASED"));
     }
-    assert_eq!(s.order(&charged).await["status"], "CANCELLED", "late success did not revive it");
-    assert_eq!(s.balance("alice").await, 10_000 - 100, "only the confirmed order is paid");
+    assert_eq!(
+        s.order(&charged).await["status"],
+        "CANCELLED",
+        "late success did not revive it"
+    );
+    assert_eq!(
+        s.balance("alice").await,
+        10_000 - 100,
+        "only the confirmed order is paid"
+    );
     assert_eq!(s.product("WIDGET").await["available"], 9);
     check(&s).await.assert_clean();
 }
@@ -201,7 +270,10 @@ async fn deadline_passes_while_payment_is_down(b: Backend) {
     s.kill(Service::Payment);
     let id = s.place_order("alice", &[("WIDGET", 4, 100)]).await;
     let o = s.wait_terminal(&id).await;
-    assert_eq!((o["status"].as_str(), o["reason"].as_str()), (Some("CANCELLED"), Some("deadline_exceeded")));
+    assert_eq!(
+        (o["status"].as_str(), o["reason"].as_str()),
+        (Some("CANCELLED"), Some("deadline_exceeded"))
+    );
     saga_e2e::wait_for(WAIT, "stock released", || async {
         (s.product("WIDGET").await["available"] == 10).then_some(())
     })
@@ -209,7 +281,11 @@ async fn deadline_passes_while_payment_is_down(b: Backend) {
     s.restart(Service::Payment).await;
     wait_quiet(&s, WAIT).await;
     assert_eq!(s.balance("alice").await, 10_000, "net charge zero");
-    assert!(s.payments(&id).await.iter().all(|p| p["status"] != "CAPTURED"));
+    assert!(s
+        .payments(&id)
+        .await
+        .iter()
+        .all(|p| p["status"] != "CAPTURED"));
     check(&s).await.assert_clean();
 }
 
@@ -217,7 +293,14 @@ async fn a_cancellation_published_before_its_placement_reserves_and_charges_noth
     let s = system(b).await;
     let id = uuid::Uuid::now_v7().to_string();
     // As a person with the nats CLI would: bare JSON, no headers, cancellation first.
-    s.nats_pub("orders.cancelled.v1", &[], json!({ "order_id": id, "reason": "customer_cancelled" }).to_string().as_bytes()).await;
+    s.nats_pub(
+        "orders.cancelled.v1",
+        &[],
+        json!({ "order_id": id, "reason": "customer_cancelled" })
+            .to_string()
+            .as_bytes(),
+    )
+    .await;
     s.nats_pub(
         "orders.placed.v1",
         &[],
@@ -248,18 +331,27 @@ async fn every_event_republished_with_a_new_msg_id_takes_effect_once(b: Backend)
     s.wait_terminal(&ok).await;
     s.wait_terminal(&short).await;
     wait_quiet(&s, WAIT).await;
-    let before = (s.product("WIDGET").await, s.product("GADGET").await, s.balance("alice").await);
+    let before = (
+        s.product("WIDGET").await,
+        s.product("GADGET").await,
+        s.balance("alice").await,
+    );
     let mut copies = 0;
     for stream in ["ORDERS", "INVENTORY", "PAYMENTS"] {
         for (_, subject, _, body) in s.stream_messages(stream).await {
             let fresh = uuid::Uuid::now_v7().to_string();
-            s.nats_pub(&subject, &[("Nats-Msg-Id", &fresh)], &body).await;
+            s.nats_pub(&subject, &[("Nats-Msg-Id", &fresh)], &body)
+                .await;
             copies += 1;
         }
     }
     assert!(copies >= 8, "{copies}");
     wait_quiet(&s, WAIT).await;
-    let after = (s.product("WIDGET").await, s.product("GADGET").await, s.balance("alice").await);
+    let after = (
+        s.product("WIDGET").await,
+        s.product("GADGET").await,
+        s.balance("alice").await,
+    );
     assert_eq!(before, after, "duplicates changed nothing");
     assert_eq!(s.order(&ok).await["status"], "CONFIRMED");
     assert_eq!(s.order(&short).await["status"], "CANCELLED");
@@ -294,16 +386,43 @@ async fn placing_is_idempotent_by_key(b: Backend) {
     let s = system(b).await;
     let url = format!("{}/orders", s.url(Service::Order));
     let body = json!({ "customer_id": "alice", "currency": "EUR", "items": [{ "sku": "WIDGET", "quantity": 1, "unit_price_minor": 5 }] });
-    let first: Value = s.http.post(&url).header("Idempotency-Key", "k-1").json(&body).send().await.unwrap().json().await.unwrap();
-    let again = s.http.post(&url).header("Idempotency-Key", "k-1").json(&body).send().await.unwrap();
+    let first: Value = s
+        .http
+        .post(&url)
+        .header("Idempotency-Key", "k-1")
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let again = s
+        .http
+        .post(&url)
+        .header("Idempotency-Key", "k-1")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(again.status(), 202);
     let again: Value = again.json().await.unwrap();
     assert_eq!(first["id"], again["id"]);
     let mut other = body.clone();
     other["items"][0]["quantity"] = json!(2);
-    let conflict = s.http.post(&url).header("Idempotency-Key", "k-1").json(&other).send().await.unwrap();
+    let conflict = s
+        .http
+        .post(&url)
+        .header("Idempotency-Key", "k-1")
+        .json(&other)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(conflict.status(), 422);
-    assert_eq!(conflict.headers()["content-type"], "application/problem+json");
+    assert_eq!(
+        conflict.headers()["content-type"],
+        "application/problem+json"
+    );
     s.wait_terminal(first["id"].as_str().unwrap()).await;
     let all = s.get_json(Service::Order, "/orders").await;
     assert_eq!(all.as_array().unwrap().len(), 1, "one order, one saga");
@@ -314,7 +433,10 @@ async fn placing_is_idempotent_by_key(b: Backend) {
 async fn bad_http_input_gets_problems_and_writes_nothing(b: Backend) {
     let s = system(b).await;
     let order_url = format!("{}/orders", s.url(Service::Order));
-    let huge = format!(r#"{{"customer_id":"{}","currency":"EUR","items":[]}}"#, "x".repeat(200_000));
+    let huge = format!(
+        r#"{{"customer_id":"{}","currency":"EUR","items":[]}}"#,
+        "x".repeat(200_000)
+    );
     let cases: Vec<(&str, String, Option<&str>)> = vec![
         ("malformed", "{\"customer_id\": ".into(), None),
         ("not an object", "[1,2,3]".into(), None),
@@ -339,43 +461,115 @@ async fn bad_http_input_gets_problems_and_writes_nothing(b: Backend) {
             .unwrap();
         let status = r.status().as_u16();
         assert!((400..500).contains(&status), "{name}: {status}");
-        assert_eq!(r.headers()["content-type"], "application/problem+json", "{name}");
+        assert_eq!(
+            r.headers()["content-type"],
+            "application/problem+json",
+            "{name}"
+        );
         let problem: Value = r.json().await.unwrap();
         assert_eq!(problem["status"], status, "{name}");
-        assert!(problem["detail"].as_str().is_some_and(|d| !d.is_empty()), "{name}: {problem}");
+        assert!(
+            problem["detail"].as_str().is_some_and(|d| !d.is_empty()),
+            "{name}: {problem}"
+        );
     }
     let not_found = [
-        (Service::Order, "/orders/00000000-0000-0000-0000-000000000000"),
+        (
+            Service::Order,
+            "/orders/00000000-0000-0000-0000-000000000000",
+        ),
         (Service::Order, "/orders/not-a-uuid"),
         (Service::Inventory, "/products/NOPE"),
         (Service::Payment, "/accounts/nobody"),
         (Service::Order, "/no/such/path"),
     ];
     for (svc, path) in not_found {
-        let r = s.http.get(format!("{}{path}", s.url(svc))).send().await.unwrap();
+        let r = s
+            .http
+            .get(format!("{}{path}", s.url(svc)))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 404, "{path}");
-        assert_eq!(r.headers()["content-type"], "application/problem+json", "{path}");
+        assert_eq!(
+            r.headers()["content-type"],
+            "application/problem+json",
+            "{path}"
+        );
     }
-    let r = s.http.post(format!("{}/orders/00000000-0000-0000-0000-000000000000/cancel", s.url(Service::Order))).send().await.unwrap();
+    let r = s
+        .http
+        .post(format!(
+            "{}/orders/00000000-0000-0000-0000-000000000000/cancel",
+            s.url(Service::Order)
+        ))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 404);
-    let r = s.http.delete(format!("{}/orders", s.url(Service::Order))).send().await.unwrap();
+    let r = s
+        .http
+        .delete(format!("{}/orders", s.url(Service::Order)))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 405);
     assert_eq!(r.headers()["content-type"], "application/problem+json");
     for (svc, path, body) in [
-        (Service::Inventory, "/products/WIDGET", json!({ "available": -1 })),
-        (Service::Inventory, "/products/WIDGET", json!({ "available": "ten" })),
-        (Service::Payment, "/accounts/alice", json!({ "balance_minor": -5, "currency": "EUR" })),
-        (Service::Payment, "/accounts/alice", json!({ "balance_minor": 5, "currency": "USD" })),
-        (Service::Payment, "/admin/gateway", json!({ "mode": "sideways" })),
+        (
+            Service::Inventory,
+            "/products/WIDGET",
+            json!({ "available": -1 }),
+        ),
+        (
+            Service::Inventory,
+            "/products/WIDGET",
+            json!({ "available": "ten" }),
+        ),
+        (
+            Service::Payment,
+            "/accounts/alice",
+            json!({ "balance_minor": -5, "currency": "EUR" }),
+        ),
+        (
+            Service::Payment,
+            "/accounts/alice",
+            json!({ "balance_minor": 5, "currency": "USD" }),
+        ),
+        (
+            Service::Payment,
+            "/admin/gateway",
+            json!({ "mode": "sideways" }),
+        ),
     ] {
-        let r = s.http.put(format!("{}{path}", s.url(svc))).json(&body).send().await.unwrap();
-        assert!(r.status().is_client_error(), "{path} {body}: {}", r.status());
+        let r = s
+            .http
+            .put(format!("{}{path}", s.url(svc)))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            r.status().is_client_error(),
+            "{path} {body}: {}",
+            r.status()
+        );
         assert_eq!(r.headers()["content-type"], "application/problem+json");
     }
     // Nothing was written.
-    assert_eq!(s.get_json(Service::Order, "/orders").await.as_array().unwrap().len(), 0);
+    assert_eq!(
+        s.get_json(Service::Order, "/orders")
+            .await
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
     assert_eq!(s.product("WIDGET").await["available"], 10);
-    assert_eq!(s.get_json(Service::Payment, "/accounts/alice").await["currency"], "EUR");
+    assert_eq!(
+        s.get_json(Service::Payment, "/accounts/alice").await["currency"],
+        "EUR"
+    );
     assert_eq!(s.balance("alice").await, 10_000);
     assert_invariants(&s).await;
 }
