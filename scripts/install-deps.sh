@@ -61,6 +61,15 @@ ensure_postgres() {
   $SUDO apt-get install -y -qq postgresql >&2
 }
 
+# Best effort: lets the compose test validate compose.yaml with `docker-compose config`.
+ensure_compose_validator() {
+  command -v docker-compose >/dev/null 2>&1 && return 0
+  command -v apt-get >/dev/null 2>&1 || return 0
+  SUDO=""; [[ "$(id -u)" != 0 ]] && SUDO="sudo"
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq docker-compose >&2 2>/dev/null \
+    || echo "docker-compose not installable here; the compose test will say it skipped that check" >&2
+}
+
 nats="$(find_nats || { install_nats && echo "$tools/bin/nats-server"; })"
-if [[ "${1:-}" != "--nats-only" ]]; then ensure_postgres; fi
+if [[ "${1:-}" != "--nats-only" ]]; then ensure_postgres; ensure_compose_validator; fi
 echo "$nats"

@@ -91,7 +91,7 @@ impl Demo {
                     }
                 }
             }
-            events.sort_by(|a, b| a.time.cmp(&b.time));
+            events.sort_by_key(|e| e.time);
             if events.iter().any(|e| e.event_type == expect_last)
                 || start.elapsed() > Duration::from_secs(5)
             {
