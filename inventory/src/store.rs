@@ -112,10 +112,20 @@ pub async fn reservations(pool: &AnyPool, order_id: &str) -> Result<Vec<Reservat
         .collect()
 }
 
+/// The order's state, its row locked (created as `UNSEEN` if new) so that every handler of one
+/// order runs one after the other, even across consumers.
 async fn order_state(
     conn: &mut AnyConnection,
     order_id: &str,
 ) -> Result<Option<OrderState>, sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO order_states (order_id, state, updated_at_us) VALUES ($1, 'UNSEEN', $2) \
+         ON CONFLICT (order_id) DO NOTHING",
+    )
+    .bind(order_id)
+    .bind(now_micros())
+    .execute(&mut *conn)
+    .await?;
     let sql = format!(
         "SELECT state FROM order_states WHERE order_id = $1{}",
         lock_clause(conn)

@@ -164,14 +164,24 @@ async fn status_locked(
     })
 }
 
-async fn known_cancelled(conn: &mut AnyConnection, order_id: &str) -> Result<bool, sqlx::Error> {
-    Ok(
-        sqlx::query("SELECT 1 FROM cancelled_orders WHERE order_id = $1")
-            .bind(order_id)
-            .fetch_optional(conn)
-            .await?
-            .is_some(),
-    )
+/// Lock the order's row (creating it), serializing every handler of this order; returns whether
+/// the order is known cancelled.
+async fn lock_order(conn: &mut AnyConnection, order_id: &str) -> Result<bool, sqlx::Error> {
+    sqlx::query("INSERT INTO order_flags (order_id, cancelled, at_us) VALUES ($1, 0, $2) ON CONFLICT (order_id) DO NOTHING")
+        .bind(order_id)
+        .bind(now_micros())
+        .execute(&mut *conn)
+        .await?;
+    let sql = format!(
+        "SELECT cancelled FROM order_flags WHERE order_id = $1{}",
+        lock_clause(conn)
+    );
+    let cancelled: i64 = sqlx::query(&sql)
+        .bind(order_id)
+        .fetch_one(&mut *conn)
+        .await?
+        .try_get(0)?;
+    Ok(cancelled != 0)
 }
 
 /// On `inventory.reserved`: start a payment unless the order is known cancelled or already has one.
@@ -181,8 +191,8 @@ pub async fn on_stock_reserved(
     reserved: &StockReserved,
     cause: &Envelope,
 ) -> Result<bool, sqlx::Error> {
+    let cancelled = lock_order(conn, &reserved.order_id).await?;
     let existing = status_locked(conn, &reserved.order_id).await?;
-    let cancelled = known_cancelled(conn, &reserved.order_id).await?;
     if on_reserved(existing, cancelled) == OnReserved::Nothing {
         return Ok(false);
     }
@@ -214,9 +224,10 @@ pub async fn on_order_cancelled(
     cause: &Envelope,
 ) -> Result<OnCancelled, sqlx::Error> {
     let now = now_micros();
-    sqlx::query("INSERT INTO cancelled_orders (order_id, at_us) VALUES ($1, $2) ON CONFLICT (order_id) DO NOTHING")
-        .bind(order_id)
+    lock_order(conn, order_id).await?;
+    sqlx::query("UPDATE order_flags SET cancelled = 1, at_us = $1 WHERE order_id = $2")
         .bind(now)
+        .bind(order_id)
         .execute(&mut *conn)
         .await?;
     let decision = on_cancelled(status_locked(conn, order_id).await?);

@@ -1,6 +1,7 @@
 //! End-to-end support: the three real service binaries, a real nats-server and real databases,
 //! started per test, with helpers to drive them over HTTP and NATS and to inject faults.
 
+pub mod faults;
 pub mod invariants;
 
 use std::collections::HashMap;

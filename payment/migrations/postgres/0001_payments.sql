@@ -26,8 +26,11 @@ CREATE TABLE IF NOT EXISTS payments (
 );
 CREATE INDEX IF NOT EXISTS payments_pending ON payments (lease_until_us) WHERE status = 'PENDING';
 
--- Orders known cancelled: a reservation seen afterwards is never charged.
-CREATE TABLE IF NOT EXISTS cancelled_orders (
-    order_id TEXT PRIMARY KEY,
-    at_us    BIGINT NOT NULL
+-- One row per order this service has heard of. Handlers lock it first, so the reservation and
+-- the cancellation of one order are applied one after the other, never side by side; `cancelled`
+-- remembers a cancellation so a reservation seen afterwards is never charged.
+CREATE TABLE IF NOT EXISTS order_flags (
+    order_id  TEXT PRIMARY KEY,
+    cancelled BIGINT NOT NULL,
+    at_us     BIGINT NOT NULL
 );
