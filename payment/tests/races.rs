@@ -1,0 +1,84 @@
+//! Regression: a reservation and a cancellation of the same order, applied by two consumers at
+//! the same moment on Postgres, must not leave a chargeable payment behind. (Found by the
+//! fault-injection suite: both transactions saw "nothing yet" and a cancelled order was charged.)
+
+use std::time::Duration;
+
+use event_toolkit::testing::TestDb;
+use event_toolkit::{Backend, Database, Envelope};
+use payment_service::events::{OrderCancelled, StockReserved};
+use payment_service::store;
+use sqlx::Row;
+
+async fn database(backend: Backend) -> (TestDb, Database) {
+    let testdb = TestDb::new(backend).await;
+    let db = testdb.connect().await;
+    db.migrate(
+        sqlx::migrate!("./migrations/sqlite"),
+        sqlx::migrate!("./migrations/postgres"),
+    )
+    .await
+    .expect("migrate");
+    (testdb, db)
+}
+
+async fn reservation_and_cancellation_side_by_side(backend: Backend) {
+    let (_keep, db) = database(backend).await;
+    let reserved = StockReserved {
+        order_id: "o-1".into(),
+        customer_id: "alice".into(),
+        total_minor: 100,
+        currency: "EUR".into(),
+    };
+    let reserved_event = Envelope::new("/test", &reserved, Some("o-1".into()));
+    let cancelled_event = Envelope::new(
+        "/test",
+        &OrderCancelled {
+            order_id: "o-1".into(),
+        },
+        Some("o-1".into()),
+    );
+
+    // The reservation's transaction is open when the cancellation starts.
+    let mut first = db.begin().await.unwrap();
+    assert!(
+        store::on_stock_reserved(&mut first, &reserved, &reserved_event)
+            .await
+            .unwrap()
+    );
+    let db2 = db.clone();
+    let second = tokio::spawn(async move {
+        let mut tx = db2.begin().await.unwrap();
+        let decision = store::on_order_cancelled(&mut tx, "/test", "o-1", &cancelled_event)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        decision
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !second.is_finished(),
+        "the cancellation waits for the reservation's transaction"
+    );
+    first.commit().await.unwrap();
+    let decision = tokio::time::timeout(Duration::from_secs(10), second)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(decision, payment_service::domain::OnCancelled::Void);
+
+    let status: String = sqlx::query("SELECT status FROM payments WHERE order_id = 'o-1'")
+        .fetch_one(db.pool())
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        status, "FAILED",
+        "the pending charge was voided, never to be captured"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_cancellation_waits_for_a_concurrent_reservation_and_voids_it() {
+    reservation_and_cancellation_side_by_side(Backend::Postgres).await;
+}
