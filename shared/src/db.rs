@@ -74,6 +74,8 @@ impl Default for DbOptions {
 pub struct Database {
     pool: AnyPool,
     backend: Backend,
+    /// Write transactions begun through [`Database::begin`], for throughput figures.
+    transactions: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// The default URL for a service's SQLite file under `data/`.
@@ -129,7 +131,11 @@ impl Database {
             .notify(|e, d| tracing::warn!(error = %e, retry_in = ?d, "database not reachable yet"))
             .await
             .map_err(DbError::Connect)?;
-        let db = Self { pool, backend };
+        let db = Self {
+            pool,
+            backend,
+            transactions: Default::default(),
+        };
         // The toolkit's own tables: outbox, inbox, dead letters.
         db.migrate(
             sqlx::migrate!("./migrations/sqlite"),
@@ -165,10 +171,17 @@ impl Database {
     /// Begin a write transaction. On SQLite it is `BEGIN IMMEDIATE`: the write lock is taken up
     /// front, so a read-then-write transaction never fails to upgrade under concurrency.
     pub async fn begin(&self) -> Result<Transaction<'static, Any>, sqlx::Error> {
+        self.transactions
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         match self.backend {
             Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await,
             Backend::Postgres => self.pool.begin().await,
         }
+    }
+
+    /// Write transactions begun so far by this process.
+    pub fn transactions(&self) -> u64 {
+        self.transactions.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Readiness probe: the database answers.

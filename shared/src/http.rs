@@ -120,12 +120,13 @@ fn json_problem(rejection: JsonRejection) -> Problem {
 }
 
 /// Body limit, problem-shaped 404/405, and the probes every service serves:
-/// `GET /healthz`, `GET /readyz`, `GET /admin/dead-letters`.
+/// `GET /healthz`, `GET /readyz`, `GET /admin/dead-letters`, `GET /admin/stats`.
 pub fn finish_router(app: Router, readiness: Readiness) -> Router {
     let probes = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/admin/dead-letters", get(dead_letters))
+        .route("/admin/stats", get(stats))
         .with_state(readiness);
     app.merge(probes)
         .fallback(|| async { Problem::not_found("no such resource") })
@@ -152,6 +153,15 @@ async fn readyz(State(r): State<Readiness>) -> Response {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (status, Json(report)).into_response()
+}
+
+/// Counters for benchmarks and operators: write transactions begun, outbox rows by state.
+async fn stats(State(r): State<Readiness>) -> Result<impl IntoResponse, Problem> {
+    let outbox = crate::outbox::stats(r.db()).await?;
+    Ok(Json(serde_json::json!({
+        "transactions": r.db().transactions(),
+        "outbox": outbox,
+    })))
 }
 
 #[derive(Debug, Deserialize)]

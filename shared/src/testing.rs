@@ -73,6 +73,7 @@ pub struct NatsServer {
     port: u16,
     dir: TempDir,
     extra_config: String,
+    jetstream_config: String,
     child: Option<Child>,
 }
 
@@ -84,11 +85,18 @@ impl NatsServer {
 
     /// Start a server with extra configuration appended (accounts, users...).
     pub async fn start_with_config(extra_config: &str) -> Self {
+        Self::start_with(extra_config, "").await
+    }
+
+    /// Start with extra top-level configuration and extra lines inside the `jetstream` block
+    /// (e.g. `sync_interval: always`).
+    pub async fn start_with(extra_config: &str, jetstream_config: &str) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut server = Self {
             port: free_port(),
             dir,
             extra_config: extra_config.to_owned(),
+            jetstream_config: jetstream_config.to_owned(),
             child: None,
         };
         server.launch().await;
@@ -98,6 +106,11 @@ impl NatsServer {
     /// `nats://127.0.0.1:<port>`.
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// The server's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
     }
 
     /// The port.
@@ -113,9 +126,10 @@ impl NatsServer {
     async fn launch(&mut self) {
         let conf = self.dir.path().join("nats.conf");
         let config = format!(
-            "listen: 127.0.0.1:{port}\nserver_name: test-{port}\njetstream {{\n  store_dir: {store:?}\n}}\n{extra}\n",
+            "listen: 127.0.0.1:{port}\nserver_name: test-{port}\njetstream {{\n  store_dir: {store:?}\n  {js}\n}}\n{extra}\n",
             port = self.port,
             store = self.store_dir().display().to_string(),
+            js = self.jetstream_config,
             extra = self.extra_config
         );
         std::fs::write(&conf, config).expect("write nats.conf");

@@ -44,14 +44,22 @@ impl Service {
 }
 
 /// Where the service binaries are: `SAGA_BIN_DIR`, else the profile directory this test binary
-/// was built into (`target/debug/deps/<test>` → `target/debug`).
+/// was built into (`target/debug/deps/<test>` or `target/release/<bin>`).
 pub fn bin_dir() -> PathBuf {
     if let Ok(d) = std::env::var("SAGA_BIN_DIR") {
         return PathBuf::from(d);
     }
     std::env::current_exe()
         .ok()
-        .and_then(|exe| exe.parent()?.parent().map(PathBuf::from))
+        .and_then(|exe| {
+            let dir = exe.parent()?;
+            // Test binaries live in `<profile>/deps`, binaries in `<profile>`.
+            Some(if dir.ends_with("deps") {
+                dir.parent()?.to_path_buf()
+            } else {
+                dir.to_path_buf()
+            })
+        })
         .unwrap_or_else(|| repo_root().join("target/debug"))
 }
 
@@ -73,6 +81,10 @@ pub struct SystemConfig {
     pub gateway_latency_ms: u64,
     /// Amounts above this are declined.
     pub decline_over_minor: Option<i64>,
+    /// Extra lines for nats-server's `jetstream` block (e.g. `sync_interval: always`).
+    pub jetstream_config: String,
+    /// Extra environment for all three services (e.g. `SQLITE_SYNCHRONOUS=FULL`).
+    pub env: Vec<(String, String)>,
 }
 
 impl SystemConfig {
@@ -83,6 +95,8 @@ impl SystemConfig {
             deadline_ms: 30_000,
             gateway_latency_ms: 0,
             decline_over_minor: None,
+            jetstream_config: String::new(),
+            env: Vec::new(),
         }
     }
 }
@@ -103,7 +117,7 @@ pub struct System {
 impl System {
     /// Start everything and wait until all three services are ready.
     pub async fn start(config: SystemConfig) -> Self {
-        let nats = NatsServer::start().await;
+        let nats = NatsServer::start_with("", &config.jetstream_config).await;
         let client = async_nats::connect(nats.url()).await.expect("test client");
         let mut dbs = HashMap::new();
         for s in Service::ALL {
@@ -127,7 +141,13 @@ impl System {
             env.insert("DATABASE_URL".to_owned(), system.dbs[&s].url.clone());
             let port = free_port();
             env.insert("HTTP_ADDR".to_owned(), format!("127.0.0.1:{port}"));
-            env.insert("RUST_LOG".to_owned(), "info,sqlx=warn".to_owned());
+            env.insert(
+                "RUST_LOG".to_owned(),
+                std::env::var("SERVICE_LOG").unwrap_or_else(|_| "info,sqlx=warn".to_owned()),
+            );
+            for (k, v) in &config.env {
+                env.insert(k.clone(), v.clone());
+            }
             match s {
                 Service::Order => {
                     env.insert("ORDER_DEADLINE_MS".into(), config.deadline_ms.to_string());
@@ -199,6 +219,11 @@ impl System {
             }
         })
         .await;
+    }
+
+    /// Process id of a running service.
+    pub fn pid(&self, s: Service) -> Option<u32> {
+        self.services[&s].child.as_ref().map(|c| c.id())
     }
 
     /// `http://127.0.0.1:<port>` of a service.

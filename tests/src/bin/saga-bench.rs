@@ -1,0 +1,534 @@
+//! Saga benchmark against this machine's own ceilings, measured in the same run.
+//!
+//! ```sh
+//! cargo build --release --bins
+//! target/release/saga-bench --profile sqlite|postgres|durable [--seconds 15] [--concurrency 64]
+//! ```
+//!
+//! Starts nats-server, a database and the three release binaries; measures the raw JetStream
+//! acked-publish rate and the raw commit rate; drives sagas closed-loop (concurrency C) and then
+//! open-loop at half the closed-loop rate; reports throughput, ratios to the ceilings, latency
+//! percentiles, relay latency and CPU per saga; checks the invariants; writes
+//! `bench-results/<profile>.json` and `bench-results/<profile>-latency.svg`.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use event_toolkit::testing::TestDb;
+use event_toolkit::{Backend, DbOptions};
+use futures::StreamExt;
+use indicatif::{ProgressBar, ProgressStyle};
+use saga_e2e::invariants::{check, wait_quiet};
+use saga_e2e::{Service, System, SystemConfig};
+use serde_json::{json, Value};
+use sqlx::Row;
+use tokio::sync::oneshot;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Profile {
+    Sqlite,
+    Postgres,
+    Durable,
+}
+
+impl Profile {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Sqlite => "sqlite",
+            Self::Postgres => "postgres",
+            Self::Durable => "durable",
+        }
+    }
+    fn backend(self) -> Backend {
+        match self {
+            Self::Postgres => Backend::Postgres,
+            _ => Backend::Sqlite,
+        }
+    }
+}
+
+struct Args {
+    profile: Profile,
+    seconds: u64,
+    concurrency: usize,
+    out: PathBuf,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut args = Args {
+        profile: Profile::Sqlite,
+        seconds: 15,
+        concurrency: 64,
+        out: PathBuf::from("bench-results"),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        let mut value = || it.next().ok_or_else(|| format!("{a} needs a value"));
+        match a.as_str() {
+            "--profile" => {
+                args.profile = match value()?.as_str() {
+                    "sqlite" => Profile::Sqlite,
+                    "postgres" => Profile::Postgres,
+                    "durable" => Profile::Durable,
+                    other => return Err(format!("unknown profile {other:?}")),
+                }
+            }
+            "--seconds" => {
+                args.seconds = value()?.parse().map_err(|e| format!("--seconds: {e}"))?
+            }
+            "--concurrency" => {
+                args.concurrency = value()?
+                    .parse()
+                    .map_err(|e| format!("--concurrency: {e}"))?
+            }
+            "--out" => args.out = PathBuf::from(value()?),
+            other => return Err(format!("unknown argument {other:?}")),
+        }
+    }
+    Ok(args)
+}
+
+/// Order id → when its terminal event was seen, and who waits for it.
+#[derive(Default)]
+struct Completions {
+    done: HashMap<String, Instant>,
+    waiting: HashMap<String, oneshot::Sender<Instant>>,
+}
+
+type Shared = Arc<Mutex<Completions>>;
+
+async fn watch_terminal_events(client: async_nats::Client, shared: Shared) {
+    let mut subs = Vec::new();
+    for s in ["orders.confirmed.v1", "orders.cancelled.v1"] {
+        if let Ok(sub) = client.subscribe(s).await {
+            subs.push(sub);
+        }
+    }
+    let mut all = futures::stream::select_all(subs);
+    while let Some(msg) = all.next().await {
+        let now = Instant::now();
+        let Ok(e) = serde_json::from_slice::<event_toolkit::Envelope>(&msg.payload) else {
+            continue;
+        };
+        let Some(id) = e.data["order_id"].as_str() else {
+            continue;
+        };
+        let mut c = shared.lock().expect("lock");
+        match c.waiting.remove(id) {
+            Some(tx) => {
+                let _ = tx.send(now);
+            }
+            None => {
+                c.done.insert(id.to_owned(), now);
+            }
+        }
+    }
+}
+
+async fn completion(shared: &Shared, id: &str) -> Option<Instant> {
+    let rx = {
+        let mut c = shared.lock().expect("lock");
+        if let Some(t) = c.done.remove(id) {
+            return Some(t);
+        }
+        let (tx, rx) = oneshot::channel();
+        c.waiting.insert(id.to_owned(), tx);
+        rx
+    };
+    tokio::time::timeout(Duration::from_secs(60), rx)
+        .await
+        .ok()?
+        .ok()
+}
+
+/// Place one order and wait for its end; latency from 202 Accepted to the terminal event.
+async fn one_saga(http: &reqwest::Client, url: &str, shared: &Shared) -> Option<Duration> {
+    let body = json!({ "customer_id": "alice", "currency": "EUR",
+        "items": [{ "sku": "WIDGET", "quantity": 1, "unit_price_minor": 100 }] });
+    let r = http.post(url).json(&body).send().await.ok()?;
+    let accepted = Instant::now();
+    if r.status() != 202 {
+        return None;
+    }
+    let v: Value = r.json().await.ok()?;
+    let end = completion(shared, v["id"].as_str()?).await?;
+    Some(end.saturating_duration_since(accepted))
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize].as_secs_f64() * 1000.0
+}
+
+fn latency_json(mut l: Vec<Duration>) -> (Value, Vec<Duration>) {
+    l.sort_unstable();
+    (
+        json!({
+            "count": l.len(),
+            "p50_ms": percentile(&l, 0.50), "p95_ms": percentile(&l, 0.95),
+            "p99_ms": percentile(&l, 0.99), "max_ms": percentile(&l, 1.0),
+        }),
+        l,
+    )
+}
+
+/// CPU seconds (user + system) used so far by a process.
+fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+    let rest = stat.rsplit(')').next().unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    ticks / 100.0
+}
+
+fn system_cpu(s: &System) -> f64 {
+    let mut pids: Vec<u32> = Service::ALL.iter().filter_map(|x| s.pid(*x)).collect();
+    pids.extend(s.nats.pid());
+    pids.into_iter().map(cpu_seconds).sum()
+}
+
+async fn service_totals(s: &System) -> (u64, i64) {
+    let mut tx = 0;
+    let mut published = 0;
+    for svc in Service::ALL {
+        if let Some(v) = s.try_get_json(svc, "/admin/stats").await {
+            tx += v["transactions"].as_u64().unwrap_or(0);
+            published += v["outbox"]["published"].as_i64().unwrap_or(0);
+        }
+    }
+    (tx, published)
+}
+
+/// Raw JetStream pipelined acked publishes on the same server.
+async fn jetstream_ceiling(client: &async_nats::Client) -> f64 {
+    let js = async_nats::jetstream::new(client.clone());
+    let _ = event_toolkit::nats::ensure_stream(
+        &js,
+        &event_toolkit::StreamSpec::new("BENCHRAW", &["benchraw.>"]),
+    )
+    .await;
+    let payload = bytes::Bytes::from(vec![b'x'; 600]);
+    let n = 50_000;
+    let start = Instant::now();
+    let mut acks = Vec::with_capacity(1000);
+    for i in 0..n {
+        if let Ok(a) = js.publish("benchraw.x", payload.clone()).await {
+            acks.push(a);
+        }
+        if acks.len() == 1000 || i == n - 1 {
+            for a in acks.drain(..) {
+                let _ = a.await;
+            }
+        }
+    }
+    let rate = n as f64 / start.elapsed().as_secs_f64();
+    let _ = js.delete_stream("BENCHRAW").await;
+    rate
+}
+
+/// Raw one-row write transactions on the same backend and settings.
+async fn database_ceiling(profile: Profile) -> f64 {
+    let testdb = TestDb::new(profile.backend()).await;
+    let mut options = DbOptions::default();
+    if profile == Profile::Durable {
+        options.sqlite_synchronous = "FULL".into();
+    }
+    let db = event_toolkit::Database::connect(&testdb.url, options)
+        .await
+        .expect("ceiling db");
+    sqlx::query("CREATE TABLE ceiling (id BIGINT PRIMARY KEY, v TEXT NOT NULL)")
+        .execute(db.pool())
+        .await
+        .expect("table");
+    let writers = if profile.backend() == Backend::Postgres {
+        8
+    } else {
+        1
+    };
+    let until = Instant::now() + Duration::from_secs(3);
+    let mut tasks = Vec::new();
+    for w in 0..writers {
+        let db = db.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0i64;
+            while Instant::now() < until {
+                let mut tx = db.begin().await.expect("begin");
+                sqlx::query("INSERT INTO ceiling (id, v) VALUES ($1, $2)")
+                    .bind(w * 1_000_000_000 + n)
+                    .bind("x")
+                    .execute(&mut *tx)
+                    .await
+                    .expect("insert");
+                tx.commit().await.expect("commit");
+                n += 1;
+            }
+            n
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.unwrap_or(0);
+    }
+    db.close().await;
+    total as f64 / 3.0
+}
+
+async fn relay_latency(s: &System, since_us: i64) -> Value {
+    let mut l: Vec<i64> = Vec::new();
+    for svc in Service::ALL {
+        sqlx::any::install_default_drivers();
+        if let Ok(pool) = sqlx::AnyPool::connect(s.database_url(svc)).await {
+            let rows = sqlx::query("SELECT published_at_us - created_at_us FROM outbox WHERE published_at_us IS NOT NULL AND created_at_us >= $1")
+                .bind(since_us)
+                .fetch_all(&pool)
+                .await
+                .unwrap_or_default();
+            l.extend(rows.iter().map(|r| r.get::<i64, _>(0)));
+            pool.close().await;
+        }
+    }
+    l.sort_unstable();
+    let p = |q: f64| {
+        if l.is_empty() {
+            0.0
+        } else {
+            l[((l.len() - 1) as f64 * q).round() as usize] as f64 / 1000.0
+        }
+    };
+    json!({ "count": l.len(), "p50_ms": p(0.5), "p99_ms": p(0.99) })
+}
+
+fn svg(profile: &str, series: &[(&str, &[Duration])]) -> String {
+    let (w, h, left, bottom) = (720.0, 420.0, 60.0, 40.0);
+    let max_ms = series
+        .iter()
+        .flat_map(|(_, l)| l.last())
+        .map(|d| d.as_secs_f64() * 1000.0)
+        .fold(1.0, f64::max);
+    let mut out = format!(
+        "<svg xmlns='http://www.w3.org/2000/svg' width='{w}' height='{h}' font-family='sans-serif' font-size='12'>\
+         <rect width='100%' height='100%' fill='white'/>\
+         <text x='{left}' y='20' font-size='14'>saga latency, accepted → terminal ({profile})</text>\
+         <line x1='{left}' y1='{y0}' x2='{x1}' y2='{y0}' stroke='black'/><line x1='{left}' y1='30' x2='{left}' y2='{y0}' stroke='black'/>\
+         <text x='{xm}' y='{yl}'>percentile</text><text x='5' y='40'>{max_ms:.1} ms</text><text x='5' y='{y0}'>0</text>",
+        y0 = h - bottom,
+        x1 = w - 20.0,
+        xm = w / 2.0,
+        yl = h - 8.0,
+    );
+    for (i, (name, l)) in series.iter().enumerate() {
+        let color = ["#1f77b4", "#d62728", "#2ca02c"][i % 3];
+        let pts: Vec<String> = (0..=100)
+            .map(|p| {
+                let v = if l.is_empty() {
+                    0.0
+                } else {
+                    l[((l.len() - 1) * p) / 100].as_secs_f64() * 1000.0
+                };
+                let x = left + (w - 20.0 - left) * p as f64 / 100.0;
+                let y = (h - bottom) - (h - bottom - 30.0) * v / max_ms;
+                format!("{x:.1},{y:.1}")
+            })
+            .collect();
+        out += &format!(
+            "<polyline fill='none' stroke='{color}' stroke-width='2' points='{}'/><text x='{}' y='{}' fill='{color}'>{name}</text>",
+            pts.join(" "),
+            left + 10.0,
+            50.0 + 16.0 * i as f64
+        );
+    }
+    out + "</svg>"
+}
+
+async fn run(args: Args) -> Result<Value, String> {
+    let mut config = SystemConfig::new(args.profile.backend());
+    config.env.push(("RUST_LOG".into(), "warn".into()));
+    if args.profile == Profile::Durable {
+        config.jetstream_config = "sync_interval: always".into();
+        config
+            .env
+            .push(("SQLITE_SYNCHRONOUS".into(), "FULL".into()));
+    }
+    eprintln!(
+        "starting nats-server and the three services ({})",
+        args.profile.name()
+    );
+    let s = System::start(config).await;
+    s.set_stock("WIDGET", 1_000_000_000_000).await;
+    s.set_balance("alice", 1_000_000_000_000_000).await;
+
+    eprintln!("measuring ceilings");
+    let js_ceiling = jetstream_ceiling(&s.client).await;
+    let db_ceiling = database_ceiling(args.profile).await;
+    eprintln!("  JetStream acked publish: {js_ceiling:.0} msg/s; database: {db_ceiling:.0} tx/s");
+
+    let shared: Shared = Arc::default();
+    tokio::spawn(watch_terminal_events(s.client.clone(), shared.clone()));
+    s.client.flush().await.map_err(|e| e.to_string())?;
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(256)
+        .build()
+        .map_err(|e| e.to_string())?;
+    let url = format!("{}/orders", s.url(Service::Order));
+    // Warm-up: connections, caches, consumers.
+    for _ in 0..50 {
+        one_saga(&http, &url, &shared).await;
+    }
+
+    // Closed loop.
+    let secs = args.seconds;
+    let bar = ProgressBar::new(secs);
+    bar.set_style(
+        ProgressStyle::with_template("{msg:12} [{bar:40}] {pos}/{len} s")
+            .map_err(|e| e.to_string())?,
+    );
+    bar.set_message("closed loop");
+    let since_us = chrono::Utc::now().timestamp_micros();
+    let (tx0, pub0) = service_totals(&s).await;
+    let cpu0 = system_cpu(&s);
+    let start = Instant::now();
+    let until = start + Duration::from_secs(secs);
+    let latencies: Arc<Mutex<Vec<Duration>>> = Arc::default();
+    let mut workers = Vec::new();
+    for _ in 0..args.concurrency {
+        let (http, url, shared, latencies) =
+            (http.clone(), url.clone(), shared.clone(), latencies.clone());
+        workers.push(tokio::spawn(async move {
+            while Instant::now() < until {
+                if let Some(l) = one_saga(&http, &url, &shared).await {
+                    latencies.lock().expect("lock").push(l);
+                }
+            }
+        }));
+    }
+    while Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        bar.set_position(start.elapsed().as_secs().min(secs));
+    }
+    for w in workers {
+        let _ = w.await;
+    }
+    bar.finish();
+    let elapsed = start.elapsed().as_secs_f64();
+    let (tx1, pub1) = service_totals(&s).await;
+    let cpu1 = system_cpu(&s);
+    let closed: Vec<Duration> = std::mem::take(&mut *latencies.lock().expect("lock"));
+    let completed = closed.len();
+    let sagas_per_s = completed as f64 / elapsed;
+    let events_per_s = (pub1 - pub0) as f64 / elapsed;
+    let tx_per_s = (tx1 - tx0) as f64 / elapsed;
+    let (closed_json, closed_sorted) = latency_json(closed);
+
+    // Open loop at half the closed-loop rate.
+    let rate = (sagas_per_s / 2.0).max(1.0);
+    let bar = ProgressBar::new(secs);
+    bar.set_style(
+        ProgressStyle::with_template("{msg:12} [{bar:40}] {pos}/{len} s")
+            .map_err(|e| e.to_string())?,
+    );
+    bar.set_message("open loop");
+    let interval = Duration::from_secs_f64(1.0 / rate);
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    let mut i = 0u64;
+    while start.elapsed() < Duration::from_secs(secs) {
+        tokio::time::sleep_until((start + interval.mul_f64(i as f64)).into()).await;
+        i += 1;
+        let (http, url, shared) = (http.clone(), url.clone(), shared.clone());
+        tasks.push(tokio::spawn(
+            async move { one_saga(&http, &url, &shared).await },
+        ));
+        bar.set_position(start.elapsed().as_secs().min(secs));
+    }
+    let mut open = Vec::new();
+    for t in tasks {
+        if let Ok(Some(l)) = t.await {
+            open.push(l);
+        }
+    }
+    bar.finish();
+    let (open_json, open_sorted) = latency_json(open);
+
+    eprintln!("checking invariants");
+    wait_quiet(&s, Duration::from_secs(120)).await;
+    let report = check(&s).await;
+    let relay = relay_latency(&s, since_us).await;
+
+    let result = json!({
+        "profile": args.profile.name(),
+        "machine": { "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0) },
+        "ceilings": { "jetstream_acked_publish_per_s": js_ceiling.round(), "db_write_tx_per_s": db_ceiling.round() },
+        "closed_loop": {
+            "concurrency": args.concurrency, "seconds": elapsed, "completed_sagas": completed,
+            "sagas_per_s": sagas_per_s.round(), "events_per_s": events_per_s.round(),
+            "events_vs_jetstream_ceiling": events_per_s / js_ceiling,
+            "db_tx_per_s": tx_per_s.round(), "db_tx_vs_ceiling": tx_per_s / db_ceiling,
+            "cpu_seconds_per_saga": (cpu1 - cpu0) / completed.max(1) as f64,
+            "latency": closed_json,
+        },
+        "open_loop": { "rate_per_s": rate.round(), "seconds": secs, "latency": open_json },
+        "relay_latency": relay,
+        "invariant_violations": report.violations,
+    });
+    std::fs::create_dir_all(&args.out).map_err(|e| e.to_string())?;
+    let base = args.out.join(args.profile.name());
+    std::fs::write(
+        base.with_extension("json"),
+        serde_json::to_vec_pretty(&result).map_err(|e| e.to_string())?,
+    )
+    .map_err(|e| e.to_string())?;
+    let plot = svg(
+        args.profile.name(),
+        &[
+            ("closed loop", &closed_sorted),
+            ("open loop, half rate", &open_sorted),
+        ],
+    );
+    std::fs::write(
+        args.out
+            .join(format!("{}-latency.svg", args.profile.name())),
+        plot,
+    )
+    .map_err(|e| e.to_string())?;
+    Ok(result)
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("saga-bench: {e}\nusage: saga-bench --profile sqlite|postgres|durable [--seconds N] [--concurrency C] [--out DIR]");
+            return ExitCode::from(2);
+        }
+    };
+    match run(args).await {
+        Ok(result) => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&result).unwrap_or_default()
+            );
+            if result["invariant_violations"]
+                .as_array()
+                .is_some_and(|v| !v.is_empty())
+            {
+                eprintln!("FAILED: invariants broken");
+                return ExitCode::FAILURE;
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("saga-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
