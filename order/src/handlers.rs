@@ -83,6 +83,7 @@ impl Handler for Commands {
                     idempotency_key: None,
                     fingerprint: &fingerprint,
                     deadline: self.deadline,
+                    id_may_exist: true,
                 };
                 match store::place(conn, &self.source, &order, placement, Some(event)).await? {
                     Placed::Created(o) => {

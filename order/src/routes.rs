@@ -83,6 +83,7 @@ async fn place_order(
         idempotency_key: key.as_deref(),
         fingerprint: &fingerprint,
         deadline: state.deadline,
+        id_may_exist: false,
     };
     let placed = store::place(&mut tx, &state.source, &order, placement, None).await?;
     match placed {

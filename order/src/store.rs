@@ -131,6 +131,8 @@ pub struct Placement<'a> {
     pub fingerprint: &'a str,
     /// How long the saga may take.
     pub deadline: std::time::Duration,
+    /// Whether `order_id` was chosen by the client (and may name an existing order).
+    pub id_may_exist: bool,
 }
 
 /// Insert the order and enqueue `orders.placed.v1`, in the caller's transaction.
@@ -159,8 +161,11 @@ pub async fn place(
             });
         }
     }
-    if let Some(existing) = load_locked(conn, placement.order_id).await? {
-        return Ok(Placed::Existing(existing));
+    // A client-chosen id (commands) may exist already; a fresh UUID v7 from HTTP cannot.
+    if placement.id_may_exist {
+        if let Some(existing) = load_locked(conn, placement.order_id).await? {
+            return Ok(Placed::Existing(existing));
+        }
     }
     let now = now_micros();
     let deadline_at = Utc::now()
@@ -193,10 +198,19 @@ pub async fn place(
     let event =
         Envelope::new(source, &payload, Some(placement.order_id.to_owned())).caused_by(cause);
     enqueue(conn, OrderPlaced::SUBJECT, &event).await?;
-    let created = load_locked(conn, placement.order_id)
-        .await?
-        .ok_or(sqlx::Error::RowNotFound)?;
-    Ok(Placed::Created(created))
+    let now = micros_to_datetime(now);
+    Ok(Placed::Created(Order {
+        id: placement.order_id.to_owned(),
+        customer_id: order.customer_id.clone(),
+        status: OrderStatus::Pending,
+        reason: None,
+        total_minor: order.total_minor,
+        currency: order.currency.as_str().to_owned(),
+        items: order.lines.clone(),
+        deadline_at: micros_to_datetime(deadline_at.timestamp_micros()),
+        created_at: now,
+        updated_at: now,
+    }))
 }
 
 /// What applying a happening did.

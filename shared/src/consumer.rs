@@ -2,7 +2,8 @@
 //! events it causes, and acknowledged only after that transaction commits.
 //!
 //! Messages are taken in batches (whatever is ready, up to `batch_size`) and applied in one
-//! transaction, each inside its own savepoint, so one failing message never takes its batch down.
+//! transaction. When a handler fails, the batch is applied again with each message inside its own
+//! savepoint, so one failing message never takes its batch down.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -329,7 +330,24 @@ impl<H: Handler> ConsumerRunner<H> {
         }
     }
 
+    /// Apply a batch in one transaction. Optimistically without per-message savepoints; if any
+    /// handler fails, that attempt is rolled back and the batch is applied again with each message
+    /// in its own savepoint, so the failing one is isolated and the others still commit.
     async fn apply(&self, batch: &[Message]) -> Result<Vec<Verdict>, sqlx::Error> {
+        if batch.len() > 1 {
+            if let Some(verdicts) = self.apply_in(batch, false).await? {
+                return Ok(verdicts);
+            }
+        }
+        Ok(self.apply_in(batch, true).await?.unwrap_or_default())
+    }
+
+    /// `Ok(None)`: not isolated and a handler failed; nothing was committed.
+    async fn apply_in(
+        &self,
+        batch: &[Message],
+        isolated: bool,
+    ) -> Result<Option<Vec<Verdict>>, sqlx::Error> {
         let mut tx = self.db.begin().await?;
         let mut verdicts = Vec::with_capacity(batch.len());
         for msg in batch {
@@ -360,6 +378,23 @@ impl<H: Handler> ConsumerRunner<H> {
                 correlation_id = event.correlationid.as_deref().unwrap_or(""),
                 delivered = meta.delivered,
             );
+            if !isolated {
+                if !record_once(&mut tx, &self.spec.durable, &event).await? {
+                    verdicts.push(Verdict::Ack);
+                    continue;
+                }
+                let outcome = self
+                    .handler
+                    .handle(&mut tx, &event)
+                    .instrument(span.clone())
+                    .await;
+                if outcome.is_err() {
+                    tx.rollback().await?;
+                    return Ok(None);
+                }
+                verdicts.push(Verdict::Ack);
+                continue;
+            }
             let mut sp = sqlx::Connection::begin(&mut *tx).await?;
             if !record_once(&mut sp, &self.spec.durable, &event).await? {
                 sp.commit().await?;
@@ -401,7 +436,7 @@ impl<H: Handler> ConsumerRunner<H> {
             }
         }
         tx.commit().await?;
-        Ok(verdicts)
+        Ok(Some(verdicts))
     }
 
     async fn dead_letter(

@@ -72,7 +72,12 @@ impl Default for DbOptions {
 /// A connection pool plus the backend it talks to.
 #[derive(Debug, Clone)]
 pub struct Database {
+    /// Reads (and, on Postgres, writes too).
     pool: AnyPool,
+    /// Write transactions. On SQLite a pool of one connection: writers queue here, in order and
+    /// without sleeping, instead of polling SQLite's single write lock through its busy handler
+    /// (whose growing sleeps dominate latency under load). On Postgres the same pool as reads.
+    writer: AnyPool,
     backend: Backend,
     /// Write transactions begun through [`Database::begin`], for throughput figures.
     transactions: std::sync::Arc<std::sync::atomic::AtomicU64>,
@@ -120,19 +125,28 @@ impl Database {
                     Ok(())
                 })
             });
-        let pool = (|| pool_options.clone().connect_with(connect_options.clone()))
-            .retry(
-                ExponentialBuilder::default()
-                    .with_jitter()
-                    .with_max_delay(Duration::from_secs(2))
-                    .with_total_delay(Some(options.connect_for))
-                    .without_max_times(),
-            )
+        let open = |max: u32| {
+            let options = pool_options.clone().max_connections(max);
+            let connect_options = connect_options.clone();
+            move || options.clone().connect_with(connect_options.clone())
+        };
+        let retry = ExponentialBuilder::default()
+            .with_jitter()
+            .with_max_delay(Duration::from_secs(2))
+            .with_total_delay(Some(options.connect_for))
+            .without_max_times();
+        let pool = open(options.max_connections)
+            .retry(retry)
             .notify(|e, d| tracing::warn!(error = %e, retry_in = ?d, "database not reachable yet"))
             .await
             .map_err(DbError::Connect)?;
+        let writer = match backend {
+            Backend::Sqlite => open(1).retry(retry).await.map_err(DbError::Connect)?,
+            Backend::Postgres => pool.clone(),
+        };
         let db = Self {
             pool,
+            writer,
             backend,
             transactions: Default::default(),
         };
@@ -154,11 +168,11 @@ impl Database {
         };
         // Other migrators (toolkit vs service) have applied versions this one does not know about.
         migrator.set_ignore_missing(true);
-        migrator.run(&self.pool).await?;
+        migrator.run(&self.writer).await?;
         Ok(())
     }
 
-    /// The pool, for reads and for callers that manage their own statements.
+    /// The pool for reads. Writes go through [`Database::begin`].
     pub fn pool(&self) -> &AnyPool {
         &self.pool
     }
@@ -174,8 +188,8 @@ impl Database {
         self.transactions
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         match self.backend {
-            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await,
-            Backend::Postgres => self.pool.begin().await,
+            Backend::Sqlite => self.writer.begin_with("BEGIN IMMEDIATE").await,
+            Backend::Postgres => self.writer.begin().await,
         }
     }
 
@@ -189,9 +203,10 @@ impl Database {
         sqlx::query("SELECT 1").execute(&self.pool).await.is_ok()
     }
 
-    /// Close the pool, waiting for connections to be returned.
+    /// Close the pools, waiting for connections to be returned.
     pub async fn close(&self) {
         self.pool.close().await;
+        self.writer.close().await;
     }
 }
 

@@ -144,7 +144,42 @@ on_both_backends!(
     transient_failures_are_retried_with_delay_and_apply_once,
     bare_json_published_by_hand_is_processed_once,
     a_row_that_can_never_be_published_is_parked_and_blocks_nothing,
+    one_failing_message_does_not_take_its_batch_down,
 );
+
+async fn one_failing_message_does_not_take_its_batch_down(b: Backend) {
+    let f = fixture(b).await;
+    // Everything is in the stream before the consumer starts, so it arrives as one batch.
+    for i in 0..10 {
+        let e = deposit("erin", i);
+        publish_envelope(&f, &e, &e.id).await;
+    }
+    f.js.publish(
+        "bank.deposited.v1",
+        br#"{"account": false}"#.to_vec().into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    for i in 10..20 {
+        let e = deposit("erin", i);
+        publish_envelope(&f, &e, &e.id).await;
+    }
+    let _stop = start_consumer(&f, Bank::default(), spec()).await;
+    eventually(WAIT, "the 20 good deposits applied", || async {
+        (balance(&f.db, "erin").await == Some((0..20).sum())).then_some(())
+    })
+    .await;
+    let letters = eventually(WAIT, "the bad one dead-lettered", || async {
+        let l = dead_letters(&f.db, 10).await.unwrap();
+        (!l.is_empty()).then_some(l)
+    })
+    .await;
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].stream_sequence, 11);
+    assert_eq!(applied_count(&f.db).await, 20);
+}
 
 async fn a_row_that_can_never_be_published_is_parked_and_blocks_nothing(b: Backend) {
     let f = fixture(b).await;

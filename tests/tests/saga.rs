@@ -40,7 +40,7 @@ on_backends! {
         short_stock_and_unknown_sku_cancel_without_charging,
         insufficient_funds_decline_and_outage_cancel_and_release,
         customer_cancels_while_pending_reserved_and_after_the_charge,
-        deadline_passes_while_payment_is_down,
+        deadline_passes_while_payment_is_down_and_survives_an_order_restart,
         a_cancellation_published_before_its_placement_reserves_and_charges_nothing,
         every_event_republished_with_a_new_msg_id_takes_effect_once,
         each_service_killed_mid_saga_recovers_and_completes,
@@ -261,7 +261,7 @@ async fn customer_cancels_while_pending_reserved_and_after_the_charge(b: Backend
     check(&s).await.assert_clean();
 }
 
-async fn deadline_passes_while_payment_is_down(b: Backend) {
+async fn deadline_passes_while_payment_is_down_and_survives_an_order_restart(b: Backend) {
     let mut config = SystemConfig::new(b);
     config.deadline_ms = 1500;
     let mut s = System::start(config).await;
@@ -269,6 +269,8 @@ async fn deadline_passes_while_payment_is_down(b: Backend) {
     s.set_balance("alice", 10_000).await;
     s.kill(Service::Payment);
     let id = s.place_order("alice", &[("WIDGET", 4, 100)]).await;
+    // The deadline is a column, not a timer: it survives the order service's restart.
+    s.restart(Service::Order).await;
     let o = s.wait_terminal(&id).await;
     assert_eq!(
         (o["status"].as_str(), o["reason"].as_str()),

@@ -190,10 +190,15 @@ fn cpu_seconds(pid: u32) -> f64 {
     ticks / 100.0
 }
 
-fn system_cpu(s: &System) -> f64 {
-    let mut pids: Vec<u32> = Service::ALL.iter().filter_map(|x| s.pid(*x)).collect();
-    pids.extend(s.nats.pid());
-    pids.into_iter().map(cpu_seconds).sum()
+/// CPU seconds so far per process: the three services, nats-server and this driver.
+fn system_cpu(s: &System) -> Vec<(&'static str, f64)> {
+    let mut out: Vec<(&'static str, f64)> = Service::ALL
+        .iter()
+        .map(|x| (x.binary(), s.pid(*x).map(cpu_seconds).unwrap_or(0.0)))
+        .collect();
+    out.push(("nats-server", s.nats.pid().map(cpu_seconds).unwrap_or(0.0)));
+    out.push(("saga-bench (load driver)", cpu_seconds(std::process::id())));
+    out
 }
 
 async fn service_totals(s: &System) -> (u64, i64) {
@@ -472,7 +477,8 @@ async fn run(args: Args) -> Result<Value, String> {
             "sagas_per_s": sagas_per_s.round(), "events_per_s": events_per_s.round(),
             "events_vs_jetstream_ceiling": events_per_s / js_ceiling,
             "db_tx_per_s": tx_per_s.round(), "db_tx_vs_ceiling": tx_per_s / db_ceiling,
-            "cpu_seconds_per_saga": (cpu1 - cpu0) / completed.max(1) as f64,
+            "cpu_seconds_per_saga": cpu1.iter().zip(&cpu0).take(4).map(|(a, b)| a.1 - b.1).sum::<f64>() / completed.max(1) as f64,
+            "cpu_seconds_by_process": cpu1.iter().zip(&cpu0).map(|(a, b)| (a.0.to_owned(), json!(((a.1 - b.1) * 100.0).round() / 100.0))).collect::<serde_json::Map<_, _>>(),
             "latency": closed_json,
         },
         "open_loop": { "rate_per_s": rate.round(), "seconds": secs, "latency": open_json },
