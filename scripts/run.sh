@@ -8,6 +8,7 @@ set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 demo="$root/.demo"
+bin="${CARGO_TARGET_DIR:-$root/target}/debug"
 
 NATS_PORT="${NATS_PORT:-4222}"; NATS_HTTP_PORT="${NATS_HTTP_PORT:-8222}"
 ORDER_PORT=8081; INVENTORY_PORT=8082; PAYMENT_PORT=8083
@@ -63,7 +64,7 @@ start_service() { # name port user password-var
   NATS_URL="nats://127.0.0.1:$NATS_PORT" NATS_USER="$user" NATS_PASSWORD="${!pw}" \
   DATABASE_URL="sqlite://$demo/data/$user.db" HTTP_ADDR="127.0.0.1:$port" \
   RUST_LOG="${RUST_LOG:-info,sqlx=warn}" \
-    "target/debug/$name" >"$demo/$user.log" 2>&1 &
+    "$bin/$name" >"$demo/$user.log" 2>&1 &
   pids+=($!)
 }
 echo "==> starting order-service :$ORDER_PORT, inventory-service :$INVENTORY_PORT, payment-service :$PAYMENT_PORT (SQLite in .demo/data)"
@@ -73,7 +74,7 @@ start_service payment-service "$PAYMENT_PORT" payment NATS_PAYMENT_PASSWORD
 for port in "$ORDER_PORT" "$INVENTORY_PORT" "$PAYMENT_PORT"; do wait_http "http://127.0.0.1:$port/readyz" "service on :$port"; done
 
 echo "==> running sample sagas"
-NATS_URL="nats://127.0.0.1:$NATS_PORT" NATS_USER=cli NATS_PASSWORD="$NATS_CLI_PASSWORD" target/debug/saga-demo
+NATS_URL="nats://127.0.0.1:$NATS_PORT" NATS_USER=cli NATS_PASSWORD="$NATS_CLI_PASSWORD" "$bin/saga-demo"
 
 cat <<TXT
 
