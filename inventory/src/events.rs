@@ -1,7 +1,7 @@
 //! The inventory service's event catalogue: what it announces (owned here) and its reading of what
 //! it consumes (only the fields it needs). Documented in `docs/asyncapi.yaml`.
 
-use event_toolkit::{EventPayload, StreamSpec};
+use event_toolkit::{event_payload, StreamSpec};
 use serde::{Deserialize, Serialize};
 
 /// The stream of inventory events.
@@ -37,12 +37,7 @@ pub struct StockReserved {
     /// What was reserved.
     pub items: Vec<StockLine>,
 }
-impl EventPayload for StockReserved {
-    const TYPE: &'static str = "inventory.reserved.v1";
-    fn entity_id(&self) -> String {
-        self.order_id.clone()
-    }
-}
+event_payload!(StockReserved, "inventory.reserved.v1", order_id);
 
 /// `inventory.rejected.v1`: nothing reserved.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -54,12 +49,7 @@ pub struct StockRejected {
     /// The SKU at fault.
     pub sku: String,
 }
-impl EventPayload for StockRejected {
-    const TYPE: &'static str = "inventory.rejected.v1";
-    fn entity_id(&self) -> String {
-        self.order_id.clone()
-    }
-}
+event_payload!(StockRejected, "inventory.rejected.v1", order_id);
 
 /// `inventory.released.v1`: a reservation given back (compensation).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -69,12 +59,7 @@ pub struct StockReleased {
     /// What was given back.
     pub items: Vec<StockLine>,
 }
-impl EventPayload for StockReleased {
-    const TYPE: &'static str = "inventory.released.v1";
-    fn entity_id(&self) -> String {
-        self.order_id.clone()
-    }
-}
+event_payload!(StockReleased, "inventory.released.v1", order_id);
 
 /// `inventory.committed.v1`: a reservation sold.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -84,12 +69,7 @@ pub struct StockCommitted {
     /// What was sold.
     pub items: Vec<StockLine>,
 }
-impl EventPayload for StockCommitted {
-    const TYPE: &'static str = "inventory.committed.v1";
-    fn entity_id(&self) -> String {
-        self.order_id.clone()
-    }
-}
+event_payload!(StockCommitted, "inventory.committed.v1", order_id);
 
 // ---- consumed ----
 
@@ -107,12 +87,7 @@ pub struct OrderPlaced {
     /// Lines (extra fields such as prices are ignored).
     pub items: Vec<StockLine>,
 }
-impl EventPayload for OrderPlaced {
-    const TYPE: &'static str = "orders.placed.v1";
-    fn entity_id(&self) -> String {
-        self.order_id.clone()
-    }
-}
+event_payload!(OrderPlaced, "orders.placed.v1", order_id);
 
 /// `orders.confirmed.v1`, as read here.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -120,12 +95,7 @@ pub struct OrderConfirmed {
     /// The order.
     pub order_id: String,
 }
-impl EventPayload for OrderConfirmed {
-    const TYPE: &'static str = "orders.confirmed.v1";
-    fn entity_id(&self) -> String {
-        self.order_id.clone()
-    }
-}
+event_payload!(OrderConfirmed, "orders.confirmed.v1", order_id);
 
 /// `orders.cancelled.v1`, as read here.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -133,12 +103,7 @@ pub struct OrderCancelled {
     /// The order.
     pub order_id: String,
 }
-impl EventPayload for OrderCancelled {
-    const TYPE: &'static str = "orders.cancelled.v1";
-    fn entity_id(&self) -> String {
-        self.order_id.clone()
-    }
-}
+event_payload!(OrderCancelled, "orders.cancelled.v1", order_id);
 
 /// `payments.failed.v1`, as read here.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -146,9 +111,4 @@ pub struct PaymentFailed {
     /// The order.
     pub order_id: String,
 }
-impl EventPayload for PaymentFailed {
-    const TYPE: &'static str = "payments.failed.v1";
-    fn entity_id(&self) -> String {
-        self.order_id.clone()
-    }
-}
+event_payload!(PaymentFailed, "payments.failed.v1", order_id);

@@ -1,6 +1,6 @@
 //! Wiring: configuration, runtime, consumers and HTTP.
 
-use event_toolkit::http::{bind, finish_router, run_until_stopped};
+use event_toolkit::http::App;
 use event_toolkit::service::{Runtime, ServiceConfig, StartError};
 use event_toolkit::ConsumerSpec;
 
@@ -11,16 +11,12 @@ use crate::routes::router;
 /// Service name.
 pub const NAME: &str = "inventory-service";
 
-/// A built, not yet running, inventory service.
-pub struct Application {
-    runtime: Runtime,
-    listener: tokio::net::TcpListener,
-    app: axum::Router,
-}
+/// The inventory service: [`Application::build`] wires it and returns an [`App`] to run.
+pub struct Application;
 
 impl Application {
     /// Connect, provision, start consumers, bind HTTP.
-    pub async fn build(config: ServiceConfig) -> Result<Self, StartError> {
+    pub async fn build(config: ServiceConfig) -> Result<App, StartError> {
         let mut runtime = Runtime::start(
             &config,
             (
@@ -53,23 +49,8 @@ impl Application {
             ),
             saga,
         );
-        let app = finish_router(router(runtime.db.clone()), runtime.readiness());
-        let listener = bind(&config.http_addr).await?;
-        Ok(Self {
-            runtime,
-            listener,
-            app,
-        })
-    }
-
-    /// The bound HTTP port.
-    pub fn port(&self) -> u16 {
-        self.listener.local_addr().map(|a| a.port()).unwrap_or(0)
-    }
-
-    /// Serve until SIGTERM/SIGINT, then shut down in order.
-    pub async fn run_until_stopped(self) -> Result<(), StartError> {
-        run_until_stopped(self.runtime, self.listener, self.app).await
+        let routes = router(runtime.db.clone());
+        App::new(runtime, routes, &config.http_addr).await
     }
 }
 

@@ -3,7 +3,7 @@
 //! The whole catalogue is documented in `docs/asyncapi.yaml`.
 
 use chrono::{DateTime, Utc};
-use event_toolkit::{EventPayload, StreamSpec};
+use event_toolkit::{event_payload, EventPayload, StreamSpec};
 use serde::{Deserialize, Serialize};
 
 use crate::domain::{Line, LineInput};
@@ -39,12 +39,7 @@ pub struct OrderPlaced {
     /// When the order gives up.
     pub deadline_at: DateTime<Utc>,
 }
-impl EventPayload for OrderPlaced {
-    const TYPE: &'static str = "orders.placed.v1";
-    fn entity_id(&self) -> String {
-        self.order_id.clone()
-    }
-}
+event_payload!(OrderPlaced, "orders.placed.v1", order_id);
 
 /// `orders.confirmed.v1`: paid; inventory commits the reservation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -52,12 +47,7 @@ pub struct OrderConfirmed {
     /// The order.
     pub order_id: String,
 }
-impl EventPayload for OrderConfirmed {
-    const TYPE: &'static str = "orders.confirmed.v1";
-    fn entity_id(&self) -> String {
-        self.order_id.clone()
-    }
-}
+event_payload!(OrderConfirmed, "orders.confirmed.v1", order_id);
 
 /// `orders.cancelled.v1`: inventory releases, payment refunds or never charges.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -67,12 +57,7 @@ pub struct OrderCancelled {
     /// Why (`insufficient_stock`, `customer_cancelled`, `deadline_exceeded`, ...).
     pub reason: String,
 }
-impl EventPayload for OrderCancelled {
-    const TYPE: &'static str = "orders.cancelled.v1";
-    fn entity_id(&self) -> String {
-        self.order_id.clone()
-    }
-}
+event_payload!(OrderCancelled, "orders.cancelled.v1", order_id);
 
 // ---- consumed ----
 
@@ -82,12 +67,7 @@ pub struct StockReserved {
     /// The order.
     pub order_id: String,
 }
-impl EventPayload for StockReserved {
-    const TYPE: &'static str = "inventory.reserved.v1";
-    fn entity_id(&self) -> String {
-        self.order_id.clone()
-    }
-}
+event_payload!(StockReserved, "inventory.reserved.v1", order_id);
 
 /// `inventory.rejected.v1`, as read here.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -97,12 +77,7 @@ pub struct StockRejected {
     /// `insufficient_stock` or `unknown_sku`.
     pub reason: String,
 }
-impl EventPayload for StockRejected {
-    const TYPE: &'static str = "inventory.rejected.v1";
-    fn entity_id(&self) -> String {
-        self.order_id.clone()
-    }
-}
+event_payload!(StockRejected, "inventory.rejected.v1", order_id);
 
 /// `payments.succeeded.v1`, as read here.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -110,12 +85,7 @@ pub struct PaymentSucceeded {
     /// The order.
     pub order_id: String,
 }
-impl EventPayload for PaymentSucceeded {
-    const TYPE: &'static str = "payments.succeeded.v1";
-    fn entity_id(&self) -> String {
-        self.order_id.clone()
-    }
-}
+event_payload!(PaymentSucceeded, "payments.succeeded.v1", order_id);
 
 /// `payments.failed.v1`, as read here.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -125,12 +95,7 @@ pub struct PaymentFailed {
     /// `insufficient_funds`, `payment_declined` or `payment_unavailable`.
     pub reason: String,
 }
-impl EventPayload for PaymentFailed {
-    const TYPE: &'static str = "payments.failed.v1";
-    fn entity_id(&self) -> String {
-        self.order_id.clone()
-    }
-}
+event_payload!(PaymentFailed, "payments.failed.v1", order_id);
 
 /// `cmd.orders.place.v1`: place an order without HTTP. Durable in its stream while the service is
 /// down; idempotent by `order_id` when given (and by `Nats-Msg-Id` in the stream's window).
@@ -161,9 +126,4 @@ pub struct CancelOrder {
     /// The order.
     pub order_id: String,
 }
-impl EventPayload for CancelOrder {
-    const TYPE: &'static str = "cmd.orders.cancel.v1";
-    fn entity_id(&self) -> String {
-        self.order_id.clone()
-    }
-}
+event_payload!(CancelOrder, "cmd.orders.cancel.v1", order_id);

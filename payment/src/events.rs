@@ -1,7 +1,7 @@
 //! The payment service's event catalogue: what it announces (owned here) and its reading of what
 //! it consumes (only the fields it needs). Documented in `docs/asyncapi.yaml`.
 
-use event_toolkit::{EventPayload, StreamSpec};
+use event_toolkit::{event_payload, StreamSpec};
 use serde::{Deserialize, Serialize};
 
 /// The stream of payment events.
@@ -28,12 +28,7 @@ pub struct PaymentSucceeded {
     /// Currency.
     pub currency: String,
 }
-impl EventPayload for PaymentSucceeded {
-    const TYPE: &'static str = "payments.succeeded.v1";
-    fn entity_id(&self) -> String {
-        self.order_id.clone()
-    }
-}
+event_payload!(PaymentSucceeded, "payments.succeeded.v1", order_id);
 
 /// `payments.failed.v1`: nothing captured; inventory releases, the order cancels.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -43,12 +38,7 @@ pub struct PaymentFailed {
     /// `insufficient_funds`, `payment_declined` or `payment_unavailable`.
     pub reason: String,
 }
-impl EventPayload for PaymentFailed {
-    const TYPE: &'static str = "payments.failed.v1";
-    fn entity_id(&self) -> String {
-        self.order_id.clone()
-    }
-}
+event_payload!(PaymentFailed, "payments.failed.v1", order_id);
 
 /// `payments.refunded.v1`: a capture given back (compensation).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -62,12 +52,7 @@ pub struct PaymentRefunded {
     /// Currency.
     pub currency: String,
 }
-impl EventPayload for PaymentRefunded {
-    const TYPE: &'static str = "payments.refunded.v1";
-    fn entity_id(&self) -> String {
-        self.order_id.clone()
-    }
-}
+event_payload!(PaymentRefunded, "payments.refunded.v1", order_id);
 
 // ---- consumed ----
 
@@ -83,12 +68,7 @@ pub struct StockReserved {
     /// Currency.
     pub currency: String,
 }
-impl EventPayload for StockReserved {
-    const TYPE: &'static str = "inventory.reserved.v1";
-    fn entity_id(&self) -> String {
-        self.order_id.clone()
-    }
-}
+event_payload!(StockReserved, "inventory.reserved.v1", order_id);
 
 /// `orders.cancelled.v1`, as read here.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -96,9 +76,4 @@ pub struct OrderCancelled {
     /// The order.
     pub order_id: String,
 }
-impl EventPayload for OrderCancelled {
-    const TYPE: &'static str = "orders.cancelled.v1";
-    fn entity_id(&self) -> String {
-        self.order_id.clone()
-    }
-}
+event_payload!(OrderCancelled, "orders.cancelled.v1", order_id);

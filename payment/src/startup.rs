@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use event_toolkit::http::{bind, finish_router, run_until_stopped};
+use event_toolkit::http::App;
 use event_toolkit::service::{env_u64, Runtime, ServiceConfig, StartError};
 use event_toolkit::{ConsumerSpec, OutboxWaker};
 
@@ -47,16 +47,12 @@ impl Settings {
     }
 }
 
-/// A built, not yet running, payment service.
-pub struct Application {
-    runtime: Runtime,
-    listener: tokio::net::TcpListener,
-    app: axum::Router,
-}
+/// The payment service: [`Application::build`] wires it and returns an [`App`] to run.
+pub struct Application;
 
 impl Application {
     /// Connect, provision, start consumers and the processor, bind HTTP.
-    pub async fn build(settings: Settings) -> Result<Self, StartError> {
+    pub async fn build(settings: Settings) -> Result<App, StartError> {
         let mut runtime = Runtime::start(
             &settings.service,
             (
@@ -101,23 +97,7 @@ impl Application {
             db: runtime.db.clone(),
             gateway: Arc::new(simulated),
         };
-        let app = finish_router(router(state), runtime.readiness());
-        let listener = bind(&settings.service.http_addr).await?;
-        Ok(Self {
-            runtime,
-            listener,
-            app,
-        })
-    }
-
-    /// The bound HTTP port.
-    pub fn port(&self) -> u16 {
-        self.listener.local_addr().map(|a| a.port()).unwrap_or(0)
-    }
-
-    /// Serve until SIGTERM/SIGINT, then shut down in order.
-    pub async fn run_until_stopped(self) -> Result<(), StartError> {
-        run_until_stopped(self.runtime, self.listener, self.app).await
+        App::new(runtime, router(state), &settings.service.http_addr).await
     }
 }
 

@@ -30,6 +30,20 @@ pub trait EventPayload: Serialize + DeserializeOwned {
     fn entity_id(&self) -> String;
 }
 
+/// Implement [`EventPayload`] for a payload struct whose entity id is a `String` field:
+/// `event_payload!(OrderPlaced, "orders.placed.v1", order_id);`
+#[macro_export]
+macro_rules! event_payload {
+    ($payload:ty, $event_type:literal, $id_field:ident) => {
+        impl $crate::EventPayload for $payload {
+            const TYPE: &'static str = $event_type;
+            fn entity_id(&self) -> String {
+                self.$id_field.clone()
+            }
+        }
+    };
+}
+
 /// A CloudEvents 1.0 event in structured JSON mode, with correlation, causation and trace context.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Envelope {

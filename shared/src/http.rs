@@ -224,3 +224,37 @@ pub async fn run_until_stopped(
     tracing::info!("stopped");
     served.map_err(|source| StartError::Bind { addr, source })
 }
+
+/// A built service, not yet serving: its runtime, its bound listener and its routes.
+pub struct App {
+    runtime: crate::service::Runtime,
+    listener: tokio::net::TcpListener,
+    router: Router,
+}
+
+impl App {
+    /// Add the probes and limits to `routes` and bind `addr`.
+    pub async fn new(
+        runtime: crate::service::Runtime,
+        routes: Router,
+        addr: &str,
+    ) -> Result<Self, StartError> {
+        let router = finish_router(routes, runtime.readiness());
+        let listener = bind(addr).await?;
+        Ok(Self {
+            runtime,
+            listener,
+            router,
+        })
+    }
+
+    /// The bound HTTP port (useful with port 0).
+    pub fn port(&self) -> u16 {
+        self.listener.local_addr().map(|a| a.port()).unwrap_or(0)
+    }
+
+    /// Serve until SIGTERM/SIGINT, then shut down in order.
+    pub async fn run_until_stopped(self) -> Result<(), StartError> {
+        run_until_stopped(self.runtime, self.listener, self.router).await
+    }
+}

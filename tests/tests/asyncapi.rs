@@ -2,7 +2,8 @@
 //! `events.rs` has a channel and no channel is left over, every durable consumer started in a
 //! service's `startup.rs` is documented, and the receivers of each channel are exactly the
 //! durables whose filter subjects match it. The sources are scanned as text, not parsed as Rust:
-//! the patterns looked for are `const TYPE: &'static str = "..."` and `ConsumerSpec::new(...)`.
+//! the patterns looked for are `const TYPE: &'static str = "..."`, `event_payload!(..., "...", ...)`
+//! and `ConsumerSpec::new(...)`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -12,8 +13,9 @@ use serde_json::Value;
 /// The service crates whose catalogues and wiring are scanned.
 const SERVICES: [&str; 3] = ["order", "inventory", "payment"];
 
-/// What introduces an event type's value in an `events.rs`.
-const TYPE_MARKER: &str = "const TYPE: &'static str = \"";
+/// What introduces an event type's value in an `events.rs`: a hand-written `EventPayload` impl,
+/// or the toolkit's `event_payload!(Struct, "type", field)` macro.
+const TYPE_MARKERS: [&str; 2] = ["const TYPE: &'static str = \"", "event_payload!("];
 
 /// What starts a durable consumer's declaration in a `startup.rs`.
 const CONSUMER_MARKER: &str = "ConsumerSpec::new(";
@@ -52,20 +54,30 @@ fn source_types() -> BTreeMap<String, BTreeSet<String>> {
     for service in SERVICES {
         let file = format!("{service}/src/events.rs");
         let text = read(&file);
-        for (at, _) in text.match_indices(TYPE_MARKER) {
-            let rest = &text[at + TYPE_MARKER.len()..];
-            let end = rest
-                .find('"')
-                .unwrap_or_else(|| panic!("unterminated TYPE literal in {file}"));
-            types
-                .entry(rest[..end].to_owned())
-                .or_default()
-                .insert(file.clone());
+        for marker in TYPE_MARKERS {
+            for (at, _) in text.match_indices(marker) {
+                let mut rest = &text[at + marker.len()..];
+                if marker.starts_with("event_payload") {
+                    // Skip to the opening quote of the type literal (after the struct name).
+                    let Some(q) = rest.find('"') else { continue };
+                    if rest[..q].contains(')') {
+                        continue; // the macro's own definition, not a use
+                    }
+                    rest = &rest[q + 1..];
+                }
+                let end = rest
+                    .find('"')
+                    .unwrap_or_else(|| panic!("unterminated TYPE literal in {file}"));
+                types
+                    .entry(rest[..end].to_owned())
+                    .or_default()
+                    .insert(file.clone());
+            }
         }
     }
     assert!(
         !types.is_empty(),
-        "no `{TYPE_MARKER}...\"` found in the events.rs files: has the pattern changed?"
+        "no {TYPE_MARKERS:?} found in the events.rs files: has the pattern changed?"
     );
     types
 }
