@@ -7,6 +7,8 @@ use serde::{Deserialize, Serialize};
 pub const MAX_QUANTITY: i64 = 1_000_000;
 /// Most lines in one order.
 pub const MAX_LINES: usize = 100;
+/// Largest unit price (minor units): 10^12, ten billion in a two-decimal currency.
+pub const MAX_UNIT_PRICE_MINOR: i64 = 1_000_000_000_000;
 
 /// Where an order's saga stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -259,8 +261,10 @@ impl NewOrder {
                     "items[{i}].quantity must be between 1 and {MAX_QUANTITY}"
                 ));
             }
-            if item.unit_price_minor < 0 {
-                return Err(format!("items[{i}].unit_price_minor must not be negative"));
+            if !(0..=MAX_UNIT_PRICE_MINOR).contains(&item.unit_price_minor) {
+                return Err(format!(
+                    "items[{i}].unit_price_minor must be between 0 and {MAX_UNIT_PRICE_MINOR}"
+                ));
             }
             total = item
                 .quantity

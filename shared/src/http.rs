@@ -166,14 +166,21 @@ async fn stats(State(r): State<Readiness>) -> Result<impl IntoResponse, Problem>
 
 #[derive(Debug, Deserialize)]
 struct Limit {
-    limit: Option<i64>,
+    limit: Option<String>,
 }
 
 async fn dead_letters(
     State(r): State<Readiness>,
     Query(q): Query<Limit>,
 ) -> Result<impl IntoResponse, Problem> {
-    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    let limit = match q.limit.as_deref() {
+        None | Some("") => 100,
+        Some(l) => l
+            .parse::<i64>()
+            .ok()
+            .filter(|l| (1..=1000).contains(l))
+            .ok_or_else(|| Problem::bad_request("limit must be an integer from 1 to 1000"))?,
+    };
     Ok(Json(crate::consumer::dead_letters(r.db(), limit).await?))
 }
 
