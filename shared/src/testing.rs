@@ -74,6 +74,10 @@ pub struct NatsServer {
     dir: TempDir,
     extra_config: String,
     jetstream_config: String,
+    /// A whole configuration with `{PORT}` and `{STORE}` placeholders, instead of the default one.
+    template: Option<String>,
+    /// Environment of the server process (for `$VAR` references in a configuration).
+    env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
@@ -97,6 +101,26 @@ impl NatsServer {
             dir,
             extra_config: extra_config.to_owned(),
             jetstream_config: jetstream_config.to_owned(),
+            template: None,
+            env: Vec::new(),
+            child: None,
+        };
+        server.launch().await;
+        server
+    }
+
+    /// Start from a whole configuration (e.g. the project's `nats.conf`, adapted) in which `{PORT}`
+    /// and `{STORE}` stand for the port and the JetStream store directory, with `env` for its
+    /// `$VAR` references.
+    pub async fn start_from_template(template: &str, env: Vec<(String, String)>) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut server = Self {
+            port: free_port(),
+            dir,
+            extra_config: String::new(),
+            jetstream_config: String::new(),
+            template: Some(template.to_owned()),
+            env,
             child: None,
         };
         server.launch().await;
@@ -125,16 +149,22 @@ impl NatsServer {
 
     async fn launch(&mut self) {
         let conf = self.dir.path().join("nats.conf");
-        let config = format!(
-            "listen: 127.0.0.1:{port}\nserver_name: test-{port}\njetstream {{\n  store_dir: {store:?}\n  {js}\n}}\n{extra}\n",
-            port = self.port,
-            store = self.store_dir().display().to_string(),
-            js = self.jetstream_config,
-            extra = self.extra_config
-        );
+        let config = match &self.template {
+            Some(t) => t
+                .replace("{PORT}", &self.port.to_string())
+                .replace("{STORE}", &self.store_dir().display().to_string()),
+            None => format!(
+                "listen: 127.0.0.1:{port}\nserver_name: test-{port}\njetstream {{\n  store_dir: {store:?}\n  {js}\n}}\n{extra}\n",
+                port = self.port,
+                store = self.store_dir().display().to_string(),
+                js = self.jetstream_config,
+                extra = self.extra_config
+            ),
+        };
         std::fs::write(&conf, config).expect("write nats.conf");
         let log = std::fs::File::create(self.dir.path().join("nats.log")).expect("log file");
         let child = Command::new(nats_server_binary())
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .arg("-c")
             .arg(&conf)
             .stdout(Stdio::null())
@@ -142,6 +172,16 @@ impl NatsServer {
             .spawn()
             .expect("spawn nats-server");
         self.child = Some(child);
+        if self.template.is_some() {
+            // A project configuration refuses anonymous clients: wait for the port instead.
+            let addr = format!("127.0.0.1:{}", self.port);
+            eventually(Duration::from_secs(15), "nats-server to listen", || {
+                let addr = addr.clone();
+                async move { tokio::net::TcpStream::connect(&addr).await.ok().map(|_| ()) }
+            })
+            .await;
+            return;
+        }
         let url = self.url();
         eventually(
             Duration::from_secs(15),

@@ -63,6 +63,38 @@ pub fn bin_dir() -> PathBuf {
         .unwrap_or_else(|| repo_root().join("target/debug"))
 }
 
+/// Test password of a `nats.conf` user.
+fn password(user: &str) -> String {
+    format!("test-{user}-secret")
+}
+
+/// The environment `nats.conf` reads its passwords from.
+fn user_passwords() -> Vec<(String, String)> {
+    ["order", "inventory", "payment", "cli"]
+        .iter()
+        .map(|u| (format!("NATS_{}_PASSWORD", u.to_uppercase()), password(u)))
+        .collect()
+}
+
+/// The project's `nats.conf` with its listen address, store and monitoring port made per-test.
+fn project_nats_conf() -> String {
+    let text = std::fs::read_to_string(repo_root().join("nats.conf")).expect("read nats.conf");
+    text.lines()
+        .filter(|l| !l.trim_start().starts_with("http_port:"))
+        .map(|l| {
+            let t = l.trim_start();
+            if t.starts_with("listen:") {
+                "listen: 127.0.0.1:{PORT}".to_owned()
+            } else if t.starts_with("store_dir:") {
+                "  store_dir: \"{STORE}\"".to_owned()
+            } else {
+                l.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 struct Running {
     child: Option<Child>,
     port: u16,
@@ -85,6 +117,9 @@ pub struct SystemConfig {
     pub jetstream_config: String,
     /// Extra environment for all three services (e.g. `SQLITE_SYNCHRONOUS=FULL`).
     pub env: Vec<(String, String)>,
+    /// Run nats-server with the project's `nats.conf`: each service connects as its own
+    /// least-privilege user and the test client as `cli`.
+    pub project_users: bool,
 }
 
 impl SystemConfig {
@@ -97,6 +132,7 @@ impl SystemConfig {
             decline_over_minor: None,
             jetstream_config: String::new(),
             env: Vec::new(),
+            project_users: false,
         }
     }
 }
@@ -117,8 +153,20 @@ pub struct System {
 impl System {
     /// Start everything and wait until all three services are ready.
     pub async fn start(config: SystemConfig) -> Self {
-        let nats = NatsServer::start_with("", &config.jetstream_config).await;
-        let client = async_nats::connect(nats.url()).await.expect("test client");
+        let (nats, client) = if config.project_users {
+            let nats =
+                NatsServer::start_from_template(&project_nats_conf(), user_passwords()).await;
+            let client = async_nats::ConnectOptions::new()
+                .user_and_password("cli".into(), password("cli"))
+                .connect(nats.url())
+                .await
+                .expect("cli client");
+            (nats, client)
+        } else {
+            let nats = NatsServer::start_with("", &config.jetstream_config).await;
+            let client = async_nats::connect(nats.url()).await.expect("test client");
+            (nats, client)
+        };
         let mut dbs = HashMap::new();
         for s in Service::ALL {
             dbs.insert(s, TestDb::new(config.backend).await);
@@ -147,6 +195,11 @@ impl System {
             );
             for (k, v) in &config.env {
                 env.insert(k.clone(), v.clone());
+            }
+            if config.project_users {
+                let user = s.binary().trim_end_matches("-service");
+                env.insert("NATS_USER".to_owned(), user.to_owned());
+                env.insert("NATS_PASSWORD".to_owned(), password(user));
             }
             match s {
                 Service::Order => {
