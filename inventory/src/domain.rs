@@ -115,7 +115,13 @@ pub fn reserve(
     lines: &[(String, i64)],
     available: &BTreeMap<String, i64>,
 ) -> Result<BTreeMap<String, i64>, Rejection> {
-    let wanted = merge(lines);
+    // Lines were validated (bounded quantities and count), so the merge cannot overflow; an
+    // overflow would still be refused as a shortage rather than wrap.
+    let Some(wanted) = merge(lines) else {
+        return Err(Rejection::InsufficientStock(
+            lines.first().map(|l| l.0.clone()).unwrap_or_default(),
+        ));
+    };
     if let Some(sku) = wanted.keys().find(|s| !available.contains_key(*s)) {
         return Err(Rejection::UnknownSku(sku.clone()));
     }
@@ -127,14 +133,20 @@ pub fn reserve(
     Ok(wanted)
 }
 
-/// Quantities per SKU, in SKU order.
-pub fn merge(lines: &[(String, i64)]) -> BTreeMap<String, i64> {
-    let mut wanted = BTreeMap::new();
+/// Quantities per SKU, in SKU order; `None` if a sum overflows.
+pub fn merge(lines: &[(String, i64)]) -> Option<BTreeMap<String, i64>> {
+    let mut wanted: BTreeMap<String, i64> = BTreeMap::new();
     for (sku, qty) in lines {
-        *wanted.entry(sku.clone()).or_insert(0i64) += *qty;
+        let total = wanted.entry(sku.clone()).or_insert(0);
+        *total = total.checked_add(*qty)?;
     }
-    wanted
+    Some(wanted)
 }
+
+/// Largest quantity of one line accepted from an event.
+pub const MAX_QUANTITY: i64 = 1_000_000;
+/// Most lines accepted in one order.
+pub const MAX_LINES: usize = 100;
 
 /// A SKU name: 1-64 characters of letters, digits and `-_.:@`.
 pub fn valid_sku(s: &str) -> bool {
@@ -172,6 +184,14 @@ mod tests {
             reserve(&lines(&[("A", 9), ("Z", 1)]), &s),
             Err(Rejection::UnknownSku("Z".into()))
         );
+    }
+
+    #[test]
+    fn quantities_that_overflow_when_merged_are_refused_not_wrapped() {
+        let s = stock(&[("A", 5)]);
+        let huge = lines(&[("A", i64::MAX), ("A", 2)]);
+        assert_eq!(merge(&huge), None);
+        assert!(reserve(&huge, &s).is_err());
     }
 
     #[test]

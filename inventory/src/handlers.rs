@@ -3,7 +3,7 @@
 use event_toolkit::{DecodeError, Envelope, EventPayload, Handler, HandlerError};
 use sqlx::AnyConnection;
 
-use crate::domain::{valid_sku, Happening};
+use crate::domain::{valid_sku, Happening, MAX_LINES, MAX_QUANTITY};
 use crate::events::{OrderCancelled, OrderConfirmed, OrderPlaced, PaymentFailed};
 use crate::store;
 
@@ -70,8 +70,14 @@ fn validate(p: &OrderPlaced) -> Result<(), HandlerError> {
     if p.items.iter().any(|l| !valid_sku(&l.sku)) {
         return bad("invalid sku");
     }
-    if p.items.iter().any(|l| l.quantity <= 0) {
-        return bad("quantities must be positive");
+    if p.items.len() > MAX_LINES {
+        return bad("too many items");
+    }
+    if p.items
+        .iter()
+        .any(|l| l.quantity <= 0 || l.quantity > MAX_QUANTITY)
+    {
+        return bad("quantities must be between 1 and 1000000");
     }
     if p.total_minor < 0 {
         return bad("negative total");

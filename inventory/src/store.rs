@@ -237,7 +237,7 @@ async fn try_reserve(
         .collect();
     // Lock the products in SKU order so concurrent reservations cannot deadlock.
     let mut available = BTreeMap::new();
-    for sku in crate::domain::merge(&lines).keys() {
+    for sku in crate::domain::merge(&lines).unwrap_or_default().keys() {
         let sql = format!(
             "SELECT available FROM products WHERE sku = $1{}",
             lock_clause(conn)

@@ -9,7 +9,7 @@ use event_toolkit::{Database, OutboxWaker};
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
-use crate::domain::{precheck, settle, ProviderAnswer};
+use crate::domain::{precheck, settle};
 use crate::gateway::{Charge, ResilientGateway, SimulatedGateway};
 use crate::store;
 
@@ -74,6 +74,10 @@ impl Processor {
     /// Settle one payment: check the account, call the provider, then capture or fail.
     pub async fn process(&self, order_id: &str) -> Result<(), sqlx::Error> {
         let p = store::peek(self.db.pool(), order_id).await?;
+        if p.status != crate::domain::PaymentStatus::Pending {
+            // Voided (order cancelled) since it was claimed: nothing to ask the provider.
+            return Ok(());
+        }
         let balance = store::get_account(self.db.pool(), &p.customer_id).await?;
         let pre = precheck(
             balance
@@ -82,22 +86,23 @@ impl Processor {
             p.amount_minor,
             &p.currency,
         );
+        // No point asking the provider to charge what the account cannot pay; and a charge the
+        // provider was not asked about must never be captured, even if the balance grows meanwhile.
         let answer = match pre {
-            // No point asking the provider to charge what the account cannot pay.
-            Err(_) => ProviderAnswer::Approved,
-            Ok(()) => {
-                self.gateway
-                    .charge(&Charge {
-                        key: p.order_id.clone(),
-                        amount_minor: p.amount_minor,
-                        currency: p.currency.clone(),
-                    })
-                    .await
-            }
+            Err(reason) => Err(reason),
+            Ok(()) => Ok(self
+                .gateway
+                .charge(&Charge {
+                    key: p.order_id.clone(),
+                    amount_minor: p.amount_minor,
+                    currency: p.currency.clone(),
+                })
+                .await),
         };
         let mut tx = self.db.begin().await?;
-        let settled = store::settle(&mut tx, &self.source, order_id, |balance, p| {
-            settle(balance, p.amount_minor, &p.currency, answer)
+        let settled = store::settle(&mut tx, &self.source, order_id, |balance, p| match answer {
+            Err(reason) => Err(reason),
+            Ok(provider) => settle(balance, p.amount_minor, &p.currency, provider),
         })
         .await?;
         self.outbox.commit(tx).await?;

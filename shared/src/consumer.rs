@@ -67,7 +67,9 @@ pub struct ConsumerSpec {
     pub stream: String,
     /// Subjects it receives.
     pub filter_subjects: Vec<String>,
-    /// Deliveries before a message is given up and dead-lettered.
+    /// Deliveries failing transiently before a message is given up and dead-lettered (enforced by
+    /// the runner; the server redelivers without limit so nothing is dropped while the database is
+    /// unreachable).
     pub max_deliver: i64,
     /// How long the server waits for an ack before redelivering.
     pub ack_wait: Duration,
@@ -101,7 +103,10 @@ impl ConsumerSpec {
             filter_subjects: self.filter_subjects.clone(),
             ack_policy: AckPolicy::Explicit,
             ack_wait: self.ack_wait,
-            max_deliver: self.max_deliver,
+            // Unlimited on the server: a message whose last delivery fails because the database is
+            // down would otherwise vanish without a dead letter. The runner enforces `max_deliver`
+            // itself, when it can record the dead letter.
+            max_deliver: -1,
             max_ack_pending: (self.batch_size * self.concurrency * 8).max(1024) as i64,
             ..Default::default()
         }
@@ -379,9 +384,16 @@ impl<H: Handler> ConsumerRunner<H> {
                 delivered = meta.delivered,
             );
             if !isolated {
-                if !record_once(&mut tx, &self.spec.durable, &event).await? {
-                    verdicts.push(Verdict::Ack);
-                    continue;
+                match record_once(&mut tx, &self.spec.durable, &event).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        verdicts.push(Verdict::Ack);
+                        continue;
+                    }
+                    Err(_) => {
+                        tx.rollback().await?;
+                        return Ok(None);
+                    }
                 }
                 let outcome = self
                     .handler
@@ -396,17 +408,21 @@ impl<H: Handler> ConsumerRunner<H> {
                 continue;
             }
             let mut sp = sqlx::Connection::begin(&mut *tx).await?;
-            if !record_once(&mut sp, &self.spec.durable, &event).await? {
-                sp.commit().await?;
-                tracing::debug!(parent: &span, "duplicate; skipped");
-                verdicts.push(Verdict::Ack);
-                continue;
-            }
-            let outcome = self
-                .handler
-                .handle(&mut sp, &event)
-                .instrument(span.clone())
-                .await;
+            let outcome = match record_once(&mut sp, &self.spec.durable, &event).await {
+                Ok(false) => {
+                    sp.commit().await?;
+                    tracing::debug!(parent: &span, "duplicate; skipped");
+                    verdicts.push(Verdict::Ack);
+                    continue;
+                }
+                Ok(true) => {
+                    self.handler
+                        .handle(&mut sp, &event)
+                        .instrument(span.clone())
+                        .await
+                }
+                Err(e) => Err(HandlerError::from(e)),
+            };
             match outcome {
                 Ok(()) => {
                     sp.commit().await?;
@@ -460,8 +476,8 @@ impl<H: Handler> ConsumerRunner<H> {
         .bind(msg.subject.as_str())
         .bind(headers_json(msg))
         .bind(msg.payload.to_vec())
-        .bind(event_id)
-        .bind(reason)
+        .bind(event_id.map(printable))
+        .bind(printable(reason))
         .bind(meta.delivered)
         .bind(now_micros())
         .execute(conn)
@@ -532,6 +548,19 @@ fn retry_backoff() -> impl Iterator<Item = Duration> {
         .with_jitter()
         .without_max_times()
         .build()
+}
+
+/// Text safe to store anywhere: control characters (Postgres refuses NUL in TEXT) become `?`.
+fn printable(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_control() && c != '\n' && c != '\t' {
+                '?'
+            } else {
+                c
+            }
+        })
+        .collect()
 }
 
 fn headers_json(msg: &Message) -> String {

@@ -104,6 +104,11 @@ pub enum DecodeError {
     UnknownType(String),
 }
 
+/// An id or type: 1-200 characters, none of them control characters.
+fn valid_token(s: &str) -> bool {
+    !s.trim().is_empty() && s.len() <= 200 && !s.chars().any(char::is_control)
+}
+
 /// Where a message came from, needed to type and identify a bare body.
 #[derive(Debug, Clone, Copy)]
 pub struct Origin<'a> {
@@ -198,15 +203,15 @@ impl Envelope {
                     env.specversion
                 )));
             }
-            if env.id.trim().is_empty() || env.event_type.trim().is_empty() {
+            if !valid_token(&env.id) || !valid_token(&env.event_type) {
                 return Err(DecodeError::InvalidEnvelope(
-                    "id and type must not be empty".into(),
+                    "id and type must be 1-200 printable characters".into(),
                 ));
             }
             return Ok(env);
         }
         let id = match origin.msg_id {
-            Some(id) if !id.trim().is_empty() => id.to_owned(),
+            Some(id) if valid_token(id) => id.to_owned(),
             _ => format!("{}:{}", origin.stream, origin.stream_sequence),
         };
         Ok(Self {

@@ -336,6 +336,18 @@ impl OutboxRelay {
                 out.push((row, outcome));
             }
         }
+        // A timeout while other rows of the same pass were acknowledged is not an outage: the
+        // server is answering, just not for this row (e.g. a subject it denies). Charge the row, so
+        // it is parked eventually instead of slowing every pass.
+        if out.iter().any(|(_, o)| matches!(o, Outcome::Published)) {
+            for (_, o) in &mut out {
+                if let Outcome::Failed { class, .. } = o {
+                    if *class == Failure::Outage {
+                        *class = Failure::Row;
+                    }
+                }
+            }
+        }
         Ok(PublishedBatch { claim, rows: out })
     }
 

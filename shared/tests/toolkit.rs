@@ -461,6 +461,10 @@ async fn poison_is_dead_lettered_and_the_consumer_keeps_going(b: Backend) {
             .unwrap(),
         ),
         ("oversized", vec![b' '; 70 * 1024]),
+        (
+            "control character in the id",
+            br#"{"specversion":"1.0","id":"a\u0000","source":"/t","type":"bank.deposited.v1","time":"2026-01-01T00:00:00Z","data":{"account":"x","amount":1}}"#.to_vec(),
+        ),
     ];
     for (_, body) in &poison {
         f.js.publish("bank.deposited.v1", body.clone().into())
@@ -476,14 +480,18 @@ async fn poison_is_dead_lettered_and_the_consumer_keeps_going(b: Backend) {
         (balance(&f.db, "bob").await == Some(7)).then_some(())
     })
     .await;
-    let letters = eventually(WAIT, "4 dead letters", || async {
+    let letters = eventually(WAIT, "5 dead letters", || async {
         let l = dead_letters(&f.db, 100).await.unwrap();
         (l.len() == poison.len()).then_some(l)
     })
     .await;
     let mut seqs: Vec<i64> = letters.iter().map(|l| l.stream_sequence).collect();
     seqs.sort();
-    assert_eq!(seqs, vec![1, 2, 3, 4], "exactly the poison, nothing else");
+    assert_eq!(
+        seqs,
+        vec![1, 2, 3, 4, 5],
+        "exactly the poison, nothing else"
+    );
     let by_seq = |s: i64| letters.iter().find(|l| l.stream_sequence == s).unwrap();
     assert!(
         by_seq(1).reason.contains("not JSON"),
@@ -502,6 +510,11 @@ async fn poison_is_dead_lettered_and_the_consumer_keeps_going(b: Backend) {
         by_seq(3).reason
     );
     assert!(by_seq(4).reason.contains("exceeds"), "{}", by_seq(4).reason);
+    assert!(
+        by_seq(5).reason.contains("printable"),
+        "{}",
+        by_seq(5).reason
+    );
     assert!(letters
         .iter()
         .all(|l| l.subject == "bank.deposited.v1" && l.consumer == "bank-test"));
