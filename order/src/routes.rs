@@ -77,15 +77,27 @@ async fn place_order(
     };
     let fingerprint = serde_json::to_string(&req).unwrap_or_default();
     let order_id = Uuid::now_v7().to_string();
-    let mut tx = state.db.begin().await?;
-    let placement = Placement {
-        order_id: &order_id,
-        idempotency_key: key.as_deref(),
-        fingerprint: &fingerprint,
-        deadline: state.deadline,
-        id_may_exist: false,
+    // Two concurrent requests with the same new key: on Postgres the second one's insert hits the
+    // unique key; applied again, it finds the first one's order.
+    let mut attempts = 0;
+    let (tx, placed) = loop {
+        attempts += 1;
+        let mut tx = state.db.begin().await?;
+        let placement = Placement {
+            order_id: &order_id,
+            idempotency_key: key.as_deref(),
+            fingerprint: &fingerprint,
+            deadline: state.deadline,
+            id_may_exist: false,
+        };
+        match store::place(&mut tx, &state.source, &order, placement, None).await {
+            Ok(placed) => break (tx, placed),
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() && attempts < 2 => {
+                tx.rollback().await?;
+            }
+            Err(e) => return Err(e.into()),
+        }
     };
-    let placed = store::place(&mut tx, &state.source, &order, placement, None).await?;
     match placed {
         Placed::Created(o) => {
             state.waker.commit(tx).await?;

@@ -46,9 +46,11 @@ on_backends! {
         each_service_killed_mid_saga_recovers_and_completes,
         bad_http_input_gets_problems_and_writes_nothing,
         placing_is_idempotent_by_key,
+        concurrent_requests_with_one_idempotency_key_make_one_order,
     ],
     postgres: [
         happy_path_confirms_with_exact_stock_and_money_and_linked_events,
+        concurrent_requests_with_one_idempotency_key_make_one_order,
         insufficient_funds_decline_and_outage_cancel_and_release,
         each_service_killed_mid_saga_recovers_and_completes,
     ],
@@ -573,5 +575,36 @@ async fn bad_http_input_gets_problems_and_writes_nothing(b: Backend) {
         "EUR"
     );
     assert_eq!(s.balance("alice").await, 10_000);
+    assert_invariants(&s).await;
+}
+
+async fn concurrent_requests_with_one_idempotency_key_make_one_order(b: Backend) {
+    let s = system(b).await;
+    let url = format!("{}/orders", s.url(Service::Order));
+    let body = json!({ "customer_id": "alice", "currency": "EUR", "items": [{ "sku": "WIDGET", "quantity": 1, "unit_price_minor": 5 }] });
+    let requests = (0..8).map(|_| {
+        s.http
+            .post(&url)
+            .header("Idempotency-Key", "same-key")
+            .json(&body)
+            .send()
+    });
+    let mut ids = std::collections::BTreeSet::new();
+    for r in futures::future::join_all(requests).await {
+        let r = r.unwrap();
+        assert_eq!(r.status(), 202);
+        let v: Value = r.json().await.unwrap();
+        ids.insert(v["id"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(ids.len(), 1, "one order for one key: {ids:?}");
+    s.wait_terminal(ids.first().unwrap()).await;
+    assert_eq!(
+        s.get_json(Service::Order, "/orders")
+            .await
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
     assert_invariants(&s).await;
 }
