@@ -312,11 +312,12 @@ impl<H: Handler> ConsumerRunner<H> {
                     .collect()
             }
         };
-        let mut enqueued = false;
+        // Anything acked was committed, possibly with outbox rows: wake the relay (cheap if not).
+        let mut committed = false;
         for (msg, verdict) in batch.iter().zip(verdicts) {
             let kind = match verdict {
                 Verdict::Ack => {
-                    enqueued = true;
+                    committed = true;
                     AckKind::Ack
                 }
                 Verdict::Nak(d) => AckKind::Nak(Some(d)),
@@ -327,7 +328,7 @@ impl<H: Handler> ConsumerRunner<H> {
                 tracing::debug!(error = %e, "ack not sent; the message will be redelivered");
             }
         }
-        if enqueued {
+        if committed {
             self.waker.wake();
             for w in &self.also_wake {
                 w.wake();
