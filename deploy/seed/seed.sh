@@ -6,12 +6,14 @@ set -eu
 
 inventory="${INVENTORY_URL:-http://inventory:8082}"
 payment="${PAYMENT_URL:-http://payment:8083}"
+# Seeding routes need the services' admin token.
+token="${ADMIN_TOKEN:?ADMIN_TOKEN must be set (the services' admin token)}"
 
 put() {
   echo "PUT $1 $2"
   curl --fail-with-body --silent --show-error --max-time 10 \
     --retry 5 --retry-connrefused --retry-delay 1 \
-    -X PUT -H 'content-type: application/json' --data "$2" "$1"
+    -X PUT -H 'content-type: application/json' -H "Authorization: Bearer $token" --data "$2" "$1"
   echo
 }
 

@@ -2,8 +2,9 @@
 
 use axum::extract::{Path, Query, State};
 use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::routing::{get, put};
 use axum::{Json, Router};
+use event_toolkit::auth::AdminAuth;
 use event_toolkit::http::{ApiJson, Problem};
 use event_toolkit::Database;
 use serde::Deserialize;
@@ -13,10 +14,14 @@ use crate::domain::valid_sku;
 use crate::store::{self, Product, Reservation};
 
 /// Routes of this service (probes are added by the toolkit).
-pub fn router(db: Database) -> Router {
+/// Setting stock is an admin (seeding) route: it needs the admin token.
+pub fn router(db: Database, admin: &AdminAuth) -> Router {
     Router::new()
         .route("/products", get(list_products))
-        .route("/products/{sku}", get(get_product).put(put_product))
+        .route(
+            "/products/{sku}",
+            get(get_product).merge(admin.protect(put(put_product))),
+        )
         .route("/reservations", get(list_reservations))
         .route("/openapi.json", get(openapi))
         .with_state(db)

@@ -49,14 +49,14 @@ impl Application {
             ),
             saga,
         );
-        let routes = router(runtime.db.clone());
+        let routes = router(runtime.db.clone(), &runtime.admin);
         App::new(runtime, routes, &config.http_addr).await
     }
 }
 
 /// Build from the environment and run.
 pub async fn run_from_env() -> Result<(), StartError> {
-    Application::build(ServiceConfig::from_env(NAME, "127.0.0.1:8082"))
+    Application::build(ServiceConfig::from_env(NAME, "127.0.0.1:8082")?)
         .await?
         .run_until_stopped()
         .await

@@ -26,7 +26,7 @@ impl Settings {
     /// Read the environment.
     pub fn from_env() -> Result<Self, StartError> {
         Ok(Self {
-            service: ServiceConfig::from_env(NAME, "127.0.0.1:8081"),
+            service: ServiceConfig::from_env(NAME, "127.0.0.1:8081")?,
             deadline: Duration::from_millis(env_u64("ORDER_DEADLINE_MS", 30_000)?),
         })
     }

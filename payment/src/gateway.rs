@@ -4,8 +4,8 @@
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use backon::{ExponentialBuilder, Retryable};
 use failsafe::futures::CircuitBreaker;
@@ -40,6 +40,83 @@ pub enum GatewayError {
 pub trait PaymentGateway: Send + Sync + 'static {
     /// Charge, idempotently by `charge.key`.
     fn charge(&self, charge: &Charge) -> impl Future<Output = Result<(), GatewayError>> + Send;
+
+    /// Where the circuit breaker put in front of this provider records its state, for whoever
+    /// reports on the provider. By default nobody looks.
+    fn circuit_watch(&self) -> CircuitWatch {
+        CircuitWatch::default()
+    }
+}
+
+/// Where a circuit breaker stands.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum CircuitState {
+    /// Calls go through.
+    Closed,
+    /// Calls fail fast without reaching the provider.
+    Open,
+    /// The wait is over: the next call is a trial that closes the circuit or opens it again.
+    HalfOpen,
+}
+
+#[derive(Debug)]
+struct Watched {
+    state: CircuitState,
+    open_until: Instant,
+    open_for: Duration,
+}
+
+/// A breaker's transitions as they happen, shared by its clones: the breaker records, an admin
+/// endpoint reads.
+#[derive(Debug, Clone)]
+pub struct CircuitWatch(Arc<Mutex<Watched>>);
+
+impl Default for CircuitWatch {
+    fn default() -> Self {
+        Self(Arc::new(Mutex::new(Watched {
+            state: CircuitState::Closed,
+            open_until: Instant::now(),
+            open_for: Duration::ZERO,
+        })))
+    }
+}
+
+impl CircuitWatch {
+    fn with<T>(&self, f: impl FnOnce(&mut Watched) -> T) -> T {
+        f(&mut self.0.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// The state now. The breaker turns half-open lazily, on the first call after its wait; this
+    /// reports it as soon as the wait is over, which is when that call would be let through.
+    pub fn state(&self) -> CircuitState {
+        self.with(|w| match w.state {
+            CircuitState::Open if Instant::now() >= w.open_until => CircuitState::HalfOpen,
+            s => s,
+        })
+    }
+}
+
+impl failsafe::Instrument for CircuitWatch {
+    fn on_call_rejected(&self) {}
+
+    fn on_open(&self) {
+        // Recorded just after the breaker computed its own deadline, so never earlier than it.
+        self.with(|w| {
+            w.state = CircuitState::Open;
+            w.open_until = Instant::now() + w.open_for;
+        });
+    }
+
+    fn on_half_open(&self) {
+        self.with(|w| w.state = CircuitState::HalfOpen);
+    }
+
+    fn on_closed(&self) {
+        self.with(|w| w.state = CircuitState::Closed);
+    }
 }
 
 /// How the simulated provider behaves.
@@ -62,6 +139,7 @@ pub struct SimulatedGateway {
     mode: Arc<AtomicU8>,
     latency: Duration,
     decline_over_minor: Option<i64>,
+    circuit: CircuitWatch,
 }
 
 impl SimulatedGateway {
@@ -71,12 +149,18 @@ impl SimulatedGateway {
             mode: Arc::new(AtomicU8::new(0)),
             latency,
             decline_over_minor,
+            circuit: CircuitWatch::default(),
         }
     }
 
     /// Switch behaviour (demos and tests).
     pub fn set_mode(&self, mode: GatewayMode) {
         self.mode.store(mode as u8, Ordering::SeqCst);
+    }
+
+    /// The circuit breaker in front of this provider, as last recorded.
+    pub fn circuit(&self) -> CircuitState {
+        self.circuit.state()
     }
 
     /// Current behaviour.
@@ -102,6 +186,12 @@ impl PaymentGateway for SimulatedGateway {
                 _ => Ok(()),
             },
         }
+    }
+
+    /// Shared by every clone, so the admin endpoint holding one sees the breaker the processor's
+    /// clone sits behind.
+    fn circuit_watch(&self) -> CircuitWatch {
+        self.circuit.clone()
     }
 }
 
@@ -137,7 +227,7 @@ impl Default for ResilienceConfig {
     }
 }
 
-type Breaker = StateMachine<failure_policy::ConsecutiveFailures<backoff::Constant>, ()>;
+type Breaker = StateMachine<failure_policy::ConsecutiveFailures<backoff::Constant>, CircuitWatch>;
 
 /// Any provider behind timeout, retry, circuit breaker and bulkhead.
 pub struct ResilientGateway<G> {
@@ -154,10 +244,15 @@ impl<G: PaymentGateway> ResilientGateway<G> {
             config.breaker_failures,
             backoff::constant(config.breaker_open_for),
         );
+        let watch = inner.circuit_watch();
+        watch.with(|w| w.open_for = config.breaker_open_for);
         Self {
             inner,
             bulkhead: Semaphore::new(config.max_concurrent.max(1)),
-            breaker: Config::new().failure_policy(policy).build(),
+            breaker: Config::new()
+                .failure_policy(policy)
+                .instrument(watch)
+                .build(),
             config,
         }
     }
@@ -258,9 +353,34 @@ mod tests {
         // First charge: 1 attempt + 2 retries = 3 consecutive failures: the breaker opens.
         assert_eq!(g.charge(&charge(1)).await, ProviderAnswer::Unavailable);
         assert!(!g.circuit_closed());
+        assert_eq!(sim.circuit_watch().state(), CircuitState::Open);
         // While open, calls fail fast even if the provider is back.
         sim.set_mode(GatewayMode::Ok);
         assert_eq!(g.charge(&charge(1)).await, ProviderAnswer::Unavailable);
+    }
+
+    #[tokio::test]
+    async fn the_watch_follows_the_circuit_open_half_open_closed() {
+        let sim = SimulatedGateway::new(Duration::ZERO, None);
+        let g = ResilientGateway::new(
+            sim.clone(),
+            ResilienceConfig {
+                breaker_open_for: Duration::from_millis(100),
+                ..fast()
+            },
+        );
+        assert_eq!(sim.circuit_watch().state(), CircuitState::Closed);
+        sim.set_mode(GatewayMode::Outage);
+        assert_eq!(g.charge(&charge(1)).await, ProviderAnswer::Unavailable);
+        assert_eq!(sim.circuit_watch().state(), CircuitState::Open);
+        sim.set_mode(GatewayMode::Ok);
+        while sim.circuit_watch().state() == CircuitState::Open {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(sim.circuit_watch().state(), CircuitState::HalfOpen);
+        assert!(g.circuit_closed(), "half-open lets the trial call through");
+        assert_eq!(g.charge(&charge(1)).await, ProviderAnswer::Approved);
+        assert_eq!(sim.circuit_watch().state(), CircuitState::Closed);
     }
 
     #[tokio::test]

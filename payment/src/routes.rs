@@ -6,12 +6,13 @@ use axum::extract::{Path, Query, State};
 use axum::response::IntoResponse;
 use axum::routing::{get, put};
 use axum::{Json, Router};
+use event_toolkit::auth::AdminAuth;
 use event_toolkit::http::{ApiJson, Problem};
 use event_toolkit::Database;
 use serde::{Deserialize, Serialize};
 use utoipa::OpenApi;
 
-use crate::gateway::{GatewayMode, SimulatedGateway};
+use crate::gateway::{CircuitState, GatewayMode, SimulatedGateway};
 use crate::store::{self, Account, AccountError, Payment};
 
 /// What handlers share.
@@ -24,11 +25,18 @@ pub struct AppState {
 }
 
 /// Routes of this service (probes are added by the toolkit).
-pub fn router(state: AppState) -> Router {
+/// Setting balances and switching the provider are admin routes: they need the admin token.
+pub fn router(state: AppState, admin: &AdminAuth) -> Router {
     Router::new()
-        .route("/accounts/{customer_id}", get(get_account).put(put_account))
+        .route(
+            "/accounts/{customer_id}",
+            get(get_account).merge(admin.protect(put(put_account))),
+        )
         .route("/payments", get(list_payments))
-        .route("/admin/gateway", put(put_gateway).get(get_gateway))
+        .route(
+            "/admin/gateway",
+            admin.protect(put(put_gateway).get(get_gateway)),
+        )
         .route("/openapi.json", get(openapi))
         .with_state(state)
 }
@@ -146,11 +154,21 @@ async fn put_gateway(
     })
 }
 
-/// The simulated provider's mode.
-#[utoipa::path(get, path = "/admin/gateway", responses((status = 200, body = GatewaySetting)))]
-async fn get_gateway(State(state): State<AppState>) -> Json<GatewaySetting> {
-    Json(GatewaySetting {
+/// `GET /admin/gateway` answer.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct GatewayStatus {
+    /// ok, decline or outage.
+    pub mode: GatewayMode,
+    /// The circuit breaker in front of the provider: closed, open or half_open.
+    pub circuit: CircuitState,
+}
+
+/// The simulated provider's mode and the circuit in front of it.
+#[utoipa::path(get, path = "/admin/gateway", responses((status = 200, body = GatewayStatus)))]
+async fn get_gateway(State(state): State<AppState>) -> Json<GatewayStatus> {
+    Json(GatewayStatus {
         mode: state.gateway.mode(),
+        circuit: state.gateway.circuit(),
     })
 }
 
@@ -161,7 +179,16 @@ async fn get_gateway(State(state): State<AppState>) -> Json<GatewaySetting> {
         description = "Accounts, payments and refunds"
     ),
     paths(put_account, get_account, list_payments, put_gateway, get_gateway),
-    components(schemas(Problem, Account, Payment, SetAccount, GatewaySetting, GatewayMode))
+    components(schemas(
+        Problem,
+        Account,
+        Payment,
+        SetAccount,
+        GatewaySetting,
+        GatewayStatus,
+        GatewayMode,
+        CircuitState
+    ))
 )]
 struct ApiDoc;
 

@@ -40,7 +40,7 @@ impl Settings {
             _ => None,
         };
         Ok(Self {
-            service: ServiceConfig::from_env(NAME, "127.0.0.1:8083"),
+            service: ServiceConfig::from_env(NAME, "127.0.0.1:8083")?,
             gateway_latency: Duration::from_millis(env_u64("PAYMENT_GATEWAY_LATENCY_MS", 0)?),
             decline_over_minor: decline,
         })
@@ -97,7 +97,8 @@ impl Application {
             db: runtime.db.clone(),
             gateway: Arc::new(simulated),
         };
-        App::new(runtime, router(state), &settings.service.http_addr).await
+        let routes = router(state, &runtime.admin);
+        App::new(runtime, routes, &settings.service.http_addr).await
     }
 }
 

@@ -369,9 +369,9 @@ impl<H: Handler> ConsumerRunner<H> {
             };
             let event = match decoded {
                 Ok(e) => e,
-                Err(err) => {
-                    self.dead_letter(&mut tx, msg, &meta, None, &err.to_string())
-                        .await?;
+                Err(HandlerError::Permanent(reason) | HandlerError::Transient(reason)) => {
+                    tracing::warn!(consumer = %self.spec.durable, subject = %msg.subject, %reason, "undecodable; dead-lettering");
+                    self.dead_letter(&mut tx, msg, &meta, None, &reason).await?;
                     verdicts.push(Verdict::Term);
                     continue;
                 }

@@ -102,6 +102,15 @@ pub enum DecodeError {
     /// The event's type is not one this consumer knows.
     #[error("unknown event type {0:?}")]
     UnknownType(String),
+    /// A structured event whose `type` differs from the subject it arrived on. Subject permissions
+    /// say who may publish where; a type that disagrees with its subject would bypass them.
+    #[error("type does not match subject: type {event_type:?} arrived on {subject:?}")]
+    TypeMismatch {
+        /// The declared type.
+        event_type: String,
+        /// The NATS subject.
+        subject: String,
+    },
 }
 
 /// An id or type: 1-200 characters, none of them control characters.
@@ -184,7 +193,7 @@ impl Envelope {
     }
 
     /// Decode a message body. A JSON object carrying `specversion` must be a valid structured
-    /// CloudEvent; any other JSON object is a bare payload published by hand: its type is the
+    /// CloudEvent whose `type` is the subject it arrived on; any other JSON object is a bare payload published by hand: its type is the
     /// subject and its id the `Nats-Msg-Id`, else `<stream>:<sequence>` (stable across redeliveries).
     pub fn decode(body: &[u8], origin: Origin<'_>) -> Result<Self, DecodeError> {
         let value: serde_json::Value =
@@ -207,6 +216,12 @@ impl Envelope {
                 return Err(DecodeError::InvalidEnvelope(
                     "id and type must be 1-200 printable characters".into(),
                 ));
+            }
+            if env.event_type != origin.subject {
+                return Err(DecodeError::TypeMismatch {
+                    event_type: env.event_type,
+                    subject: origin.subject.to_owned(),
+                });
             }
             return Ok(env);
         }
@@ -303,6 +318,23 @@ mod tests {
     fn bare_body_without_msg_id_is_identified_by_stream_sequence() {
         let env = Envelope::decode(br#"{"thing_id":"x","n":1}"#, origin(None)).unwrap();
         assert_eq!(env.id, "THINGS:42");
+    }
+
+    #[test]
+    fn structured_event_on_another_subject_is_refused() {
+        let env = Envelope::new(
+            "/test",
+            &Thing {
+                thing_id: "t1".into(),
+                n: 3,
+            },
+            None,
+        );
+        let mut elsewhere = origin(None);
+        elsewhere.subject = "things.destroyed.v1";
+        let err = Envelope::decode(&env.to_bytes(), elsewhere).unwrap_err();
+        assert!(matches!(err, DecodeError::TypeMismatch { .. }));
+        assert!(err.to_string().starts_with("type does not match subject"));
     }
 
     #[test]

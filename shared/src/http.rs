@@ -5,12 +5,13 @@ use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, Query, Request, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::AdminAuth;
 use crate::service::{Readiness, StartError};
 
 /// Largest request body accepted (bytes).
@@ -120,15 +121,24 @@ fn json_problem(rejection: JsonRejection) -> Problem {
 }
 
 /// Body limit, problem-shaped 404/405, and the probes every service serves:
-/// `GET /healthz`, `GET /readyz`, `GET /admin/dead-letters`, `GET /admin/stats`.
-pub fn finish_router(app: Router, readiness: Readiness) -> Router {
+/// `GET /healthz`, `GET /readyz`, and behind the admin token `GET /admin/dead-letters`,
+/// `GET /admin/stats`.
+pub fn finish_router(app: Router, readiness: Readiness, admin: &AdminAuth) -> Router {
     let probes = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .route("/admin/dead-letters", get(dead_letters))
-        .route("/admin/stats", get(stats))
-        .with_state(readiness);
+        .with_state(readiness.clone());
+    let admin_routes = admin.protect_all(
+        Router::new()
+            .route("/admin/dead-letters", get(dead_letters))
+            .route("/admin/stats", get(stats))
+            .route("/admin/outbox/parked", get(parked_rows))
+            .route("/admin/outbox/parked/retry", post(unpark_all))
+            .route("/admin/outbox/parked/{id}/retry", post(unpark_one))
+            .with_state(readiness),
+    );
     app.merge(probes)
+        .merge(admin_routes)
         .fallback(|| async { Problem::not_found("no such resource") })
         .method_not_allowed_fallback(|| async {
             Problem::new(
@@ -182,6 +192,76 @@ async fn dead_letters(
             .ok_or_else(|| Problem::bad_request("limit must be an integer from 1 to 1000"))?,
     };
     Ok(Json(crate::consumer::dead_letters(r.db(), limit).await?))
+}
+
+#[derive(Debug, Deserialize)]
+struct Page {
+    limit: Option<String>,
+    after: Option<String>,
+}
+
+/// `GET /admin/outbox/parked?limit=&after=`: rows the relay gave up on, oldest first; `next` is the
+/// cursor of the following page.
+async fn parked_rows(
+    State(r): State<Readiness>,
+    Query(q): Query<Page>,
+) -> Result<impl IntoResponse, Problem> {
+    let limit = parse_limit(q.limit.as_deref())?;
+    let after =
+        match q.after.as_deref() {
+            None | Some("") => 0,
+            Some(a) => a.parse::<i64>().ok().filter(|a| *a >= 0).ok_or_else(|| {
+                Problem::bad_request("after must be a row id from a previous page")
+            })?,
+        };
+    let rows = crate::outbox::parked(r.db(), after, limit).await?;
+    let next = (rows.len() as i64 == limit)
+        .then(|| rows.last().map(|row| row.id.to_string()))
+        .flatten();
+    Ok(Json(serde_json::json!({ "items": rows, "next": next })))
+}
+
+/// `POST /admin/outbox/parked/retry`: un-park every parked row.
+async fn unpark_all(State(r): State<Readiness>) -> Result<impl IntoResponse, Problem> {
+    let n = crate::outbox::unpark(r.db(), None).await?;
+    r.waker().wake();
+    tracing::info!(
+        rows = n,
+        "parked outbox rows put back in line by an operator"
+    );
+    Ok(Json(serde_json::json!({ "unparked": n })))
+}
+
+/// `POST /admin/outbox/parked/{id}/retry`: un-park one row; 404 if it is not parked.
+async fn unpark_one(
+    State(r): State<Readiness>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<impl IntoResponse, Problem> {
+    let id = id
+        .parse::<i64>()
+        .map_err(|_| Problem::not_found(format!("no parked row {id:?}")))?;
+    match crate::outbox::unpark(r.db(), Some(id)).await? {
+        0 => Err(Problem::not_found(format!("no parked row {id}"))),
+        n => {
+            r.waker().wake();
+            tracing::info!(
+                row = id,
+                "parked outbox row put back in line by an operator"
+            );
+            Ok(Json(serde_json::json!({ "unparked": n })))
+        }
+    }
+}
+
+fn parse_limit(limit: Option<&str>) -> Result<i64, Problem> {
+    match limit {
+        None | Some("") => Ok(100),
+        Some(l) => l
+            .parse::<i64>()
+            .ok()
+            .filter(|l| (1..=1000).contains(l))
+            .ok_or_else(|| Problem::bad_request("limit must be an integer from 1 to 1000")),
+    }
 }
 
 /// Bind `addr`.
@@ -246,7 +326,7 @@ impl App {
         routes: Router,
         addr: &str,
     ) -> Result<Self, StartError> {
-        let router = finish_router(routes, runtime.readiness());
+        let router = finish_router(routes, runtime.readiness(), &runtime.admin);
         let listener = bind(addr).await?;
         Ok(Self {
             runtime,

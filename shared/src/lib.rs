@@ -6,9 +6,12 @@
 //! - [`outbox`]: transactional outbox and the relay that publishes it.
 //! - [`consumer`]: idempotent, batching consumer with inbox, dead letters and bounded redelivery.
 //! - [`nats`]: connecting (server ≥ 2.10) and provisioning streams.
+//! - `auth` (feature `service`): admin routes behind a bearer token.
 //! - `service` and `http` (feature `service`): the shell of a running service and its HTTP edge.
 //! - `testing` (feature `testing`): real nats-server / Postgres / SQLite for tests.
 
+#[cfg(feature = "service")]
+pub mod auth;
 pub mod consumer;
 pub mod db;
 pub mod envelope;

@@ -84,17 +84,24 @@ pub async fn connect(settings: &NatsSettings) -> Result<async_nats::Client, Nats
 
 /// Refuse servers older than [`MIN_SERVER_VERSION`].
 pub fn check_server_version(version: &str) -> Result<(), NatsError> {
-    let mut parts = version
-        .trim_start_matches('v')
-        .split(['.', '-'])
-        .map(|p| p.parse::<u64>().unwrap_or(0));
-    let found = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
-    if found < MIN_SERVER_VERSION {
+    if !server_version_at_least(version, MIN_SERVER_VERSION) {
         return Err(NatsError::ServerTooOld {
             found: version.to_owned(),
         });
     }
     Ok(())
+}
+
+/// Whether a reported version (`2.11.3`, `v2.15.1`, `3.0.0-beta`) is at least `(major, minor)`;
+/// anything unparsable is not.
+pub fn server_version_at_least(version: &str, min: (u64, u64)) -> bool {
+    let mut parts = version
+        .trim()
+        .trim_start_matches('v')
+        .split(['.', '-'])
+        .map(|p| p.parse::<u64>().unwrap_or(0));
+    let found = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    found >= min
 }
 
 /// A stream a service owns: what it announces.
@@ -110,11 +117,18 @@ pub struct StreamSpec {
     pub duplicate_window: Duration,
     /// Largest message accepted.
     pub max_msg_size: i32,
+    /// Bytes the stream may hold. When full, new messages are refused (discard `new`), never old
+    /// ones dropped: an event not yet consumed must not vanish. Publishers wait until `max_age`
+    /// (or an operator) frees space.
+    pub max_bytes: i64,
 }
+
+/// Default bound of each stream: 1 GiB (`STREAM_MAX_BYTES`).
+pub const DEFAULT_STREAM_MAX_BYTES: i64 = 1 << 30;
 
 impl StreamSpec {
     /// A file-backed, limits-retention stream with production defaults: 7 days, 2-minute
-    /// duplicate window, 1 MiB messages.
+    /// duplicate window, 1 MiB messages, 1 GiB in all.
     pub fn new(name: &str, subjects: &[&str]) -> Self {
         Self {
             name: name.to_owned(),
@@ -122,6 +136,7 @@ impl StreamSpec {
             max_age: Duration::from_secs(7 * 24 * 3600),
             duplicate_window: Duration::from_secs(120),
             max_msg_size: 1024 * 1024,
+            max_bytes: DEFAULT_STREAM_MAX_BYTES,
         }
     }
 
@@ -132,8 +147,9 @@ impl StreamSpec {
             max_age: self.max_age,
             duplicate_window: self.duplicate_window,
             max_message_size: self.max_msg_size,
+            max_bytes: self.max_bytes,
             storage: StorageType::File,
-            discard: DiscardPolicy::Old,
+            discard: DiscardPolicy::New,
             ..Default::default()
         }
     }
@@ -154,6 +170,8 @@ pub async fn ensure_stream(js: &Context, spec: &StreamSpec) -> Result<(), NatsEr
                 || current.max_age != wanted.max_age
                 || current.duplicate_window != wanted.duplicate_window
                 || current.max_message_size != wanted.max_message_size
+                || current.max_bytes != wanted.max_bytes
+                || current.discard != wanted.discard
             {
                 js.update_stream(wanted).await.map_err(|e| err(&e))?;
                 tracing::info!(stream = %spec.name, "stream updated");
@@ -179,5 +197,7 @@ mod tests {
         assert!(check_server_version("2.10.0").is_ok());
         assert!(check_server_version("2.15.1").is_ok());
         assert!(check_server_version("3.0.0-beta").is_ok());
+        assert!(!server_version_at_least("2.10.29", (2, 11)));
+        assert!(server_version_at_least("v2.11.0", (2, 11)));
     }
 }

@@ -101,6 +101,24 @@ pub enum RelayError {
     /// Publishes failed for reasons that are not the rows' (timeouts, no stream answering).
     #[error("JetStream unavailable; unpublished rows stay due")]
     Outage,
+    /// The stream (or the server's store) is full: nothing is published until space is freed.
+    #[error("stream full ({0}); unpublished rows stay due until space is freed")]
+    StoreFull(String),
+}
+
+/// Whether the relay can publish, for readiness: false while the stream store is full.
+#[derive(Debug, Clone, Default)]
+pub struct RelayHealth(Arc<std::sync::atomic::AtomicBool>);
+
+impl RelayHealth {
+    /// The last pass found the stream full.
+    pub fn store_full(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn set_store_full(&self, full: bool) {
+        self.0.store(full, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// One claimed row.
@@ -131,9 +149,30 @@ enum Failure {
     Row,
     /// Can never be published (too large): parked at once.
     Permanent,
+    /// The stream or the server's store is full: an outage to wait out until `max_age` or an
+    /// operator frees space. Never the row's fault, never a reason to park it.
+    StoreFull,
 }
 
-fn classify(kind: PublishErrorKind) -> Failure {
+/// Whether a refusal says the stream or JetStream store has no room (stream `max_bytes`/`max_msgs`
+/// with discard `new`, or the server's `max_file_store`).
+fn store_full(error: &str) -> bool {
+    let e = error.to_ascii_lowercase();
+    [
+        "maximum bytes exceeded",
+        "maximum messages exceeded",
+        "insufficient resources",
+        "insufficient storage",
+        "resources exceeded",
+    ]
+    .iter()
+    .any(|needle| e.contains(needle))
+}
+
+fn classify(kind: PublishErrorKind, error: &str) -> Failure {
+    if store_full(error) {
+        return Failure::StoreFull;
+    }
     match kind {
         PublishErrorKind::TimedOut
         | PublishErrorKind::BrokenPipe
@@ -174,6 +213,7 @@ pub struct OutboxRelay {
     client: async_nats::Client,
     config: RelayConfig,
     waker: OutboxWaker,
+    health: RelayHealth,
 }
 
 impl OutboxRelay {
@@ -186,7 +226,13 @@ impl OutboxRelay {
             client,
             config,
             waker: OutboxWaker::default(),
+            health: RelayHealth::default(),
         }
+    }
+
+    /// Whether the relay can publish (for readiness).
+    pub fn health(&self) -> RelayHealth {
+        self.health.clone()
     }
 
     /// The waker to call after committing a transaction that enqueued events.
@@ -217,7 +263,11 @@ impl OutboxRelay {
                 }
                 Err(e) => {
                     let delay = backoff.next().unwrap_or(Duration::from_secs(5));
-                    tracing::warn!(error = %e, retry_in = ?delay, "outbox relay backing off");
+                    if matches!(e, RelayError::StoreFull(_)) {
+                        tracing::error!(error = %e, retry_in = ?delay, "STREAM FULL: events are held in the outbox until space is freed (max_age, or raise STREAM_MAX_BYTES)");
+                    } else {
+                        tracing::warn!(error = %e, retry_in = ?delay, "outbox relay backing off");
+                    }
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
                         _ = shutdown.cancelled() => break,
@@ -328,10 +378,13 @@ impl OutboxRelay {
             for (row, result) in window.into_iter().zip(results) {
                 let outcome = match result {
                     Ok(()) => Outcome::Published,
-                    Err(e) => Outcome::Failed {
-                        class: classify(e.kind()),
-                        error: e.to_string(),
-                    },
+                    Err(e) => {
+                        let error = e.to_string();
+                        Outcome::Failed {
+                            class: classify(e.kind(), &error),
+                            error,
+                        }
+                    }
                 };
                 out.push((row, outcome));
             }
@@ -384,10 +437,16 @@ impl OutboxRelay {
             q.execute(&mut *tx).await?;
         }
         let mut outage = false;
+        let mut full = None;
         for (row, outcome) in &rows {
             let Outcome::Failed { error, class } = outcome else {
                 continue;
             };
+            if *class == Failure::StoreFull {
+                // Not the row's fault either; remembered so readiness says why nothing moves.
+                full.get_or_insert_with(|| error.clone());
+                continue;
+            }
             if *class == Failure::Outage {
                 // Not the row's fault: leave it due, uncharged; the relay backs off as a whole.
                 outage = true;
@@ -423,6 +482,10 @@ impl OutboxRelay {
             metrics::histogram!("outbox_relay_latency_seconds").record(latency);
         }
         metrics::counter!("outbox_published_total").increment(published.len() as u64);
+        self.health.set_store_full(full.is_some());
+        if let Some(error) = full {
+            return Err(RelayError::StoreFull(error));
+        }
         if outage {
             return Err(RelayError::Outage);
         }
@@ -469,4 +532,65 @@ pub async fn published_latencies_us(db: &Database) -> Result<Vec<i64>, sqlx::Err
     .fetch_all(db.pool())
     .await?;
     rows.iter().map(|r| r.try_get::<i64, _>(0)).collect()
+}
+
+/// An outbox row the relay gave up on, waiting for an operator.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ParkedRow {
+    /// Row id (what `unpark` takes).
+    pub id: i64,
+    /// The event id (its `Nats-Msg-Id`).
+    pub event_id: String,
+    /// Subject it is published on.
+    pub subject: String,
+    /// Failed attempts.
+    pub attempts: i64,
+    /// The last refusal.
+    pub last_error: Option<String>,
+    /// When it was written (microseconds since the epoch).
+    pub created_at_us: i64,
+    /// When it was parked (microseconds since the epoch).
+    pub parked_at_us: i64,
+}
+
+/// Parked rows, oldest first, after row id `after` (a cursor), at most `limit`.
+pub async fn parked(db: &Database, after: i64, limit: i64) -> Result<Vec<ParkedRow>, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT id, event_id, subject, attempts, last_error, created_at_us, parked_at_us \
+         FROM outbox WHERE parked_at_us IS NOT NULL AND id > $1 ORDER BY id LIMIT $2",
+    )
+    .bind(after)
+    .bind(limit)
+    .fetch_all(db.pool())
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(ParkedRow {
+                id: r.try_get(0)?,
+                event_id: r.try_get(1)?,
+                subject: r.try_get(2)?,
+                attempts: r.try_get(3)?,
+                last_error: r.try_get(4)?,
+                created_at_us: r.try_get(5)?,
+                parked_at_us: r.try_get(6)?,
+            })
+        })
+        .collect()
+}
+
+/// Put parked rows back in line with a fresh attempt budget: one row (`Some(id)`) or all of them.
+/// Returns how many were un-parked. The relay publishes them on its next pass, with their
+/// original event id, so a row that had in fact reached the stream is still deduplicated.
+pub async fn unpark(db: &Database, id: Option<i64>) -> Result<u64, sqlx::Error> {
+    let mut tx = db.begin().await?;
+    let done = sqlx::query(
+        "UPDATE outbox SET parked_at_us = NULL, attempts = 0, next_attempt_at_us = $1 \
+         WHERE parked_at_us IS NOT NULL AND ($2 IS NULL OR id = $2)",
+    )
+    .bind(now_micros())
+    .bind(id)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(done.rows_affected())
 }

@@ -11,10 +11,13 @@ use sqlx::migrate::Migrator;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::AdminAuth;
 use crate::consumer::{ConsumerRunner, ConsumerSpec, Handler};
 use crate::db::{default_sqlite_url, Database, DbError, DbOptions};
-use crate::nats::{connect, ensure_stream, NatsError, NatsSettings, StreamSpec};
-use crate::outbox::{OutboxRelay, OutboxWaker, RelayConfig};
+use crate::nats::{
+    connect, ensure_stream, NatsError, NatsSettings, StreamSpec, DEFAULT_STREAM_MAX_BYTES,
+};
+use crate::outbox::{OutboxRelay, OutboxWaker, RelayConfig, RelayHealth};
 
 /// Start-up failures.
 #[derive(Debug, thiserror::Error)]
@@ -56,13 +59,25 @@ pub struct ServiceConfig {
     pub http_addr: String,
     /// Database tuning.
     pub db: DbOptions,
+    /// `ADMIN_TOKEN`: guards admin and seeding routes.
+    pub admin: AdminAuth,
+    /// `STREAM_MAX_BYTES`: the bound of each stream the service provisions.
+    pub stream_max_bytes: i64,
 }
 
 impl ServiceConfig {
-    /// Read `NATS_URL`, `NATS_USER`, `NATS_PASSWORD`, `DATABASE_URL`, `HTTP_ADDR`.
-    pub fn from_env(name: &str, default_http_addr: &str) -> Self {
+    /// Read `NATS_URL`, `NATS_USER`, `NATS_PASSWORD`, `DATABASE_URL`, `HTTP_ADDR`, `ADMIN_TOKEN`,
+    /// `STREAM_MAX_BYTES`. A malformed number is an error, not a silent default.
+    pub fn from_env(name: &str, default_http_addr: &str) -> Result<Self, StartError> {
         let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-        Self {
+        let stream_max_bytes = env_u64("STREAM_MAX_BYTES", DEFAULT_STREAM_MAX_BYTES as u64)?;
+        if stream_max_bytes == 0 || stream_max_bytes > i64::MAX as u64 {
+            return Err(StartError::Config {
+                name: "STREAM_MAX_BYTES".into(),
+                reason: "must be a positive number of bytes".into(),
+            });
+        }
+        Ok(Self {
             name: name.to_owned(),
             nats: NatsSettings {
                 url: var("NATS_URL").unwrap_or_else(|| "nats://127.0.0.1:4222".to_owned()),
@@ -74,7 +89,9 @@ impl ServiceConfig {
             database_url: var("DATABASE_URL").unwrap_or_else(|| default_sqlite_url(name)),
             http_addr: var("HTTP_ADDR").unwrap_or_else(|| default_http_addr.to_owned()),
             db: DbOptions::default(),
-        }
+            admin: AdminAuth::new(var("ADMIN_TOKEN")),
+            stream_max_bytes: stream_max_bytes as i64,
+        })
     }
 }
 
@@ -101,6 +118,9 @@ pub struct Runtime {
     pub waker: OutboxWaker,
     /// Cancelled when the service should stop taking new work.
     pub shutdown: CancellationToken,
+    /// Guard of the admin and seeding routes.
+    pub admin: AdminAuth,
+    relay_health: RelayHealth,
     relay_stop: CancellationToken,
     relay_task: Option<tokio::task::JoinHandle<()>>,
     tasks: JoinSet<()>,
@@ -121,18 +141,30 @@ impl Runtime {
         let client = connect(&config.nats).await?;
         let js = async_nats::jetstream::new(client.clone());
         for spec in streams {
-            ensure_stream(&js, spec).await?;
+            let mut spec = spec.clone();
+            spec.max_bytes = config.stream_max_bytes;
+            // The server refuses a stream whose message limit exceeds its byte limit.
+            spec.max_msg_size = spec
+                .max_msg_size
+                .min(spec.max_bytes.min(i32::MAX as i64) as i32);
+            ensure_stream(&js, &spec).await?;
         }
         let relay = OutboxRelay::new(db.clone(), client.clone(), RelayConfig::default());
         let waker = relay.waker();
+        let relay_health = relay.health();
         let relay_stop = CancellationToken::new();
         let relay_task = tokio::spawn(relay.run(relay_stop.clone()));
+        if !config.admin.is_configured() {
+            tracing::warn!("ADMIN_TOKEN is not set: admin and seeding routes answer 403");
+        }
         Ok(Self {
             name: config.name.clone(),
             db,
             client,
             waker,
             shutdown: CancellationToken::new(),
+            admin: config.admin.clone(),
+            relay_health,
             relay_stop,
             relay_task: Some(relay_task),
             tasks: JoinSet::new(),
@@ -192,6 +224,8 @@ impl Runtime {
         Readiness {
             db: self.db.clone(),
             client: self.client.clone(),
+            relay: self.relay_health.clone(),
+            waker: self.waker.clone(),
             expected: self.consumers_expected,
             ready: self.consumers_ready.clone(),
         }
@@ -223,6 +257,8 @@ impl Runtime {
 pub struct Readiness {
     db: Database,
     client: async_nats::Client,
+    relay: RelayHealth,
+    waker: OutboxWaker,
     expected: usize,
     ready: Arc<AtomicUsize>,
 }
@@ -236,6 +272,8 @@ pub struct ReadinessReport {
     pub database: bool,
     /// NATS is connected.
     pub nats: bool,
+    /// The outbox relay can publish (false while its stream is full).
+    pub relay: bool,
     /// Consumers provisioned, of those declared.
     pub consumers_ready: usize,
     /// Consumers declared.
@@ -248,10 +286,12 @@ impl Readiness {
         let database = self.db.ping().await;
         let nats = self.client.connection_state() == async_nats::connection::State::Connected;
         let consumers_ready = self.ready.load(Ordering::SeqCst);
+        let relay = !self.relay.store_full();
         ReadinessReport {
-            ready: database && nats && consumers_ready >= self.expected,
+            ready: database && nats && relay && consumers_ready >= self.expected,
             database,
             nats,
+            relay,
             consumers_ready,
             consumers_expected: self.expected,
         }
@@ -260,6 +300,11 @@ impl Readiness {
     /// The database, for handlers next to the probe (dead letters).
     pub fn db(&self) -> &Database {
         &self.db
+    }
+
+    /// Wakes the outbox relay (after un-parking rows).
+    pub fn waker(&self) -> &OutboxWaker {
+        &self.waker
     }
 }
 

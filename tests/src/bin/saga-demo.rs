@@ -174,6 +174,16 @@ async fn saga(
     Ok(())
 }
 
+/// Seeding goes through admin routes: send `ADMIN_TOKEN` (from the environment) as a bearer token.
+fn admin_headers() -> reqwest::header::HeaderMap {
+    let mut headers = reqwest::header::HeaderMap::new();
+    let token = std::env::var("ADMIN_TOKEN").unwrap_or_default();
+    if let Ok(v) = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}")) {
+        headers.insert(reqwest::header::AUTHORIZATION, v);
+    }
+    headers
+}
+
 async fn run() -> Result<(), Error> {
     let mut options = async_nats::ConnectOptions::new().name("saga-demo");
     if let (Ok(u), Ok(p)) = (std::env::var("NATS_USER"), std::env::var("NATS_PASSWORD")) {
@@ -182,6 +192,7 @@ async fn run() -> Result<(), Error> {
     let demo = Demo {
         http: reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
+            .default_headers(admin_headers())
             .build()?,
         order: env("ORDER_URL", "http://127.0.0.1:8081"),
         inventory: env("INVENTORY_URL", "http://127.0.0.1:8082"),
