@@ -9,9 +9,9 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use tokio_util::sync::CancellationToken;
 
 use crate::auth::AdminAuth;
+use crate::edge::EdgeLimits;
 use crate::service::{Readiness, StartError};
 
 /// Largest request body accepted (bytes).
@@ -123,7 +123,12 @@ fn json_problem(rejection: JsonRejection) -> Problem {
 /// Body limit, problem-shaped 404/405, and the probes every service serves:
 /// `GET /healthz`, `GET /readyz`, and behind the admin token `GET /admin/dead-letters`,
 /// `GET /admin/stats`.
-pub fn finish_router(app: Router, readiness: Readiness, admin: &AdminAuth) -> Router {
+pub fn finish_router(
+    app: Router,
+    readiness: Readiness,
+    admin: &AdminAuth,
+    limits: &EdgeLimits,
+) -> Router {
     let probes = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -137,8 +142,10 @@ pub fn finish_router(app: Router, readiness: Readiness, admin: &AdminAuth) -> Ro
             .route("/admin/outbox/parked/{id}/retry", post(unpark_one))
             .with_state(readiness),
     );
-    app.merge(probes)
-        .merge(admin_routes)
+    // Probes stay outside the in-flight limit: an overloaded service is still alive.
+    limits
+        .limit(app.merge(admin_routes))
+        .merge(probes)
         .fallback(|| async { Problem::not_found("no such resource") })
         .method_not_allowed_fallback(|| async {
             Problem::new(
@@ -151,10 +158,19 @@ pub fn finish_router(app: Router, readiness: Readiness, admin: &AdminAuth) -> Ro
         .layer(tower_http::trace::TraceLayer::new_for_http())
 }
 
+/// Liveness: the process answers HTTP.
+#[utoipa::path(get, path = "/healthz", tag = "probes",
+    responses((status = 200, description = "Alive", body = Object)))]
 async fn healthz() -> impl IntoResponse {
     Json(serde_json::json!({"status": "ok"}))
 }
 
+/// Readiness: database, NATS and consumers.
+#[utoipa::path(get, path = "/readyz", tag = "probes",
+    responses(
+        (status = 200, description = "Ready; the report names each dependency", body = Object),
+        (status = 503, description = "Not ready; the same report says what is missing", body = Object),
+    ))]
 async fn readyz(State(r): State<Readiness>) -> Response {
     let report = r.check().await;
     let status = if report.ready {
@@ -166,6 +182,8 @@ async fn readyz(State(r): State<Readiness>) -> Response {
 }
 
 /// Counters for benchmarks and operators: write transactions begun, outbox rows by state.
+#[utoipa::path(get, path = "/admin/stats", tag = "admin", security((ADMIN_SECURITY = [])),
+    responses((status = 200, description = "Counters", body = Object)))]
 async fn stats(State(r): State<Readiness>) -> Result<impl IntoResponse, Problem> {
     let outbox = crate::outbox::stats(r.db()).await?;
     Ok(Json(serde_json::json!({
@@ -174,37 +192,90 @@ async fn stats(State(r): State<Readiness>) -> Result<impl IntoResponse, Problem>
     })))
 }
 
-#[derive(Debug, Deserialize)]
-struct Limit {
-    limit: Option<String>,
-}
-
+/// Dead letters, newest first: messages a consumer gave up on, with their payload and reason.
+#[utoipa::path(get, path = "/admin/dead-letters", tag = "admin", security((ADMIN_SECURITY = [])),
+    params(PageQuery),
+    responses(
+        (status = 200, description = "A page of dead letters; `next` is the cursor of the following page",
+            body = Page<crate::consumer::DeadLetter>),
+        (status = 400, description = "Bad `limit` or `after`", body = Problem, content_type = PROBLEM_JSON),
+    ))]
 async fn dead_letters(
     State(r): State<Readiness>,
-    Query(q): Query<Limit>,
-) -> Result<impl IntoResponse, Problem> {
-    let limit = match q.limit.as_deref() {
-        None | Some("") => 100,
-        Some(l) => l
-            .parse::<i64>()
-            .ok()
-            .filter(|l| (1..=1000).contains(l))
-            .ok_or_else(|| Problem::bad_request("limit must be an integer from 1 to 1000"))?,
+    Query(q): Query<PageQuery>,
+) -> Result<Json<Page<crate::consumer::DeadLetter>>, Problem> {
+    let limit = q.limit()?;
+    let before = match q.after() {
+        None => None,
+        Some(a) => Some(a.parse::<i64>().ok().filter(|a| *a > 0).ok_or_else(bad_cursor)?),
     };
-    Ok(Json(crate::consumer::dead_letters(r.db(), limit).await?))
+    let rows = crate::consumer::dead_letters_before(r.db(), before, limit + 1).await?;
+    Ok(Json(Page::from_rows(rows, limit, |d| d.id.to_string())))
 }
 
-#[derive(Debug, Deserialize)]
-struct Page {
-    limit: Option<String>,
-    after: Option<String>,
+/// `?limit=&after=` of a cursor-paged list.
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct PageQuery {
+    /// Items per page, 1-1000 (default 100).
+    #[param(value_type = Option<i64>, minimum = 1, maximum = 1000)]
+    pub limit: Option<String>,
+    /// The `next` cursor of the previous page (opaque); absent for the first page.
+    pub after: Option<String>,
 }
 
-/// `GET /admin/outbox/parked?limit=&after=`: rows the relay gave up on, oldest first; `next` is the
-/// cursor of the following page.
+impl PageQuery {
+    /// The page size: 100 by default, else 1-1000 (400 otherwise).
+    pub fn limit(&self) -> Result<i64, Problem> {
+        parse_limit(self.limit.as_deref())
+    }
+
+    /// The cursor, if one was given (an empty `after=` is the first page).
+    pub fn after(&self) -> Option<&str> {
+        self.after.as_deref().filter(|a| !a.is_empty())
+    }
+}
+
+/// One page of a list: `next` is the `after` of the following page, `null` on the last one.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct Page<T> {
+    /// The items of this page, in the list's order.
+    pub items: Vec<T>,
+    /// Opaque cursor of the next page; `null` when there is none.
+    pub next: Option<String>,
+}
+
+impl<T> Page<T> {
+    /// A page from up to `limit + 1` rows in list order: the extra row, if any, only says that
+    /// another page follows (so the last page says `next: null` instead of leading to an empty one).
+    pub fn from_rows(mut rows: Vec<T>, limit: i64, cursor: impl Fn(&T) -> String) -> Self {
+        let limit = usize::try_from(limit).unwrap_or(0);
+        let more = rows.len() > limit;
+        rows.truncate(limit);
+        let next = if more { rows.last().map(cursor) } else { None };
+        Self { items: rows, next }
+    }
+}
+
+/// 400 for an `after` that is not a cursor this list handed out.
+pub fn bad_cursor() -> Problem {
+    Problem::new(
+        StatusCode::BAD_REQUEST,
+        "bad-cursor",
+        "after must be the `next` cursor of a previous page",
+    )
+}
+
+/// Rows the relay gave up on, oldest first; `next` is the cursor of the following page.
+#[utoipa::path(get, path = "/admin/outbox/parked", tag = "admin", security((ADMIN_SECURITY = [])),
+    params(PageQuery),
+    responses(
+        (status = 200, description = "A page of parked outbox rows", body = Page<Object>),
+        (status = 400, description = "Bad `limit` or `after`", body = Problem, content_type = PROBLEM_JSON),
+    ))]
 async fn parked_rows(
     State(r): State<Readiness>,
-    Query(q): Query<Page>,
+    Query(q): Query<PageQuery>,
 ) -> Result<impl IntoResponse, Problem> {
     let limit = parse_limit(q.limit.as_deref())?;
     let after =
@@ -221,7 +292,9 @@ async fn parked_rows(
     Ok(Json(serde_json::json!({ "items": rows, "next": next })))
 }
 
-/// `POST /admin/outbox/parked/retry`: un-park every parked row.
+/// Un-park every parked row: the relay tries them again.
+#[utoipa::path(post, path = "/admin/outbox/parked/retry", tag = "admin", security((ADMIN_SECURITY = [])),
+    responses((status = 200, description = "How many rows were un-parked", body = Unparked)))]
 async fn unpark_all(State(r): State<Readiness>) -> Result<impl IntoResponse, Problem> {
     let n = crate::outbox::unpark(r.db(), None).await?;
     r.waker().wake();
@@ -232,7 +305,13 @@ async fn unpark_all(State(r): State<Readiness>) -> Result<impl IntoResponse, Pro
     Ok(Json(serde_json::json!({ "unparked": n })))
 }
 
-/// `POST /admin/outbox/parked/{id}/retry`: un-park one row; 404 if it is not parked.
+/// Un-park one row; 404 if it is not parked.
+#[utoipa::path(post, path = "/admin/outbox/parked/{id}/retry", tag = "admin", security((ADMIN_SECURITY = [])),
+    params(("id" = i64, Path, description = "Row id, from the parked list")),
+    responses(
+        (status = 200, description = "Un-parked", body = Unparked),
+        (status = 404, description = "No parked row with this id", body = Problem, content_type = PROBLEM_JSON),
+    ))]
 async fn unpark_one(
     State(r): State<Readiness>,
     axum::extract::Path(id): axum::extract::Path<String>,
@@ -253,7 +332,8 @@ async fn unpark_one(
     }
 }
 
-fn parse_limit(limit: Option<&str>) -> Result<i64, Problem> {
+/// A `limit` query value: 100 when absent or empty, else an integer from 1 to 1000 (400 otherwise).
+pub fn parse_limit(limit: Option<&str>) -> Result<i64, Problem> {
     match limit {
         None | Some("") => Ok(100),
         Some(l) => l
@@ -272,17 +352,6 @@ pub async fn bind(addr: &str) -> Result<tokio::net::TcpListener, StartError> {
             addr: addr.to_owned(),
             source,
         })
-}
-
-/// Serve until `shutdown`, then finish in-flight requests.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    app: Router,
-    shutdown: CancellationToken,
-) -> std::io::Result<()> {
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
 }
 
 /// Serve `app` until SIGTERM/SIGINT, then stop in order: HTTP intake and consumers first, then
@@ -306,7 +375,8 @@ pub async fn run_until_stopped(
         .map(|a| a.to_string())
         .unwrap_or_default();
     tracing::info!(service = %runtime.name, %addr, "listening");
-    let served = serve(listener, app, shutdown).await;
+    let limits = runtime.edge.clone();
+    let served = crate::edge::serve(listener, app, &limits, shutdown).await;
     runtime.stop().await;
     tracing::info!("stopped");
     served.map_err(|source| StartError::Bind { addr, source })
@@ -326,7 +396,7 @@ impl App {
         routes: Router,
         addr: &str,
     ) -> Result<Self, StartError> {
-        let router = finish_router(routes, runtime.readiness(), &runtime.admin);
+        let router = finish_router(routes, runtime.readiness(), &runtime.admin, &runtime.edge);
         let listener = bind(addr).await?;
         Ok(Self {
             runtime,

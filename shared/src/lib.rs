@@ -14,6 +14,8 @@
 pub mod auth;
 pub mod consumer;
 pub mod db;
+#[cfg(feature = "service")]
+pub mod edge;
 pub mod envelope;
 #[cfg(feature = "service")]
 pub mod http;

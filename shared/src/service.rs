@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::AdminAuth;
 use crate::consumer::{ConsumerRunner, ConsumerSpec, Handler};
 use crate::db::{default_sqlite_url, Database, DbError, DbOptions};
+use crate::edge::EdgeLimits;
 use crate::nats::{
     connect, ensure_stream, NatsError, NatsSettings, StreamSpec, DEFAULT_STREAM_MAX_BYTES,
 };
@@ -63,6 +64,8 @@ pub struct ServiceConfig {
     pub admin: AdminAuth,
     /// `STREAM_MAX_BYTES`: the bound of each stream the service provisions.
     pub stream_max_bytes: i64,
+    /// `HTTP_*` limits of the HTTP edge.
+    pub edge: EdgeLimits,
 }
 
 impl ServiceConfig {
@@ -91,6 +94,7 @@ impl ServiceConfig {
             db: DbOptions::default(),
             admin: AdminAuth::new(var("ADMIN_TOKEN")),
             stream_max_bytes: stream_max_bytes as i64,
+            edge: EdgeLimits::from_env()?,
         })
     }
 }
@@ -120,6 +124,8 @@ pub struct Runtime {
     pub shutdown: CancellationToken,
     /// Guard of the admin and seeding routes.
     pub admin: AdminAuth,
+    /// Limits of the HTTP edge.
+    pub edge: EdgeLimits,
     relay_health: RelayHealth,
     relay_stop: CancellationToken,
     relay_task: Option<tokio::task::JoinHandle<()>>,
@@ -164,6 +170,7 @@ impl Runtime {
             waker,
             shutdown: CancellationToken::new(),
             admin: config.admin.clone(),
+            edge: config.edge.clone(),
             relay_health,
             relay_stop,
             relay_task: Some(relay_task),
