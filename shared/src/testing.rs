@@ -2,8 +2,9 @@
 //! restartable on the same port and store, for fault injection), a throwaway Postgres, and a
 //! temporary SQLite file.
 //!
-//! Binaries are found through `NATS_SERVER_BIN` / `PG_BIN_DIR`, then `PATH`, then the project's
-//! `.tools/` folder where `scripts/install-deps.sh` puts them.
+//! nats-server (≥ 2.11) is `NATS_SERVER_BIN`, else the project's `.tools/bin` where
+//! `scripts/install-deps.sh` puts it, else `PATH`'s; Postgres binaries come from `PG_BIN_DIR` or the
+//! usual install directories.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -48,23 +49,67 @@ where
     }
 }
 
+/// The oldest nats-server the tests run against: they pause consumers, which 2.11 introduced. (The
+/// services alone accept [`crate::nats::MIN_SERVER_VERSION`].)
+pub const MIN_TEST_SERVER_VERSION: (u64, u64) = (2, 11);
+
+/// What `program --version` reports (`nats-server: v2.15.1` → `v2.15.1`), if it runs.
+fn reported_version(program: &Path) -> Option<String> {
+    let out = Command::new(program).arg("--version").output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    Some(
+        text.trim()
+            .trim_start_matches("nats-server:")
+            .trim()
+            .to_owned(),
+    )
+}
+
+fn new_enough(version: &str) -> bool {
+    crate::nats::server_version_at_least(version, MIN_TEST_SERVER_VERSION)
+}
+
+/// `NATS_SERVER_BIN` (which must be new enough), else the pinned one in `.tools/bin`, else PATH's,
+/// whichever is ≥ [`MIN_TEST_SERVER_VERSION`]. Looked up once per test process.
 fn nats_server_binary() -> PathBuf {
+    static CHOSEN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    CHOSEN.get_or_init(choose_nats_server).clone()
+}
+
+fn choose_nats_server() -> PathBuf {
+    let (major, minor) = MIN_TEST_SERVER_VERSION;
     if let Ok(p) = std::env::var("NATS_SERVER_BIN") {
-        return PathBuf::from(p);
+        let p = PathBuf::from(p);
+        match reported_version(&p) {
+            Some(v) if new_enough(&v) => return p,
+            found => panic!(
+                "NATS_SERVER_BIN={} is {}; the tests need nats-server >= {major}.{minor} \
+                 (scripts/install-deps.sh installs one into .tools/bin)",
+                p.display(),
+                found.as_deref().unwrap_or("not runnable")
+            ),
+        }
     }
-    let pinned = repo_root().join(".tools/bin/nats-server");
-    if pinned.exists() {
-        return pinned;
-    }
-    if let Ok(out) = Command::new("nats-server").arg("--version").output() {
-        let v = String::from_utf8_lossy(&out.stdout);
-        if crate::nats::check_server_version(v.trim().trim_start_matches("nats-server: ")).is_ok() {
-            return PathBuf::from("nats-server");
+    let mut seen = Vec::new();
+    for candidate in [
+        repo_root().join(".tools/bin/nats-server"),
+        PathBuf::from("nats-server"),
+    ] {
+        if let Some(v) = reported_version(&candidate) {
+            if new_enough(&v) {
+                return candidate;
+            }
+            seen.push(format!("{} is {v}", candidate.display()));
         }
     }
     panic!(
-        "no nats-server >= 2.10 found: run scripts/install-deps.sh (installs one into .tools/bin) \
-         or set NATS_SERVER_BIN"
+        "no nats-server >= {major}.{minor} found ({}): run scripts/install-deps.sh (installs one \
+         into .tools/bin) or set NATS_SERVER_BIN",
+        if seen.is_empty() {
+            "none at all".to_owned()
+        } else {
+            seen.join(", ")
+        }
     );
 }
 

@@ -1,9 +1,11 @@
 //! Bad input over every HTTP endpoint of the three services: malformed and truncated JSON, wrong
 //! types, boundary and overflowing numbers, huge bodies, unknown ids, wrong methods and content
-//! types. Never a 5xx, always `application/problem+json` for a 4xx, and nothing written.
+//! types. Never a 5xx, always `application/problem+json` for a 4xx, and nothing written. On SQLite
+//! and on Postgres: a database error from a value SQLite takes but Postgres refuses (or the reverse)
+//! would be a 5xx on one backend only.
 
 use event_toolkit::Backend;
-use saga_e2e::invariants::{check, wait_quiet};
+use saga_e2e::invariants::{check_allowing_no_orders, wait_quiet};
 use saga_e2e::{Service, System, SystemConfig, WAIT};
 use serde_json::Value;
 
@@ -130,9 +132,23 @@ async fn snapshot(s: &System) -> Vec<Value> {
     ]
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn no_bad_input_gets_a_5xx_or_writes_anything() {
-    let s = System::start(SystemConfig::new(Backend::Sqlite)).await;
+macro_rules! on_backends {
+    ($($backend:ident),* $(,)?) => {
+        $(mod $backend {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn no_bad_input_gets_a_5xx_or_writes_anything() {
+                super::no_bad_input_gets_a_5xx_or_writes_anything(on_backends!(@b $backend)).await
+            }
+        })*
+    };
+    (@b sqlite) => { event_toolkit::Backend::Sqlite };
+    (@b postgres) => { event_toolkit::Backend::Postgres };
+}
+
+on_backends!(sqlite, postgres);
+
+async fn no_bad_input_gets_a_5xx_or_writes_anything(backend: Backend) {
+    let s = System::start(SystemConfig::new(backend)).await;
     s.set_stock("WIDGET", 10).await;
     s.set_balance("alice", 100).await;
     let before = snapshot(&s).await;
@@ -144,14 +160,20 @@ async fn no_bad_input_gets_a_5xx_or_writes_anything() {
         let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
         for (label, body) in mutations(valid) {
             for content_type in ["application/json", "text/plain"] {
-                let r = s
+                let mut request = s
                     .http
                     .request(method.clone(), &url)
                     .header("content-type", content_type)
-                    .body(body.clone())
+                    .body(body.clone());
+                // A body over the limit is refused unread, and the server then drops the connection:
+                // not one to reuse for the next request.
+                if body.len() > 64 * 1024 {
+                    request = request.header("connection", "close");
+                }
+                let r = request
                     .send()
                     .await
-                    .expect("request");
+                    .unwrap_or_else(|e| panic!("{method} {path} [{label}, {content_type}]: {e:?}"));
                 tried += 1;
                 let status = r.status().as_u16();
                 let ct = r
@@ -232,5 +254,5 @@ async fn no_bad_input_gets_a_5xx_or_writes_anything() {
     assert!(tried > 150, "the generator produced too few cases: {tried}");
     assert_eq!(snapshot(&s).await, before, "nothing was written");
     wait_quiet(&s, WAIT).await;
-    check(&s).await.assert_clean();
+    check_allowing_no_orders(&s).await.assert_clean();
 }
