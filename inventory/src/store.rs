@@ -84,20 +84,37 @@ pub async fn get_product(pool: &AnyPool, sku: &str) -> Result<Option<Product>, s
         .transpose()
 }
 
-/// All products, by SKU.
-pub async fn list_products(pool: &AnyPool) -> Result<Vec<Product>, sqlx::Error> {
-    let rows = sqlx::query("SELECT sku, available, reserved, sold FROM products ORDER BY sku")
-        .fetch_all(pool)
-        .await?;
+/// Products by SKU, after SKU `after` if given; at most `limit`.
+pub async fn list_products(
+    pool: &AnyPool,
+    after: Option<&str>,
+    limit: i64,
+) -> Result<Vec<Product>, sqlx::Error> {
+    // Every SKU is non-empty, so "" starts before the first one.
+    let rows = sqlx::query(
+        "SELECT sku, available, reserved, sold FROM products WHERE sku > $1 ORDER BY sku LIMIT $2",
+    )
+    .bind(after.unwrap_or(""))
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
     rows.iter().map(product).collect()
 }
 
-/// The lines reserved for an order.
-pub async fn reservations(pool: &AnyPool, order_id: &str) -> Result<Vec<Reservation>, sqlx::Error> {
+/// The lines reserved for an order, by SKU, after SKU `after` if given; at most `limit`.
+pub async fn reservations(
+    pool: &AnyPool,
+    order_id: &str,
+    after: Option<&str>,
+    limit: i64,
+) -> Result<Vec<Reservation>, sqlx::Error> {
     let rows = sqlx::query(
-        "SELECT order_id, sku, quantity, status FROM reservations WHERE order_id = $1 ORDER BY sku",
+        "SELECT order_id, sku, quantity, status FROM reservations \
+         WHERE order_id = $1 AND sku > $2 ORDER BY sku LIMIT $3",
     )
     .bind(order_id)
+    .bind(after.unwrap_or(""))
+    .bind(limit)
     .fetch_all(pool)
     .await?;
     rows.iter()

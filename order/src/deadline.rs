@@ -14,9 +14,18 @@ pub const SWEEP_INTERVAL: Duration = Duration::from_millis(200);
 
 /// Cancel overdue orders until `shutdown`.
 pub async fn run(db: Database, waker: OutboxWaker, source: String, shutdown: CancellationToken) {
+    let mut sampled = std::time::Instant::now() - event_toolkit::observe::SAMPLE_INTERVAL;
     loop {
         if let Err(e) = sweep(&db, &waker, &source).await {
             tracing::warn!(error = %e, "deadline sweep failed; retrying");
+        }
+        if sampled.elapsed() >= event_toolkit::observe::SAMPLE_INTERVAL {
+            sampled = std::time::Instant::now();
+            match store::open_past_deadline(db.pool()).await {
+                // Normally 0: the sweep cancels them. Anything else is a stuck saga.
+                Ok(n) => metrics::gauge!("orders_open_past_deadline").set(n as f64),
+                Err(e) => tracing::debug!(error = %e, "open-past-deadline sample failed"),
+            }
         }
         tokio::select! {
             _ = tokio::time::sleep(SWEEP_INTERVAL) => {}
@@ -32,10 +41,16 @@ pub async fn sweep(db: &Database, waker: &OutboxWaker, source: &str) -> Result<u
         return Ok(0);
     }
     let mut tx = db.begin().await?;
-    for id in &ids {
-        store::apply(&mut tx, source, id, Happening::DeadlinePassed, None).await?;
-    }
+    let (applied, effects) = event_toolkit::deferred::collect(async {
+        for id in &ids {
+            store::apply(&mut tx, source, id, Happening::DeadlinePassed, None).await?;
+        }
+        Ok::<_, sqlx::Error>(())
+    })
+    .await;
+    applied?;
     waker.commit(tx).await?;
+    effects.run();
     tracing::info!(count = ids.len(), "orders past their deadline cancelled");
     Ok(ids.len())
 }

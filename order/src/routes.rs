@@ -2,12 +2,14 @@
 
 use std::time::Duration;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use event_toolkit::http::{ApiJson, Problem};
+use event_toolkit::http::{
+    bad_cursor, ApiJson, ApiPath, ApiQuery, Page, PageQuery, Problem, PROBLEM_JSON,
+};
 use event_toolkit::{Database, OutboxWaker};
 use serde::{Deserialize, Serialize};
 use utoipa::OpenApi;
@@ -44,17 +46,25 @@ pub fn router(state: AppState) -> Router {
 #[serde(deny_unknown_fields)]
 pub struct PlaceOrderRequest {
     /// Who pays.
+    #[schema(pattern = "^[A-Za-z0-9_.:@-]{1,64}$")]
     pub customer_id: String,
     /// Three-letter currency code.
+    #[schema(pattern = "^[A-Z]{3}$")]
     pub currency: String,
     /// One or more lines.
+    #[schema(min_items = 1, max_items = 100)]
     pub items: Vec<LineInput>,
 }
 
 /// Place an order: its saga starts. Same `Idempotency-Key` and body → the same order.
 #[utoipa::path(post, path = "/orders", request_body = PlaceOrderRequest,
-    params(("Idempotency-Key" = Option<String>, Header, description = "Makes retries safe")),
-    responses((status = 202, body = Order), (status = 400, body = Problem), (status = 422, body = Problem)))]
+    params(("Idempotency-Key" = Option<String>, Header, description = "Makes retries safe (1-200 visible ASCII characters)")),
+    responses(
+        (status = 202, description = "Accepted: the saga runs (or ran) for this order", body = Order,
+            headers(("Location" = String, description = "The order's URL"))),
+        (status = 400, description = "Malformed JSON or a bad Idempotency-Key", body = Problem, content_type = PROBLEM_JSON),
+        (status = 422, description = "Invalid order, or the Idempotency-Key was used with another body", body = Problem, content_type = PROBLEM_JSON),
+    ))]
 async fn place_order(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -131,10 +141,15 @@ fn parse_id(id: &str) -> Result<String, Problem> {
 }
 
 /// One order.
-#[utoipa::path(get, path = "/orders/{id}", responses((status = 200, body = Order), (status = 404, body = Problem)))]
+#[utoipa::path(get, path = "/orders/{id}",
+    params(("id" = String, Path, description = "Order id (UUID)")),
+    responses(
+        (status = 200, description = "The order", body = Order),
+        (status = 404, description = "No such order", body = Problem, content_type = PROBLEM_JSON),
+    ))]
 async fn get_order(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Order>, Problem> {
     let id = parse_id(&id)?;
     store::get(state.db.pool(), &id)
@@ -143,44 +158,63 @@ async fn get_order(
         .ok_or_else(|| Problem::not_found(format!("no order {id:?}")))
 }
 
-/// `GET /orders` query.
+/// `GET /orders` filter (paging is [`PageQuery`]).
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
-    /// PENDING, RESERVED, CONFIRMED or CANCELLED.
+    /// Only orders with this status.
+    #[param(value_type = Option<OrderStatus>)]
     status: Option<String>,
-    /// 1-1000, default 100.
-    limit: Option<String>,
 }
 
-/// Newest orders first.
-#[utoipa::path(get, path = "/orders", params(ListQuery), responses((status = 200, body = Vec<Order>), (status = 400, body = Problem)))]
+/// The cursor of the page after `order`: its creation time (µs) and id. Opaque to clients.
+fn order_cursor(order: &Order) -> String {
+    format!("{}.{}", order.created_at.timestamp_micros(), order.id)
+}
+
+fn parse_order_cursor(after: &str) -> Result<(i64, String), Problem> {
+    let (created, id) = after.split_once('.').ok_or_else(bad_cursor)?;
+    let created = created.parse::<i64>().map_err(|_| bad_cursor())?;
+    let id = Uuid::parse_str(id).map_err(|_| bad_cursor())?;
+    Ok((created, id.to_string()))
+}
+
+/// Orders, newest first, a page at a time.
+#[utoipa::path(get, path = "/orders", params(ListQuery, PageQuery),
+    responses(
+        (status = 200, description = "A page of orders; `next` is the cursor of the following page", body = Page<Order>),
+        (status = 400, description = "Bad `status`, `limit` or `after`", body = Problem, content_type = PROBLEM_JSON),
+    ))]
 async fn list_orders(
     State(state): State<AppState>,
-    Query(q): Query<ListQuery>,
-) -> Result<Json<Vec<Order>>, Problem> {
+    ApiQuery(q): ApiQuery<ListQuery>,
+    ApiQuery(page): ApiQuery<PageQuery>,
+) -> Result<Json<Page<Order>>, Problem> {
     let status = match q.status.as_deref() {
         None | Some("") => None,
         Some(s) => Some(OrderStatus::parse(s).ok_or_else(|| {
             Problem::bad_request("status must be PENDING, RESERVED, CONFIRMED or CANCELLED")
         })?),
     };
-    let limit = match q.limit.as_deref() {
-        None | Some("") => 100,
-        Some(l) => l
-            .parse::<i64>()
-            .ok()
-            .filter(|l| (1..=1000).contains(l))
-            .ok_or_else(|| Problem::bad_request("limit must be an integer from 1 to 1000"))?,
-    };
-    Ok(Json(store::list(state.db.pool(), status, limit).await?))
+    let limit = page.limit()?;
+    let after = page.after().map(parse_order_cursor).transpose()?;
+    let after = after.as_ref().map(|(created, id)| (*created, id.as_str()));
+    let rows = store::list(state.db.pool(), status, after, limit + 1).await?;
+    Ok(Json(Page::from_rows(rows, limit, order_cursor)))
 }
 
 /// Cancel: `202` while the saga runs, `200` if already cancelled, `409` once confirmed.
 #[utoipa::path(post, path = "/orders/{id}/cancel",
-    responses((status = 202, body = Order), (status = 200, body = Order), (status = 404, body = Problem), (status = 409, body = Problem)))]
+    params(("id" = String, Path, description = "Order id (UUID)")),
+    responses(
+        (status = 202, description = "Cancelling: the saga releases what it holds", body = Order),
+        (status = 200, description = "Already cancelled", body = Order),
+        (status = 404, description = "No such order", body = Problem, content_type = PROBLEM_JSON),
+        (status = 409, description = "Confirmed: it can no longer be cancelled", body = Problem, content_type = PROBLEM_JSON),
+    ))]
 async fn cancel_order(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Response, Problem> {
     let id = parse_id(&id)?;
     let mut tx = state.db.begin().await?;
@@ -222,5 +256,5 @@ async fn cancel_order(
 struct ApiDoc;
 
 async fn openapi() -> impl IntoResponse {
-    Json(ApiDoc::openapi())
+    Json(event_toolkit::http::document(ApiDoc::openapi()))
 }

@@ -47,6 +47,7 @@ impl Application {
             &events::streams(),
         )
         .await?;
+        describe_metrics();
         let source = runtime.source();
         let saga = SagaEvents {
             source: source.clone(),
@@ -96,4 +97,22 @@ pub async fn run_from_env() -> Result<(), StartError> {
         .await?
         .run_until_stopped()
         .await
+}
+
+/// Help texts of the saga metrics this service records (after the toolkit's recorder exists).
+fn describe_metrics() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(
+        "sagas_terminal_total",
+        "Sagas that ended, by status and (for cancellations) reason"
+    );
+    describe_histogram!(
+        "saga_duration_seconds",
+        Unit::Seconds,
+        "From order placed to CONFIRMED or CANCELLED"
+    );
+    describe_gauge!(
+        "orders_open_past_deadline",
+        "Unfinished orders past their deadline (normally 0: a stuck saga shows here)"
+    );
 }

@@ -70,26 +70,40 @@ pub async fn get(pool: &AnyPool, id: &str) -> Result<Option<Order>, sqlx::Error>
         .transpose()
 }
 
-/// Newest orders first, optionally with one status.
+/// Newest orders first (by creation time, then id), optionally with one status, starting after the
+/// order `after` = (its `created_at` in microseconds, its id) if given; at most `limit`.
 pub async fn list(
     pool: &AnyPool,
     status: Option<OrderStatus>,
+    after: Option<(i64, &str)>,
     limit: i64,
 ) -> Result<Vec<Order>, sqlx::Error> {
+    // Keyset: a page never skips or repeats an order, however many orders come before it.
+    // Written without a row-value comparison so the created_at_us index bounds the scan.
+    let (created, id) = after.unwrap_or((i64::MAX, ""));
+    let keyset = "created_at_us <= $1 AND (created_at_us < $1 OR id < $2)";
+    let order = "ORDER BY created_at_us DESC, id DESC";
     let rows = match status {
         Some(s) => {
-            let sql = format!("SELECT {COLUMNS} FROM orders WHERE status = $1 ORDER BY created_at_us DESC, id DESC LIMIT $2");
+            let sql = format!(
+                "SELECT {COLUMNS} FROM orders WHERE {keyset} AND status = $3 {order} LIMIT $4"
+            );
             sqlx::query(&sql)
+                .bind(created)
+                .bind(id)
                 .bind(s.as_str())
                 .bind(limit)
                 .fetch_all(pool)
                 .await?
         }
         None => {
-            let sql = format!(
-                "SELECT {COLUMNS} FROM orders ORDER BY created_at_us DESC, id DESC LIMIT $1"
-            );
-            sqlx::query(&sql).bind(limit).fetch_all(pool).await?
+            let sql = format!("SELECT {COLUMNS} FROM orders WHERE {keyset} {order} LIMIT $3");
+            sqlx::query(&sql)
+                .bind(created)
+                .bind(id)
+                .bind(limit)
+                .fetch_all(pool)
+                .await?
         }
     };
     rows.iter().map(from_row).collect()
@@ -272,7 +286,22 @@ pub async fn apply(
         updated_at: Utc::now(),
         ..order
     };
+    if matches!(decision, Decision::Confirm | Decision::Cancel(_)) {
+        record_terminal(&updated);
+    }
     Ok(Applied::Decided(decision, updated))
+}
+
+/// How many unfinished orders are past their deadline by more than a sweep's slack.
+pub async fn open_past_deadline(pool: &AnyPool) -> Result<i64, sqlx::Error> {
+    let slack = 2 * crate::deadline::SWEEP_INTERVAL.as_micros() as i64;
+    sqlx::query(
+        "SELECT COUNT(*) FROM orders WHERE status IN ('PENDING', 'RESERVED') AND deadline_at_us <= $1",
+    )
+    .bind(now_micros() - slack)
+    .fetch_one(pool)
+    .await?
+    .try_get(0)
 }
 
 /// Ids of unfinished orders whose deadline has passed, oldest deadline first.
@@ -286,4 +315,20 @@ pub async fn overdue(pool: &AnyPool, limit: i64) -> Result<Vec<String>, sqlx::Er
     .fetch_all(pool)
     .await?;
     rows.iter().map(|r| r.try_get(0)).collect()
+}
+
+/// Count a saga's end once its transaction commits: `sagas_terminal_total{status, reason}` and
+/// `saga_duration_seconds{status}` (placed → terminal).
+fn record_terminal(order: &Order) {
+    let status = order.status.as_str();
+    let reason = order.reason.map_or("", |r| r.as_str());
+    let took = (order.updated_at - order.created_at)
+        .to_std()
+        .unwrap_or_default()
+        .as_secs_f64();
+    event_toolkit::deferred::after_commit(move || {
+        metrics::counter!("sagas_terminal_total", "status" => status, "reason" => reason)
+            .increment(1);
+        metrics::histogram!("saga_duration_seconds", "status" => status).record(took);
+    });
 }

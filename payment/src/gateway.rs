@@ -108,15 +108,39 @@ impl failsafe::Instrument for CircuitWatch {
             w.state = CircuitState::Open;
             w.open_until = Instant::now() + w.open_for;
         });
+        circuit_gauge(2.0);
     }
 
     fn on_half_open(&self) {
         self.with(|w| w.state = CircuitState::HalfOpen);
+        circuit_gauge(1.0);
     }
 
     fn on_closed(&self) {
         self.with(|w| w.state = CircuitState::Closed);
+        circuit_gauge(0.0);
     }
+}
+
+/// Help texts of the provider metrics (after the toolkit's recorder exists).
+pub fn describe_metrics() {
+    metrics::describe_counter!(
+        "payment_provider_calls_total",
+        "Calls to the payment provider by outcome (approved, declined, unavailable, timeout, circuit_open)"
+    );
+    metrics::describe_gauge!(
+        "payment_circuit_breaker_state",
+        "Circuit breaker in front of the provider: 0 closed, 1 half-open, 2 open"
+    );
+    metrics::describe_gauge!(
+        "payment_bulkhead_in_use",
+        "Provider calls holding a bulkhead slot"
+    );
+}
+
+/// `payment_circuit_breaker_state`: 0 closed, 1 half-open, 2 open.
+fn circuit_gauge(state: f64) {
+    metrics::gauge!("payment_circuit_breaker_state").set(state);
 }
 
 /// How the simulated provider behaves.
@@ -246,6 +270,8 @@ impl<G: PaymentGateway> ResilientGateway<G> {
         );
         let watch = inner.circuit_watch();
         watch.with(|w| w.open_for = config.breaker_open_for);
+        circuit_gauge(0.0);
+        metrics::gauge!("payment_bulkhead_in_use").set(0.0);
         Self {
             inner,
             bulkhead: Semaphore::new(config.max_concurrent.max(1)),
@@ -257,6 +283,12 @@ impl<G: PaymentGateway> ResilientGateway<G> {
         }
     }
 
+    /// `payment_bulkhead_in_use`: provider calls holding a bulkhead slot.
+    fn bulkhead_gauge(&self) {
+        let in_use = self.config.max_concurrent.max(1) - self.bulkhead.available_permits();
+        metrics::gauge!("payment_bulkhead_in_use").set(in_use as f64);
+    }
+
     /// Whether the circuit currently lets calls through.
     pub fn circuit_closed(&self) -> bool {
         self.breaker.is_call_permitted()
@@ -264,13 +296,23 @@ impl<G: PaymentGateway> ResilientGateway<G> {
 
     /// Charge with all protections; maps the outcome to what the saga needs.
     pub async fn charge(&self, charge: &Charge) -> ProviderAnswer {
-        let Ok(_permit) = self.bulkhead.acquire().await else {
+        let Ok(permit) = self.bulkhead.acquire().await else {
             return ProviderAnswer::Unavailable;
         };
+        self.bulkhead_gauge();
         let attempt = || async {
             // Declines are answers, not failures: they must not trip the breaker.
             let call = async {
-                match tokio::time::timeout(self.config.timeout, self.inner.charge(charge)).await {
+                let outcome =
+                    tokio::time::timeout(self.config.timeout, self.inner.charge(charge)).await;
+                let label = match &outcome {
+                    Ok(Ok(())) => "approved",
+                    Ok(Err(GatewayError::Declined)) => "declined",
+                    Ok(Err(GatewayError::Unavailable(_))) => "unavailable",
+                    Err(_) => "timeout",
+                };
+                metrics::counter!("payment_provider_calls_total", "outcome" => label).increment(1);
+                match outcome {
                     Ok(r) => r,
                     Err(_) => Err(GatewayError::Unavailable("timed out".into())),
                 }
@@ -286,6 +328,8 @@ impl<G: PaymentGateway> ResilientGateway<G> {
                 Ok(()) => Ok(()),
                 Err(failsafe::Error::Inner(e)) => Err(e),
                 Err(failsafe::Error::Rejected) => {
+                    metrics::counter!("payment_provider_calls_total", "outcome" => "circuit_open")
+                        .increment(1);
                     Err(GatewayError::Unavailable("circuit open".into()))
                 }
             }
@@ -300,6 +344,8 @@ impl<G: PaymentGateway> ResilientGateway<G> {
             // Retry only what may heal; an open circuit fails fast.
             .when(|e| matches!(e, GatewayError::Unavailable(m) if m != "circuit open"))
             .await;
+        drop(permit);
+        self.bulkhead_gauge();
         match result {
             Ok(()) => ProviderAnswer::Approved,
             Err(GatewayError::Declined) => ProviderAnswer::Declined,

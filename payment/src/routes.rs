@@ -2,12 +2,14 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::response::IntoResponse;
 use axum::routing::{get, put};
 use axum::{Json, Router};
 use event_toolkit::auth::AdminAuth;
-use event_toolkit::http::{ApiJson, Problem};
+use event_toolkit::http::{
+    bad_cursor, ApiJson, ApiPath, ApiQuery, Page, PageQuery, Problem, PROBLEM_JSON,
+};
 use event_toolkit::Database;
 use serde::{Deserialize, Serialize};
 use utoipa::OpenApi;
@@ -46,8 +48,10 @@ pub fn router(state: AppState, admin: &AdminAuth) -> Router {
 #[serde(deny_unknown_fields)]
 pub struct SetAccount {
     /// Balance in minor units (≥ 0).
+    #[schema(minimum = 0, maximum = 1_000_000_000_000_000_i64)]
     pub balance_minor: i64,
     /// Three capital letters.
+    #[schema(pattern = "^[A-Z]{3}$")]
     pub currency: String,
 }
 
@@ -60,11 +64,18 @@ fn valid_customer(id: &str) -> bool {
 }
 
 /// Set a customer's balance, creating the account.
-#[utoipa::path(put, path = "/accounts/{customer_id}", request_body = SetAccount,
-    responses((status = 200, body = Account), (status = 409, body = Problem), (status = 422, body = Problem)))]
+#[utoipa::path(put, path = "/accounts/{customer_id}", request_body = SetAccount, security(("admin_token" = [])),
+    params(("customer_id" = String, Path, pattern = "^[A-Za-z0-9_.:@-]{1,64}$",
+        description = "1-64 letters, digits, '-', '_', '.', ':' or '@'")),
+    responses(
+        (status = 200, description = "The account with its new balance", body = Account),
+        (status = 400, description = "Malformed JSON", body = Problem, content_type = PROBLEM_JSON),
+        (status = 409, description = "The account exists in another currency", body = Problem, content_type = PROBLEM_JSON),
+        (status = 422, description = "Bad customer id, balance or currency", body = Problem, content_type = PROBLEM_JSON),
+    ))]
 async fn put_account(
     State(state): State<AppState>,
-    Path(customer_id): Path<String>,
+    ApiPath(customer_id): ApiPath<String>,
     ApiJson(body): ApiJson<SetAccount>,
 ) -> Result<Json<Account>, Problem> {
     if !valid_customer(&customer_id) {
@@ -96,10 +107,15 @@ async fn put_account(
 }
 
 /// One account.
-#[utoipa::path(get, path = "/accounts/{customer_id}", responses((status = 200, body = Account), (status = 404, body = Problem)))]
+#[utoipa::path(get, path = "/accounts/{customer_id}",
+    params(("customer_id" = String, Path, description = "The customer")),
+    responses(
+        (status = 200, description = "The account", body = Account),
+        (status = 404, description = "No such account", body = Problem, content_type = PROBLEM_JSON),
+    ))]
 async fn get_account(
     State(state): State<AppState>,
-    Path(customer_id): Path<String>,
+    ApiPath(customer_id): ApiPath<String>,
 ) -> Result<Json<Account>, Problem> {
     if !valid_customer(&customer_id) {
         return Err(Problem::not_found(format!("no account {customer_id:?}")));
@@ -110,26 +126,40 @@ async fn get_account(
         .ok_or_else(|| Problem::not_found(format!("no account {customer_id:?}")))
 }
 
-/// `GET /payments` query.
+/// `GET /payments` filter (paging is [`PageQuery`]).
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct PaymentQuery {
-    /// The order.
+    /// The order (required).
+    #[param(required = true, min_length = 1, max_length = 64)]
     order_id: Option<String>,
 }
 
-/// An order's payments.
-#[utoipa::path(get, path = "/payments", params(PaymentQuery), responses((status = 200, body = Vec<Payment>), (status = 400, body = Problem)))]
+/// An order's payments (at most one), a page at a time like every list.
+#[utoipa::path(get, path = "/payments", params(PaymentQuery, PageQuery),
+    responses(
+        (status = 200, description = "A page of the order's payments", body = Page<Payment>),
+        (status = 400, description = "Missing `order_id`, or bad `limit` or `after`", body = Problem, content_type = PROBLEM_JSON),
+    ))]
 async fn list_payments(
     State(state): State<AppState>,
-    Query(q): Query<PaymentQuery>,
-) -> Result<Json<Vec<Payment>>, Problem> {
+    ApiQuery(q): ApiQuery<PaymentQuery>,
+    ApiQuery(page): ApiQuery<PageQuery>,
+) -> Result<Json<Page<Payment>>, Problem> {
     let order_id = q
         .order_id
         .filter(|o| !o.is_empty() && o.len() <= 64)
         .ok_or_else(|| {
             Problem::bad_request("order_id query parameter (1-64 characters) is required")
         })?;
-    Ok(Json(store::payments_for(state.db.pool(), &order_id).await?))
+    let limit = page.limit()?;
+    // The cursor is the last order id of a page.
+    let after = match page.after() {
+        Some(a) if a.len() > 64 => return Err(bad_cursor()),
+        after => after,
+    };
+    let rows = store::payments_for(state.db.pool(), &order_id, after, limit + 1).await?;
+    Ok(Json(Page::from_rows(rows, limit, |p| p.order_id.clone())))
 }
 
 /// `PUT /admin/gateway` body and `GET` answer.
@@ -141,8 +171,12 @@ pub struct GatewaySetting {
 }
 
 /// Switch the simulated provider.
-#[utoipa::path(put, path = "/admin/gateway", request_body = GatewaySetting,
-    responses((status = 200, body = GatewaySetting), (status = 422, body = Problem)))]
+#[utoipa::path(put, path = "/admin/gateway", request_body = GatewaySetting, security(("admin_token" = [])),
+    responses(
+        (status = 200, description = "The provider's new mode", body = GatewaySetting),
+        (status = 400, description = "Malformed JSON", body = Problem, content_type = PROBLEM_JSON),
+        (status = 422, description = "Unknown mode", body = Problem, content_type = PROBLEM_JSON),
+    ))]
 async fn put_gateway(
     State(state): State<AppState>,
     ApiJson(body): ApiJson<GatewaySetting>,
@@ -164,7 +198,8 @@ pub struct GatewayStatus {
 }
 
 /// The simulated provider's mode and the circuit in front of it.
-#[utoipa::path(get, path = "/admin/gateway", responses((status = 200, body = GatewayStatus)))]
+#[utoipa::path(get, path = "/admin/gateway", security(("admin_token" = [])),
+    responses((status = 200, description = "Mode and circuit state", body = GatewayStatus)))]
 async fn get_gateway(State(state): State<AppState>) -> Json<GatewayStatus> {
     Json(GatewayStatus {
         mode: state.gateway.mode(),
@@ -193,5 +228,5 @@ async fn get_gateway(State(state): State<AppState>) -> Json<GatewayStatus> {
 struct ApiDoc;
 
 async fn openapi() -> impl IntoResponse {
-    Json(ApiDoc::openapi())
+    Json(event_toolkit::http::document(ApiDoc::openapi()))
 }

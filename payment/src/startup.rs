@@ -62,6 +62,7 @@ impl Application {
             &events::streams(),
         )
         .await?;
+        crate::gateway::describe_metrics();
         let simulated =
             SimulatedGateway::new(settings.gateway_latency, settings.decline_over_minor);
         let resilience = ResilienceConfig::default();

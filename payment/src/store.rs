@@ -139,10 +139,24 @@ fn payment(r: &AnyRow) -> Result<Payment, sqlx::Error> {
     })
 }
 
-/// Payments of an order (at most one).
-pub async fn payments_for(pool: &AnyPool, order_id: &str) -> Result<Vec<Payment>, sqlx::Error> {
-    let sql = format!("SELECT {PAYMENT_COLUMNS} FROM payments WHERE order_id = $1");
-    let rows = sqlx::query(&sql).bind(order_id).fetch_all(pool).await?;
+/// Payments of an order (at most one), by order id, after `after` if given; at most `limit`.
+pub async fn payments_for(
+    pool: &AnyPool,
+    order_id: &str,
+    after: Option<&str>,
+    limit: i64,
+) -> Result<Vec<Payment>, sqlx::Error> {
+    // One payment per order today; listed like every other list (by key, after a cursor).
+    let sql = format!(
+        "SELECT {PAYMENT_COLUMNS} FROM payments WHERE order_id = $1 AND order_id > $2 \
+         ORDER BY order_id LIMIT $3"
+    );
+    let rows = sqlx::query(&sql)
+        .bind(order_id)
+        .bind(after.unwrap_or(""))
+        .bind(limit)
+        .fetch_all(pool)
+        .await?;
     rows.iter().map(payment).collect()
 }
 

@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::db::{now_micros, Database};
+use crate::deferred::{collect, Deferred};
 use crate::envelope::{DecodeError, Envelope, Origin};
 use crate::outbox::OutboxWaker;
 
@@ -134,6 +135,7 @@ pub async fn record_once(
 
 /// A message that can never be applied, kept with its payload and the reason.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[cfg_attr(feature = "service", derive(utoipa::ToSchema))]
 pub struct DeadLetter {
     /// Row id.
     pub id: i64,
@@ -161,10 +163,20 @@ pub struct DeadLetter {
 
 /// The most recent dead letters, newest first.
 pub async fn dead_letters(db: &Database, limit: i64) -> Result<Vec<DeadLetter>, sqlx::Error> {
+    dead_letters_before(db, None, limit).await
+}
+
+/// Dead letters newest first, starting below row id `before` (a cursor) if given, at most `limit`.
+pub async fn dead_letters_before(
+    db: &Database,
+    before: Option<i64>,
+    limit: i64,
+) -> Result<Vec<DeadLetter>, sqlx::Error> {
     let rows = sqlx::query(
         "SELECT id, consumer, stream, stream_sequence, subject, headers, payload, event_id, reason, \
-         delivered, created_at_us FROM dead_letters ORDER BY id DESC LIMIT $1",
+         delivered, created_at_us FROM dead_letters WHERE id < $1 ORDER BY id DESC LIMIT $2",
     )
+    .bind(before.unwrap_or(i64::MAX))
     .bind(limit)
     .fetch_all(db.pool())
     .await?;
@@ -189,6 +201,26 @@ pub async fn dead_letters(db: &Database, limit: i64) -> Result<Vec<DeadLetter>, 
         .collect()
 }
 
+/// What became of one message, for `consumer_messages_total{outcome}`.
+#[derive(Debug, Clone, Copy)]
+enum Outcome {
+    Applied,
+    Duplicate,
+    Retried,
+    DeadLettered,
+}
+
+impl Outcome {
+    fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Applied => "applied",
+            Outcome::Duplicate => "duplicate",
+            Outcome::Retried => "retried",
+            Outcome::DeadLettered => "dead_lettered",
+        }
+    }
+}
+
 /// What to tell the server about one message once the batch's transaction is settled.
 #[derive(Debug, Clone, Copy)]
 enum Verdict {
@@ -205,6 +237,9 @@ pub struct ConsumerRunner<H> {
     handler: Arc<H>,
     waker: OutboxWaker,
     also_wake: Vec<OutboxWaker>,
+    /// Metric labels, leaked once per consumer (a handful per process) so recording allocates nothing.
+    durable_label: &'static str,
+    type_labels: Vec<&'static str>,
 }
 
 impl<H: Handler> ConsumerRunner<H> {
@@ -216,7 +251,16 @@ impl<H: Handler> ConsumerRunner<H> {
         handler: H,
         waker: OutboxWaker,
     ) -> Self {
+        let durable_label: &'static str = Box::leak(spec.durable.clone().into_boxed_str());
+        let type_labels = spec
+            .filter_subjects
+            .iter()
+            .filter(|s| !s.contains(['*', '>']))
+            .map(|s| &*Box::leak(s.clone().into_boxed_str()))
+            .collect();
         Self {
+            durable_label,
+            type_labels,
             spec,
             db,
             js: async_nats::jetstream::new(client),
@@ -306,6 +350,8 @@ impl<H: Handler> ConsumerRunner<H> {
             Err(e) => {
                 // Nothing was committed: every message comes back later.
                 tracing::warn!(consumer = %self.spec.durable, error = %e, "batch transaction failed; redelivering");
+                metrics::counter!("consumer_messages_total", "consumer" => self.durable_label, "event_type" => "other", "outcome" => "retried")
+                    .increment(batch.len() as u64);
                 batch
                     .iter()
                     .map(|m| Verdict::Nak(nak_delay(delivered(m))))
@@ -356,6 +402,8 @@ impl<H: Handler> ConsumerRunner<H> {
     ) -> Result<Option<Vec<Verdict>>, sqlx::Error> {
         let mut tx = self.db.begin().await?;
         let mut verdicts = Vec::with_capacity(batch.len());
+        // Metrics and handlers' deferred effects of what commits with this transaction.
+        let mut effects = Deferred::default();
         for msg in batch {
             let meta = MessageMeta::of(msg);
             let decoded = if msg.payload.len() > self.spec.max_event_bytes {
@@ -372,6 +420,7 @@ impl<H: Handler> ConsumerRunner<H> {
                 Err(HandlerError::Permanent(reason) | HandlerError::Transient(reason)) => {
                     tracing::warn!(consumer = %self.spec.durable, subject = %msg.subject, %reason, "undecodable; dead-lettering");
                     self.dead_letter(&mut tx, msg, &meta, None, &reason).await?;
+                    self.count(&mut effects, "other", Outcome::DeadLettered, None);
                     verdicts.push(Verdict::Term);
                     continue;
                 }
@@ -384,10 +433,12 @@ impl<H: Handler> ConsumerRunner<H> {
                 correlation_id = event.correlationid.as_deref().unwrap_or(""),
                 delivered = meta.delivered,
             );
+            let event_type = self.type_label(&event.event_type);
             if !isolated {
                 match record_once(&mut tx, &self.spec.durable, &event).await {
                     Ok(true) => {}
                     Ok(false) => {
+                        self.count(&mut effects, event_type, Outcome::Duplicate, None);
                         verdicts.push(Verdict::Ack);
                         continue;
                     }
@@ -396,37 +447,57 @@ impl<H: Handler> ConsumerRunner<H> {
                         return Ok(None);
                     }
                 }
-                let outcome = self
-                    .handler
-                    .handle(&mut tx, &event)
-                    .instrument(span.clone())
-                    .await;
+                let started = std::time::Instant::now();
+                let (outcome, deferred) = collect(
+                    self.handler
+                        .handle(&mut tx, &event)
+                        .instrument(span.clone()),
+                )
+                .await;
                 if outcome.is_err() {
                     tx.rollback().await?;
                     return Ok(None);
                 }
+                effects.extend(deferred);
+                self.count(
+                    &mut effects,
+                    event_type,
+                    Outcome::Applied,
+                    Some(started.elapsed()),
+                );
                 verdicts.push(Verdict::Ack);
                 continue;
             }
             let mut sp = sqlx::Connection::begin(&mut *tx).await?;
-            let outcome = match record_once(&mut sp, &self.spec.durable, &event).await {
+            let started = std::time::Instant::now();
+            let (outcome, deferred) = match record_once(&mut sp, &self.spec.durable, &event).await {
                 Ok(false) => {
                     sp.commit().await?;
                     tracing::debug!(parent: &span, "duplicate; skipped");
+                    self.count(&mut effects, event_type, Outcome::Duplicate, None);
                     verdicts.push(Verdict::Ack);
                     continue;
                 }
                 Ok(true) => {
-                    self.handler
-                        .handle(&mut sp, &event)
-                        .instrument(span.clone())
-                        .await
+                    collect(
+                        self.handler
+                            .handle(&mut sp, &event)
+                            .instrument(span.clone()),
+                    )
+                    .await
                 }
-                Err(e) => Err(HandlerError::from(e)),
+                Err(e) => (Err(HandlerError::from(e)), Deferred::default()),
             };
             match outcome {
                 Ok(()) => {
                     sp.commit().await?;
+                    effects.extend(deferred);
+                    self.count(
+                        &mut effects,
+                        event_type,
+                        Outcome::Applied,
+                        Some(started.elapsed()),
+                    );
                     verdicts.push(Verdict::Ack);
                 }
                 Err(HandlerError::Permanent(reason)) => {
@@ -434,6 +505,7 @@ impl<H: Handler> ConsumerRunner<H> {
                     tracing::warn!(parent: &span, %reason, "dead-lettering");
                     self.dead_letter(&mut tx, msg, &meta, Some(&event.id), &reason)
                         .await?;
+                    self.count(&mut effects, event_type, Outcome::DeadLettered, None);
                     verdicts.push(Verdict::Term);
                 }
                 Err(HandlerError::Transient(reason)) => {
@@ -444,16 +516,51 @@ impl<H: Handler> ConsumerRunner<H> {
                         tracing::warn!(parent: &span, %reason, "dead-lettering");
                         self.dead_letter(&mut tx, msg, &meta, Some(&event.id), &reason)
                             .await?;
+                        self.count(&mut effects, event_type, Outcome::DeadLettered, None);
                         verdicts.push(Verdict::Term);
                     } else {
                         tracing::info!(parent: &span, %reason, "transient failure; will retry");
+                        self.count(&mut effects, event_type, Outcome::Retried, None);
                         verdicts.push(Verdict::Nak(nak_delay(meta.delivered)));
                     }
                 }
             }
         }
         tx.commit().await?;
+        effects.run();
         Ok(Some(verdicts))
+    }
+
+    /// The `event_type` label: a type this consumer subscribes to by name, else `other`, so
+    /// whatever a publisher makes up cannot grow the label set.
+    fn type_label(&self, event_type: &str) -> &'static str {
+        self.type_labels
+            .iter()
+            .find(|t| **t == event_type)
+            .copied()
+            .unwrap_or("other")
+    }
+
+    /// Count one message's outcome once the transaction commits.
+    fn count(
+        &self,
+        effects: &mut Deferred,
+        event_type: &'static str,
+        outcome: Outcome,
+        took: Option<Duration>,
+    ) {
+        let consumer = self.durable_label;
+        effects.push(move || {
+            metrics::counter!("consumer_messages_total", "consumer" => consumer, "event_type" => event_type, "outcome" => outcome.as_str())
+                .increment(1);
+            if let Some(took) = took {
+                metrics::histogram!("consumer_handler_duration_seconds", "consumer" => consumer, "event_type" => event_type)
+                    .record(took.as_secs_f64());
+            }
+            if matches!(outcome, Outcome::DeadLettered) {
+                metrics::counter!("dead_lettered_total", "consumer" => consumer).increment(1);
+            }
+        });
     }
 
     async fn dead_letter(
@@ -464,8 +571,6 @@ impl<H: Handler> ConsumerRunner<H> {
         event_id: Option<&str>,
         reason: &str,
     ) -> Result<(), sqlx::Error> {
-        metrics::counter!("consumer_dead_letters_total", "consumer" => self.spec.durable.clone())
-            .increment(1);
         sqlx::query(
             "INSERT INTO dead_letters (consumer, stream, stream_sequence, subject, headers, payload, \
              event_id, reason, delivered, created_at_us) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10) \

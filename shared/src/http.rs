@@ -2,7 +2,8 @@
 //! problems too, size limits, health/readiness/dead-letter routes and graceful serving.
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{FromRequest, Query, Request, State};
+use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request, State};
+use axum::http::request::Parts;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -120,6 +121,188 @@ fn json_problem(rejection: JsonRejection) -> Problem {
     Problem::new(status, slug, rejection.body_text())
 }
 
+/// `Query<T>` whose rejection (a query string that does not fit `T`, a repeated parameter) is a
+/// 400 problem.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ApiQuery<T>(pub T);
+
+impl<T, S> FromRequestParts<S> for ApiQuery<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match Query::<T>::from_request_parts(parts, state).await {
+            Ok(Query(v)) => Ok(ApiQuery(v)),
+            Err(r) => Err(Problem::new(r.status(), "bad-query", r.body_text())),
+        }
+    }
+}
+
+/// `Path<T>` whose rejection (a segment that is not UTF-8 once decoded, or does not fit `T`) is a
+/// problem.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ApiPath<T>(pub T);
+
+impl<T, S> FromRequestParts<S> for ApiPath<T>
+where
+    T: DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match Path::<T>::from_request_parts(parts, state).await {
+            Ok(Path(v)) => Ok(ApiPath(v)),
+            Err(r) => Err(Problem::new(r.status(), "bad-path", r.body_text())),
+        }
+    }
+}
+
+/// Media type of every error answer.
+pub const PROBLEM_JSON: &str = "application/problem+json";
+
+/// Name of the bearer scheme that admin and seeding routes require in every OpenAPI document:
+/// annotate such a route with `security(("admin_token" = []))`.
+pub const ADMIN_SECURITY: &str = "admin_token";
+
+/// Answer of the un-park routes.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Unparked {
+    /// Rows put back in line.
+    pub unparked: u64,
+}
+
+/// The service's own OpenAPI document served at `GET /openapi.json`.
+#[utoipa::path(get, path = "/openapi.json", tag = "probes",
+    responses((status = 200, description = "This document", body = Object)))]
+#[allow(dead_code)]
+fn openapi_json() {}
+
+/// The routes every service gets from [`finish_router`].
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    paths(
+        healthz,
+        readyz,
+        openapi_json,
+        dead_letters,
+        stats,
+        parked_rows,
+        unpark_all,
+        unpark_one
+    ),
+    components(schemas(Problem, Unparked))
+)]
+struct ToolkitApi;
+
+/// A service's OpenAPI document completed with what every service shares, so the document
+/// describes every answer:
+/// - the routes of [`finish_router`] and the admin bearer scheme ([`ADMIN_SECURITY`]);
+/// - 401 and 403 problems on every route that requires it;
+/// - 400, 413, 415 and 422 problems on every route with a JSON body ([`ApiJson`] rejections);
+/// - 400 problems on every route with path or query parameters ([`ApiPath`], [`ApiQuery`]);
+/// - 503 problems on every route but the probes: load shedding, the request timeout and storage
+///   trouble answer it, with `Retry-After`.
+///
+/// Unknown paths answer a 404 problem and unknown methods a 405 problem.
+pub fn document(service: utoipa::openapi::OpenApi) -> utoipa::openapi::OpenApi {
+    use utoipa::openapi::path::ParameterIn;
+    use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+    use utoipa::OpenApi as _;
+
+    let mut doc = service.merge_from(ToolkitApi::openapi());
+    doc.components
+        .get_or_insert_with(Default::default)
+        .add_security_scheme(
+        ADMIN_SECURITY,
+        SecurityScheme::Http(
+            HttpBuilder::new()
+                .scheme(HttpAuthScheme::Bearer)
+                .description(Some(
+                    "`Authorization: Bearer <ADMIN_TOKEN>`: missing or wrong is 401; a service \
+                         started without ADMIN_TOKEN answers 403",
+                ))
+                .build(),
+        ),
+    );
+    for (path, item) in doc.paths.paths.iter_mut() {
+        let probe = matches!(path.as_str(), "/healthz" | "/readyz");
+        for op in [
+            &mut item.get,
+            &mut item.put,
+            &mut item.post,
+            &mut item.delete,
+            &mut item.patch,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let admin = op.security.as_ref().is_some_and(|s| !s.is_empty());
+            let has_params = |kind: ParameterIn| {
+                op.parameters
+                    .iter()
+                    .flatten()
+                    .any(|p| p.parameter_in == kind)
+            };
+            let (path_params, query_params) = (
+                has_params(ParameterIn::Path),
+                has_params(ParameterIn::Query),
+            );
+            let mut add = |status: &str, description: &str| {
+                op.responses
+                    .responses
+                    .entry(status.to_owned())
+                    .or_insert_with(|| problem_response(description).into());
+            };
+            if path_params {
+                add("400", "A path segment is not valid UTF-8 once decoded");
+            }
+            if query_params {
+                add("400", "A query parameter is malformed or repeated");
+            }
+            if admin {
+                add("401", "Missing or wrong bearer token");
+                add(
+                    "403",
+                    "Admin routes are disabled: the service has no ADMIN_TOKEN",
+                );
+            }
+            if op.request_body.is_some() {
+                add("400", "Malformed JSON");
+                add("413", "Body larger than 64 KiB");
+                add("415", "Content-Type is not application/json");
+                add(
+                    "422",
+                    "The body does not have the documented shape, or breaks a rule",
+                );
+            }
+            if !probe {
+                add(
+                    "503",
+                    "Overloaded, timed out, or storage unavailable; retry after `Retry-After`",
+                );
+            }
+        }
+    }
+    doc
+}
+
+fn problem_response(description: &str) -> utoipa::openapi::Response {
+    use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+    ResponseBuilder::new()
+        .description(description)
+        .content(
+            PROBLEM_JSON,
+            ContentBuilder::new()
+                .schema(Some(Ref::from_schema_name("Problem")))
+                .build(),
+        )
+        .build()
+}
+
 /// Body limit, problem-shaped 404/405, and the probes every service serves:
 /// `GET /healthz`, `GET /readyz`, and behind the admin token `GET /admin/dead-letters`,
 /// `GET /admin/stats`.
@@ -154,8 +337,15 @@ pub fn finish_router(
                 "method not allowed on this resource",
             )
         })
+        .route("/metrics", get(crate::observe::render))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .layer(tower_http::trace::TraceLayer::new_for_http())
+        // Outermost last: a request id is set (or kept from the caller) first, then the access
+        // log and metrics see it, and the answer carries it back.
+        .layer(axum::middleware::from_fn(crate::observe::track_http))
+        .layer(tower_http::request_id::PropagateRequestIdLayer::x_request_id())
+        .layer(tower_http::request_id::SetRequestIdLayer::x_request_id(
+            tower_http::request_id::MakeRequestUuid,
+        ))
 }
 
 /// Liveness: the process answers HTTP.
@@ -182,7 +372,7 @@ async fn readyz(State(r): State<Readiness>) -> Response {
 }
 
 /// Counters for benchmarks and operators: write transactions begun, outbox rows by state.
-#[utoipa::path(get, path = "/admin/stats", tag = "admin", security((ADMIN_SECURITY = [])),
+#[utoipa::path(get, path = "/admin/stats", tag = "admin", security(("admin_token" = [])),
     responses((status = 200, description = "Counters", body = Object)))]
 async fn stats(State(r): State<Readiness>) -> Result<impl IntoResponse, Problem> {
     let outbox = crate::outbox::stats(r.db()).await?;
@@ -193,7 +383,7 @@ async fn stats(State(r): State<Readiness>) -> Result<impl IntoResponse, Problem>
 }
 
 /// Dead letters, newest first: messages a consumer gave up on, with their payload and reason.
-#[utoipa::path(get, path = "/admin/dead-letters", tag = "admin", security((ADMIN_SECURITY = [])),
+#[utoipa::path(get, path = "/admin/dead-letters", tag = "admin", security(("admin_token" = [])),
     params(PageQuery),
     responses(
         (status = 200, description = "A page of dead letters; `next` is the cursor of the following page",
@@ -202,12 +392,17 @@ async fn stats(State(r): State<Readiness>) -> Result<impl IntoResponse, Problem>
     ))]
 async fn dead_letters(
     State(r): State<Readiness>,
-    Query(q): Query<PageQuery>,
+    ApiQuery(q): ApiQuery<PageQuery>,
 ) -> Result<Json<Page<crate::consumer::DeadLetter>>, Problem> {
     let limit = q.limit()?;
     let before = match q.after() {
         None => None,
-        Some(a) => Some(a.parse::<i64>().ok().filter(|a| *a > 0).ok_or_else(bad_cursor)?),
+        Some(a) => Some(
+            a.parse::<i64>()
+                .ok()
+                .filter(|a| *a > 0)
+                .ok_or_else(bad_cursor)?,
+        ),
     };
     let rows = crate::consumer::dead_letters_before(r.db(), before, limit + 1).await?;
     Ok(Json(Page::from_rows(rows, limit, |d| d.id.to_string())))
@@ -267,15 +462,15 @@ pub fn bad_cursor() -> Problem {
 }
 
 /// Rows the relay gave up on, oldest first; `next` is the cursor of the following page.
-#[utoipa::path(get, path = "/admin/outbox/parked", tag = "admin", security((ADMIN_SECURITY = [])),
+#[utoipa::path(get, path = "/admin/outbox/parked", tag = "admin", security(("admin_token" = [])),
     params(PageQuery),
     responses(
-        (status = 200, description = "A page of parked outbox rows", body = Page<Object>),
+        (status = 200, description = "A page of parked outbox rows", body = Page<serde_json::Value>),
         (status = 400, description = "Bad `limit` or `after`", body = Problem, content_type = PROBLEM_JSON),
     ))]
 async fn parked_rows(
     State(r): State<Readiness>,
-    Query(q): Query<PageQuery>,
+    ApiQuery(q): ApiQuery<PageQuery>,
 ) -> Result<impl IntoResponse, Problem> {
     let limit = parse_limit(q.limit.as_deref())?;
     let after =
@@ -293,7 +488,7 @@ async fn parked_rows(
 }
 
 /// Un-park every parked row: the relay tries them again.
-#[utoipa::path(post, path = "/admin/outbox/parked/retry", tag = "admin", security((ADMIN_SECURITY = [])),
+#[utoipa::path(post, path = "/admin/outbox/parked/retry", tag = "admin", security(("admin_token" = [])),
     responses((status = 200, description = "How many rows were un-parked", body = Unparked)))]
 async fn unpark_all(State(r): State<Readiness>) -> Result<impl IntoResponse, Problem> {
     let n = crate::outbox::unpark(r.db(), None).await?;
@@ -306,7 +501,7 @@ async fn unpark_all(State(r): State<Readiness>) -> Result<impl IntoResponse, Pro
 }
 
 /// Un-park one row; 404 if it is not parked.
-#[utoipa::path(post, path = "/admin/outbox/parked/{id}/retry", tag = "admin", security((ADMIN_SECURITY = [])),
+#[utoipa::path(post, path = "/admin/outbox/parked/{id}/retry", tag = "admin", security(("admin_token" = [])),
     params(("id" = i64, Path, description = "Row id, from the parked list")),
     responses(
         (status = 200, description = "Un-parked", body = Unparked),
@@ -314,7 +509,7 @@ async fn unpark_all(State(r): State<Readiness>) -> Result<impl IntoResponse, Pro
     ))]
 async fn unpark_one(
     State(r): State<Readiness>,
-    axum::extract::Path(id): axum::extract::Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<impl IntoResponse, Problem> {
     let id = id
         .parse::<i64>()
@@ -396,6 +591,7 @@ impl App {
         routes: Router,
         addr: &str,
     ) -> Result<Self, StartError> {
+        crate::observe::install();
         let router = finish_router(routes, runtime.readiness(), &runtime.admin, &runtime.edge);
         let listener = bind(addr).await?;
         Ok(Self {

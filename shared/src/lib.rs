@@ -14,12 +14,15 @@
 pub mod auth;
 pub mod consumer;
 pub mod db;
+pub mod deferred;
 #[cfg(feature = "service")]
 pub mod edge;
 pub mod envelope;
 #[cfg(feature = "service")]
 pub mod http;
 pub mod nats;
+#[cfg(feature = "service")]
+pub mod observe;
 pub mod outbox;
 #[cfg(feature = "service")]
 pub mod service;

@@ -479,7 +479,7 @@ impl OutboxRelay {
         tx.commit().await?;
         for p in &published {
             let latency = (now - p.created_at_us).max(0) as f64 / 1e6;
-            metrics::histogram!("outbox_relay_latency_seconds").record(latency);
+            metrics::histogram!("outbox_publish_latency_seconds").record(latency);
         }
         metrics::counter!("outbox_published_total").increment(published.len() as u64);
         self.health.set_store_full(full.is_some());

@@ -160,21 +160,28 @@ impl Runtime {
         let relay_health = relay.health();
         let relay_stop = CancellationToken::new();
         let relay_task = tokio::spawn(relay.run(relay_stop.clone()));
+        crate::observe::install();
         if !config.admin.is_configured() {
             tracing::warn!("ADMIN_TOKEN is not set: admin and seeding routes answer 403");
         }
+        let mut tasks = JoinSet::new();
+        let shutdown = CancellationToken::new();
+        tasks.spawn(crate::observe::sample_database(
+            db.clone(),
+            shutdown.clone(),
+        ));
         Ok(Self {
             name: config.name.clone(),
             db,
             client,
             waker,
-            shutdown: CancellationToken::new(),
+            shutdown,
             admin: config.admin.clone(),
             edge: config.edge.clone(),
             relay_health,
             relay_stop,
             relay_task: Some(relay_task),
-            tasks: JoinSet::new(),
+            tasks,
             consumers_expected: 0,
             consumers_ready: Arc::new(AtomicUsize::new(0)),
         })
@@ -198,6 +205,7 @@ impl Runtime {
         worker: Option<OutboxWaker>,
     ) {
         self.consumers_expected += 1;
+        let spec_durable = spec.durable.clone();
         let mut runner = ConsumerRunner::new(
             spec,
             self.db.clone(),
@@ -210,9 +218,15 @@ impl Runtime {
         }
         let shutdown = self.shutdown.clone();
         let ready = self.consumers_ready.clone();
+        let durable = spec_durable;
         self.tasks.spawn(async move {
             if let Some(consumer) = runner.provision(&shutdown).await {
                 ready.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(crate::observe::sample_lag(
+                    consumer.clone(),
+                    durable,
+                    shutdown.clone(),
+                ));
                 runner.run(consumer, shutdown).await;
             }
         });

@@ -1,0 +1,101 @@
+//! Effects that must happen only once a transaction has committed (metrics of what it decided).
+//!
+//! Code deep inside a transaction calls [`after_commit`]; whoever owns the transaction runs it
+//! inside [`collect`], and after committing runs what was collected — or drops it on rollback.
+//! The consumer runner does this per message, so a message rolled back (and applied again later)
+//! is counted once, when it finally commits.
+
+use std::cell::RefCell;
+use std::future::Future;
+
+type Effect = Box<dyn FnOnce() + Send>;
+
+tokio::task_local! {
+    static DEFERRED: RefCell<Vec<Effect>>;
+}
+
+/// Effects collected during a piece of transactional work.
+#[must_use = "run the effects after the commit, or drop them on rollback"]
+#[derive(Default)]
+pub struct Deferred(Vec<Effect>);
+
+impl Deferred {
+    /// Run the effects (call after the commit).
+    pub fn run(self) {
+        for effect in self.0 {
+            effect();
+        }
+    }
+
+    /// Add one effect.
+    pub fn push(&mut self, effect: impl FnOnce() + Send + 'static) {
+        self.0.push(Box::new(effect));
+    }
+
+    /// Add `other`'s effects after these.
+    pub fn extend(&mut self, other: Deferred) {
+        self.0.extend(other.0);
+    }
+}
+
+impl std::fmt::Debug for Deferred {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Deferred({} effects)", self.0.len())
+    }
+}
+
+/// Run `work`, collecting the effects it defers with [`after_commit`].
+pub async fn collect<F: Future>(work: F) -> (F::Output, Deferred) {
+    DEFERRED
+        .scope(RefCell::new(Vec::new()), async move {
+            let out = work.await;
+            let effects = DEFERRED.with(|d| d.take());
+            (out, Deferred(effects))
+        })
+        .await
+}
+
+/// Defer `effect` until the enclosing transaction commits. Outside [`collect`] there is no
+/// transaction owner to wait for, so it runs at once.
+pub fn after_commit(effect: impl FnOnce() + Send + 'static) {
+    let mut effect: Option<Effect> = Some(Box::new(effect));
+    let _ = DEFERRED.try_with(|d| {
+        if let Some(e) = effect.take() {
+            d.borrow_mut().push(e);
+        }
+    });
+    if let Some(e) = effect {
+        e();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn effects_wait_for_run_and_vanish_when_dropped() {
+        let n = Arc::new(AtomicUsize::new(0));
+        let bump = |n: &Arc<AtomicUsize>| {
+            let n = n.clone();
+            move || {
+                n.fetch_add(1, Ordering::SeqCst);
+            }
+        };
+        let ((), committed) = collect(async { after_commit(bump(&n)) }).await;
+        let ((), rolled_back) = collect(async { after_commit(bump(&n)) }).await;
+        assert_eq!(n.load(Ordering::SeqCst), 0, "nothing before the commit");
+        committed.run();
+        drop(rolled_back);
+        assert_eq!(n.load(Ordering::SeqCst), 1);
+        after_commit(bump(&n));
+        assert_eq!(
+            n.load(Ordering::SeqCst),
+            2,
+            "outside a transaction: at once"
+        );
+    }
+}
