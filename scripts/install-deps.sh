@@ -134,7 +134,21 @@ ensure_schemathesis() {
     || { echo "ERROR: could not install schemathesis $SCHEMATHESIS_VERSION" >&2; exit 1; }
 }
 
+# promtool (Debian's prometheus package) checks the services' /metrics output and the compose
+# Prometheus configuration in the tests, which fail without it.
+ensure_promtool() {
+  command -v promtool >/dev/null 2>&1 && return 0
+  echo "installing promtool (Debian's prometheus package) with apt" >&2
+  local sudo=""; [[ "$(id -u)" != 0 ]] && sudo="sudo"
+  export DEBIAN_FRONTEND=noninteractive
+  $sudo apt-get install -y -qq --no-install-recommends prometheus >&2 \
+    || { $sudo apt-get update -qq >&2 && $sudo apt-get install -y -qq --no-install-recommends prometheus >&2; } \
+    || { echo "ERROR: could not install promtool (apt package prometheus)" >&2; exit 1; }
+  # The package starts a Prometheus server; the tests need only the tool.
+  { command -v systemctl >/dev/null 2>&1 && $sudo systemctl stop prometheus >/dev/null 2>&1; } || true
+}
+
 nats="$(find_nats || { install_nats && echo "$tools/bin/nats-server"; })"
 if [[ "${1:-}" != "--nats-only" ]]; then ensure_postgres; ensure_compose; fi
-if [[ "${1:-}" != "--nats-only" ]]; then ensure_schemathesis; fi
+if [[ "${1:-}" != "--nats-only" ]]; then ensure_schemathesis; ensure_promtool; fi
 echo "$nats"

@@ -270,6 +270,11 @@ impl<H: Handler> ConsumerRunner<H> {
         }
     }
 
+    /// The handler, shared (dead-letter redrive applies through it).
+    pub fn handler(&self) -> Arc<H> {
+        self.handler.clone()
+    }
+
     /// Also wake `waker` after each commit (a local worker waiting for what handlers write).
     pub fn also_wake(mut self, waker: OutboxWaker) -> Self {
         self.also_wake.push(waker);
@@ -425,14 +430,34 @@ impl<H: Handler> ConsumerRunner<H> {
                     continue;
                 }
             };
+            // The consumer span continues the event's trace: the NATS headers (what the relay
+            // sent, or what a person gave `nats pub`), else the CloudEvent's own extensions.
             let span = tracing::info_span!(
                 "event",
+                otel.name = %format_args!("process {}", event.event_type),
+                otel.kind = "consumer",
                 consumer = %self.spec.durable,
                 event_id = %event.id,
                 event_type = %event.event_type,
                 correlation_id = event.correlationid.as_deref().unwrap_or(""),
                 delivered = meta.delivered,
+                trace_id = tracing::field::Empty,
             );
+            let header = |name| {
+                msg.headers
+                    .as_ref()
+                    .and_then(|h| h.get(name))
+                    .map(|v| v.as_str())
+            };
+            let (traceparent, tracestate) = match header(crate::trace::TRACEPARENT)
+                .filter(|t| crate::trace::valid_traceparent(t))
+            {
+                Some(tp) => (Some(tp), header(crate::trace::TRACESTATE)),
+                None => (event.traceparent.as_deref(), event.tracestate.as_deref()),
+            };
+            if let Some(id) = crate::trace::adopt(&span, traceparent, tracestate) {
+                span.record("trace_id", tracing::field::display(id));
+            }
             let event_type = self.type_label(&event.event_type);
             if !isolated {
                 match record_once(&mut tx, &self.spec.durable, &event).await {

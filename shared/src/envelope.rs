@@ -73,9 +73,13 @@ pub struct Envelope {
     /// Extension: the id of the event that caused this one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub causationid: Option<String>,
-    /// Extension: W3C trace context.
+    /// Extension (CloudEvents distributed tracing): W3C `traceparent` of the span that wrote the
+    /// event; the span of whoever handles it is its child.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traceparent: Option<String>,
+    /// Extension (CloudEvents distributed tracing): W3C `tracestate` going with `traceparent`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracestate: Option<String>,
 }
 
 fn default_content_type() -> String {
@@ -135,8 +139,14 @@ pub struct Origin<'a> {
 
 impl Envelope {
     /// A new event with a fresh UUID v7 id, starting a new correlation (a new saga) whose id is
-    /// `correlation_id`.
+    /// `correlation_id`. Its trace context is that of the current span (the request or the
+    /// handled event's consumer span), when there is one.
     pub fn new<P: EventPayload>(source: &str, payload: &P, correlation_id: Option<String>) -> Self {
+        let trace = crate::trace::TraceContext::current();
+        let (traceparent, tracestate) = match trace {
+            Some(t) => (Some(t.traceparent), t.tracestate),
+            None => (None, None),
+        };
         Self {
             specversion: SPEC_VERSION.to_owned(),
             id: Uuid::now_v7().to_string(),
@@ -149,7 +159,8 @@ impl Envelope {
             data: serde_json::to_value(payload).unwrap_or(serde_json::Value::Null),
             correlationid: correlation_id,
             causationid: None,
-            traceparent: None,
+            traceparent,
+            tracestate,
         }
     }
 
@@ -158,13 +169,17 @@ impl Envelope {
         Self::new(source, payload, None).caused_by(Some(self))
     }
 
-    /// Record `cause` (when there is one) as the cause of this event: causation = its id, trace
-    /// context and, if this event has none, correlation inherited. Without a correlation from
+    /// Record `cause` (when there is one) as the cause of this event: causation = its id and, if
+    /// this event has none, correlation and trace context inherited. Without a correlation from
     /// anywhere, the event's own subject (the entity id) correlates.
     pub fn caused_by(mut self, cause: Option<&Envelope>) -> Self {
         if let Some(c) = cause {
             self.causationid = Some(c.id.clone());
-            self.traceparent = c.traceparent.clone();
+            // No span of ours to continue from (no tracing layer): stay in the cause's trace.
+            if self.traceparent.is_none() {
+                self.traceparent = c.traceparent.clone();
+                self.tracestate = c.tracestate.clone();
+            }
             if self.correlationid.is_none() {
                 self.correlationid = c.correlationid.clone();
             }
@@ -204,7 +219,7 @@ impl Envelope {
             ));
         };
         if map.contains_key("specversion") {
-            let env: Envelope = serde_json::from_value(serde_json::Value::Object(map))
+            let mut env: Envelope = serde_json::from_value(serde_json::Value::Object(map))
                 .map_err(|e| DecodeError::InvalidEnvelope(e.to_string()))?;
             if env.specversion != SPEC_VERSION {
                 return Err(DecodeError::InvalidEnvelope(format!(
@@ -222,6 +237,23 @@ impl Envelope {
                     event_type: env.event_type,
                     subject: origin.subject.to_owned(),
                 });
+            }
+            // W3C: an invalid trace context is ignored (a new trace starts), never an error. It
+            // also goes into NATS headers, so nothing unchecked is kept.
+            if !env
+                .traceparent
+                .as_deref()
+                .is_some_and(crate::trace::valid_traceparent)
+            {
+                env.traceparent = None;
+                env.tracestate = None;
+            }
+            if !env
+                .tracestate
+                .as_deref()
+                .is_some_and(crate::trace::valid_tracestate)
+            {
+                env.tracestate = None;
             }
             return Ok(env);
         }
@@ -241,6 +273,7 @@ impl Envelope {
             correlationid: None,
             causationid: None,
             traceparent: None,
+            tracestate: None,
         })
     }
 }
@@ -304,6 +337,43 @@ mod tests {
         assert_eq!(next.correlationid.as_deref(), Some("c"));
         assert_eq!(next.causationid.as_deref(), Some(first.id.as_str()));
         assert_ne!(next.id, first.id);
+    }
+
+    #[test]
+    fn trace_context_is_kept_when_valid_and_dropped_when_not() {
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let mut env = Envelope::new(
+            "/test",
+            &Thing {
+                thing_id: "t1".into(),
+                n: 3,
+            },
+            None,
+        );
+        env.traceparent = Some(tp.into());
+        env.tracestate = Some("congo=t61rcWkgMzE".into());
+        let back = Envelope::decode(&env.to_bytes(), origin(None)).unwrap();
+        assert_eq!(back.traceparent.as_deref(), Some(tp));
+        assert_eq!(back.tracestate.as_deref(), Some("congo=t61rcWkgMzE"));
+        // Without a tracing layer, a caused event stays in its cause's trace.
+        let next = back.caused(
+            "/b",
+            &Thing {
+                thing_id: "t1".into(),
+                n: 4,
+            },
+        );
+        assert_eq!(next.traceparent.as_deref(), Some(tp));
+        assert_eq!(next.tracestate.as_deref(), Some("congo=t61rcWkgMzE"));
+
+        env.traceparent = Some("00-xyz\r\nNats-Msg-Id: forged".into());
+        let back = Envelope::decode(&env.to_bytes(), origin(None)).unwrap();
+        assert_eq!((back.traceparent, back.tracestate), (None, None));
+        env.traceparent = Some(tp.into());
+        env.tracestate = Some("not a tracestate\n".into());
+        let back = Envelope::decode(&env.to_bytes(), origin(None)).unwrap();
+        assert_eq!(back.traceparent.as_deref(), Some(tp));
+        assert_eq!(back.tracestate, None);
     }
 
     #[test]

@@ -592,6 +592,10 @@ impl App {
         addr: &str,
     ) -> Result<Self, StartError> {
         crate::observe::install();
+        let redrive = runtime
+            .admin
+            .protect_all(crate::redrive::routes(runtime.redrive.clone()));
+        let routes = routes.merge(redrive);
         let router = finish_router(routes, runtime.readiness(), &runtime.admin, &runtime.edge);
         let listener = bind(addr).await?;
         Ok(Self {

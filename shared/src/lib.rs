@@ -8,6 +8,7 @@
 //! - [`nats`]: connecting (server ≥ 2.10) and provisioning streams.
 //! - `auth` (feature `service`): admin routes behind a bearer token.
 //! - `service` and `http` (feature `service`): the shell of a running service and its HTTP edge.
+//! - [`trace`]: W3C trace context carried by events, so each saga is one trace.
 //! - `testing` (feature `testing`): real nats-server / Postgres / SQLite for tests.
 
 #[cfg(feature = "service")]
@@ -25,9 +26,12 @@ pub mod nats;
 pub mod observe;
 pub mod outbox;
 #[cfg(feature = "service")]
+pub mod redrive;
+#[cfg(feature = "service")]
 pub mod service;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod trace;
 
 pub use consumer::{ConsumerRunner, ConsumerSpec, Handler, HandlerError};
 pub use db::{Backend, Database, DbOptions};

@@ -16,9 +16,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::db::{now_micros, Backend, Database};
 use crate::envelope::{Envelope, CLOUDEVENTS_CONTENT_TYPE};
+use crate::trace::{valid_traceparent, TRACEPARENT, TRACESTATE};
 
 /// Write `event` to the outbox inside the caller's transaction; it is published only if that
-/// transaction commits.
+/// transaction commits. Its trace context goes in the same row, for the relay's NATS headers.
 pub async fn enqueue(
     conn: &mut AnyConnection,
     subject: &str,
@@ -26,13 +27,15 @@ pub async fn enqueue(
 ) -> Result<(), sqlx::Error> {
     let now = now_micros();
     sqlx::query(
-        "INSERT INTO outbox (event_id, subject, payload, created_at_us, next_attempt_at_us) \
-         VALUES ($1, $2, $3, $4, $4)",
+        "INSERT INTO outbox (event_id, subject, payload, created_at_us, next_attempt_at_us, \
+         traceparent, tracestate) VALUES ($1, $2, $3, $4, $4, $5, $6)",
     )
     .bind(&event.id)
     .bind(subject)
     .bind(event.to_bytes())
     .bind(now)
+    .bind(event.traceparent.as_deref())
+    .bind(event.tracestate.as_deref())
     .execute(conn)
     .await?;
     Ok(())
@@ -130,6 +133,9 @@ struct Pending {
     payload: Vec<u8>,
     attempts: i64,
     created_at_us: i64,
+    /// W3C trace context; `None` for rows written before it was stored.
+    traceparent: Option<String>,
+    tracestate: Option<String>,
 }
 
 /// What happened to one row of a claimed batch.
@@ -317,7 +323,7 @@ impl OutboxRelay {
                 // Several relays may run: each locks its own rows and skips the others'.
                 let mut tx = self.db.begin().await?;
                 let rows = sqlx::query(
-                    "SELECT id, event_id, subject, payload, attempts, created_at_us FROM outbox \
+                    "SELECT id, event_id, subject, payload, attempts, created_at_us, traceparent, tracestate FROM outbox \
                      WHERE published_at_us IS NULL AND parked_at_us IS NULL AND next_attempt_at_us <= $1 \
                      ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED",
                 )
@@ -330,7 +336,7 @@ impl OutboxRelay {
             Backend::Sqlite => {
                 // One process owns a SQLite file; no lock is held while publishing.
                 let rows = sqlx::query(
-                    "SELECT id, event_id, subject, payload, attempts, created_at_us FROM outbox \
+                    "SELECT id, event_id, subject, payload, attempts, created_at_us, traceparent, tracestate FROM outbox \
                      WHERE published_at_us IS NULL AND parked_at_us IS NULL AND next_attempt_at_us <= $1 \
                      ORDER BY id LIMIT $2",
                 )
@@ -351,6 +357,8 @@ impl OutboxRelay {
                     payload: r.try_get(3)?,
                     attempts: r.try_get(4)?,
                     created_at_us: r.try_get(5)?,
+                    traceparent: r.try_get(6)?,
+                    tracestate: r.try_get(7)?,
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -361,10 +369,19 @@ impl OutboxRelay {
             let window: Vec<Pending> = iter.by_ref().take(self.config.ack_window.max(1)).collect();
             let mut acks = Vec::with_capacity(window.len());
             for row in &window {
-                let msg = PublishMessage::build()
+                let mut msg = PublishMessage::build()
                     .payload(Bytes::from(row.payload.clone()))
                     .message_id(&row.event_id)
                     .header("Content-Type", CLOUDEVENTS_CONTENT_TYPE);
+                // Checked again here: a header value must never carry a line break.
+                if let Some(tp) = row.traceparent.as_deref().filter(|t| valid_traceparent(t)) {
+                    msg = msg.header(TRACEPARENT, tp);
+                    if let Some(ts) = row.tracestate.as_deref() {
+                        if !ts.is_empty() && !ts.chars().any(char::is_control) {
+                            msg = msg.header(TRACESTATE, ts);
+                        }
+                    }
+                }
                 acks.push(self.js.send_publish(row.subject.clone(), msg).await);
             }
             let mut results = Vec::with_capacity(window.len());

@@ -19,6 +19,7 @@ use crate::nats::{
     connect, ensure_stream, NatsError, NatsSettings, StreamSpec, DEFAULT_STREAM_MAX_BYTES,
 };
 use crate::outbox::{OutboxRelay, OutboxWaker, RelayConfig, RelayHealth};
+use crate::redrive::Redrive;
 
 /// Start-up failures.
 #[derive(Debug, thiserror::Error)]
@@ -126,6 +127,8 @@ pub struct Runtime {
     pub admin: AdminAuth,
     /// Limits of the HTTP edge.
     pub edge: EdgeLimits,
+    /// Handlers of this service's durables, for dead-letter redrive.
+    pub redrive: Redrive,
     relay_health: RelayHealth,
     relay_stop: CancellationToken,
     relay_task: Option<tokio::task::JoinHandle<()>>,
@@ -166,6 +169,7 @@ impl Runtime {
         }
         let mut tasks = JoinSet::new();
         let shutdown = CancellationToken::new();
+        let redrive = Redrive::new(db.clone());
         tasks.spawn(crate::observe::sample_database(
             db.clone(),
             shutdown.clone(),
@@ -178,6 +182,7 @@ impl Runtime {
             shutdown,
             admin: config.admin.clone(),
             edge: config.edge.clone(),
+            redrive,
             relay_health,
             relay_stop,
             relay_task: Some(relay_task),
@@ -213,9 +218,13 @@ impl Runtime {
             handler,
             self.waker.clone(),
         );
+        let mut wakers = vec![self.waker.clone()];
         if let Some(w) = worker {
+            wakers.push(w.clone());
             runner = runner.also_wake(w);
         }
+        self.redrive
+            .register(&spec_durable, runner.handler(), wakers);
         let shutdown = self.shutdown.clone();
         let ready = self.consumers_ready.clone();
         let durable = spec_durable;
@@ -352,15 +361,41 @@ pub async fn termination_signal() {
 }
 
 /// Log to stderr, filtered by `RUST_LOG` (default `info`); `LOG_FORMAT=json` for JSON lines.
+/// Spans that declare `otel.kind` also become OpenTelemetry spans, exported over OTLP
+/// (http/protobuf) when `OTEL_EXPORTER_OTLP_ENDPOINT` is set; `OTEL_SERVICE_NAME` defaults to the
+/// executable's name (`order-service`, ...). Call inside the tokio runtime, before anything logs.
 pub fn init_tracing() {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
+
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = if std::env::var("LOG_FORMAT").as_deref() == Ok("json") {
-        builder.json().try_init()
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let logs = if std::env::var("LOG_FORMAT").as_deref() == Ok("json") {
+        fmt.json().boxed()
     } else {
-        builder.try_init()
+        fmt.boxed()
     };
+    let service_name = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "unknown_service".to_owned());
+    let (otel, export) = crate::trace::layer(&service_name);
+    // RUST_LOG filters the log lines only: which spans are traced does not depend on it.
+    let installed = tracing_subscriber::registry()
+        .with(logs.with_filter(filter))
+        .with(otel)
+        .try_init()
+        .is_ok();
+    match export {
+        _ if !installed => {}
+        crate::trace::Export::Otlp(endpoint) => {
+            tracing::info!(%endpoint, service = %service_name, "exporting spans over OTLP")
+        }
+        crate::trace::Export::Off => {}
+        crate::trace::Export::Failed(error) => {
+            tracing::warn!(%error, "OTLP endpoint set but spans cannot be exported")
+        }
+    }
 }
