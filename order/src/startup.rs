@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use event_toolkit::http::App;
+use event_toolkit::retention::{env_duration, PruneRule};
 use event_toolkit::service::{env_u64, Runtime, ServiceConfig, StartError};
 use event_toolkit::ConsumerSpec;
 
@@ -20,6 +21,8 @@ pub struct Settings {
     pub service: ServiceConfig,
     /// `ORDER_DEADLINE_MS`: how long a saga may take before the order is cancelled.
     pub deadline: Duration,
+    /// `IDEMPOTENCY_KEY_RETENTION`: how long a placement's `Idempotency-Key` is remembered.
+    pub idempotency_retention: Duration,
 }
 
 impl Settings {
@@ -28,6 +31,10 @@ impl Settings {
         Ok(Self {
             service: ServiceConfig::from_env(NAME, "127.0.0.1:8081")?,
             deadline: Duration::from_millis(env_u64("ORDER_DEADLINE_MS", 30_000)?),
+            idempotency_retention: env_duration(
+                "IDEMPOTENCY_KEY_RETENTION",
+                Duration::from_secs(24 * 3600),
+            )?,
         })
     }
 }
@@ -48,6 +55,18 @@ impl Application {
         )
         .await?;
         describe_metrics();
+        // A retry with the same key after this long is a new order.
+        runtime.prune_also(
+            vec![PruneRule {
+                what: "idempotency_keys",
+                sql: "UPDATE orders SET idempotency_key = NULL, request_fingerprint = NULL \
+                      WHERE id IN (SELECT id FROM orders WHERE idempotency_key IS NOT NULL \
+                      AND created_at_us < $1 ORDER BY created_at_us LIMIT $2)"
+                    .into(),
+                keep: settings.idempotency_retention,
+            }],
+            settings.service.retention.sweep_every,
+        );
         let source = runtime.source();
         let saga = SagaEvents {
             source: source.clone(),
@@ -75,6 +94,39 @@ impl Application {
                 deadline: settings.deadline,
             },
         );
+        // The timeline read model: every saga event of the three streams (a durable per stream).
+        for spec in [
+            ConsumerSpec::new(
+                "order-timeline-orders",
+                "ORDERS",
+                &[
+                    "orders.placed.v1",
+                    "orders.confirmed.v1",
+                    "orders.cancelled.v1",
+                ],
+            ),
+            ConsumerSpec::new(
+                "order-timeline-inventory",
+                "INVENTORY",
+                &[
+                    "inventory.reserved.v1",
+                    "inventory.rejected.v1",
+                    "inventory.released.v1",
+                    "inventory.committed.v1",
+                ],
+            ),
+            ConsumerSpec::new(
+                "order-timeline-payments",
+                "PAYMENTS",
+                &[
+                    "payments.succeeded.v1",
+                    "payments.failed.v1",
+                    "payments.refunded.v1",
+                ],
+            ),
+        ] {
+            runtime.spawn_consumer(spec, crate::timeline::Projection);
+        }
         runtime.spawn_worker(crate::deadline::run(
             runtime.db.clone(),
             runtime.waker.clone(),

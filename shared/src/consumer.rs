@@ -97,6 +97,12 @@ impl ConsumerSpec {
         }
     }
 
+    /// How long after its first delivery a message may still be delivered again: every delivery
+    /// may wait `ack_wait`, then the longest nak delay, until `max_deliver` gives it up.
+    pub fn redelivery_horizon(&self) -> Duration {
+        (self.ack_wait + MAX_NAK_DELAY).saturating_mul(self.max_deliver.max(1) as u32)
+    }
+
     /// The JetStream consumer configuration for this spec.
     pub fn config(&self) -> pull::Config {
         pull::Config {
@@ -664,12 +670,15 @@ fn delivered(msg: &Message) -> i64 {
     msg.info().map(|i| i.delivered).unwrap_or(1)
 }
 
+/// The longest delay a nak asks for.
+const MAX_NAK_DELAY: Duration = Duration::from_secs(30);
+
 /// Exponential redelivery delay: 250 ms, 500 ms, 1 s … capped at 30 s, with jitter.
 fn nak_delay(delivered: i64) -> Duration {
     let base =
         Duration::from_millis(250).saturating_mul(1u32 << (delivered - 1).clamp(0, 7) as u32);
     let jitter = rand::random::<f64>() * 0.25 + 0.875;
-    base.min(Duration::from_secs(30)).mul_f64(jitter)
+    base.min(MAX_NAK_DELAY).mul_f64(jitter)
 }
 
 fn retry_backoff() -> impl Iterator<Item = Duration> {

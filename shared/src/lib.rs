@@ -28,6 +28,8 @@ pub mod outbox;
 #[cfg(feature = "service")]
 pub mod redrive;
 #[cfg(feature = "service")]
+pub mod retention;
+#[cfg(feature = "service")]
 pub mod service;
 #[cfg(feature = "testing")]
 pub mod testing;

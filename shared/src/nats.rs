@@ -123,6 +123,9 @@ pub struct StreamSpec {
     pub max_bytes: i64,
 }
 
+/// How long streams keep events by default.
+pub const DEFAULT_STREAM_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
+
 /// Default bound of each stream: 1 GiB (`STREAM_MAX_BYTES`).
 pub const DEFAULT_STREAM_MAX_BYTES: i64 = 1 << 30;
 
@@ -133,7 +136,7 @@ impl StreamSpec {
         Self {
             name: name.to_owned(),
             subjects: subjects.iter().map(|s| (*s).to_owned()).collect(),
-            max_age: Duration::from_secs(7 * 24 * 3600),
+            max_age: DEFAULT_STREAM_MAX_AGE,
             duplicate_window: Duration::from_secs(120),
             max_msg_size: 1024 * 1024,
             max_bytes: DEFAULT_STREAM_MAX_BYTES,

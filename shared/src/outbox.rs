@@ -611,3 +611,80 @@ pub async fn unpark(db: &Database, id: Option<i64>) -> Result<u64, sqlx::Error> 
     tx.commit().await?;
     Ok(done.rows_affected())
 }
+
+#[cfg(all(test, feature = "testing"))]
+mod trace_header_tests {
+    use super::*;
+    use crate::nats::{ensure_stream, StreamSpec};
+    use crate::testing::{NatsServer, TestDb};
+
+    const TP: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    #[derive(serde::Serialize, serde::Deserialize)]
+    struct Thing {
+        id: String,
+    }
+    crate::event_payload!(Thing, "things.made.v1", id);
+
+    async fn relay_sends_the_rows_trace_context_as_headers(backend: Backend) {
+        let nats = NatsServer::start().await;
+        let client = async_nats::connect(nats.url()).await.unwrap();
+        let js = async_nats::jetstream::new(client.clone());
+        ensure_stream(&js, &StreamSpec::new("THINGS", &["things.>"]))
+            .await
+            .unwrap();
+        let testdb = TestDb::new(backend).await;
+        let db = testdb.connect().await;
+        let thing = Thing { id: "t1".into() };
+        let mut traced = Envelope::new("/test", &thing, None);
+        traced.traceparent = Some(TP.into());
+        traced.tracestate = Some("congo=t61rcWkgMzE".into());
+        let mut tx = db.begin().await.unwrap();
+        enqueue(&mut tx, "things.made.v1", &traced).await.unwrap();
+        // A row as written before trace context was stored: its columns stay NULL.
+        let old = Envelope::new("/test", &thing, None);
+        sqlx::query(
+            "INSERT INTO outbox (event_id, subject, payload, created_at_us, next_attempt_at_us) \
+             VALUES ($1, 'things.made.v1', $2, $3, $3)",
+        )
+        .bind(&old.id)
+        .bind(old.to_bytes())
+        .bind(now_micros())
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+        tx.commit().await.unwrap();
+
+        let relay = OutboxRelay::new(db.clone(), client, RelayConfig::default());
+        assert_eq!(relay.publish_pending().await.unwrap(), 2);
+        let stream = js.get_stream("THINGS").await.unwrap();
+        let first = stream.get_raw_message(1).await.unwrap();
+        assert_eq!(
+            first.headers.get(TRACEPARENT).map(|v| v.as_str()),
+            Some(TP)
+        );
+        assert_eq!(
+            first.headers.get(TRACESTATE).map(|v| v.as_str()),
+            Some("congo=t61rcWkgMzE")
+        );
+        let body: Envelope = serde_json::from_slice(&first.payload).unwrap();
+        assert_eq!(body.traceparent.as_deref(), Some(TP));
+        let second = stream.get_raw_message(2).await.unwrap();
+        assert_eq!(
+            second.headers.get(async_nats::header::NATS_MESSAGE_ID).map(|v| v.as_str()),
+            Some(old.id.as_str())
+        );
+        assert!(second.headers.get(TRACEPARENT).is_none());
+        assert!(second.headers.get(TRACESTATE).is_none());
+    }
+
+    #[tokio::test]
+    async fn sqlite_relay_sends_the_rows_trace_context_as_headers() {
+        relay_sends_the_rows_trace_context_as_headers(Backend::Sqlite).await
+    }
+
+    #[tokio::test]
+    async fn postgres_relay_sends_the_rows_trace_context_as_headers() {
+        relay_sends_the_rows_trace_context_as_headers(Backend::Postgres).await
+    }
+}

@@ -16,10 +16,12 @@ use crate::consumer::{ConsumerRunner, ConsumerSpec, Handler};
 use crate::db::{default_sqlite_url, Database, DbError, DbOptions};
 use crate::edge::EdgeLimits;
 use crate::nats::{
-    connect, ensure_stream, NatsError, NatsSettings, StreamSpec, DEFAULT_STREAM_MAX_BYTES,
+    connect, ensure_stream, NatsError, NatsSettings, StreamSpec, DEFAULT_STREAM_MAX_AGE,
+    DEFAULT_STREAM_MAX_BYTES,
 };
 use crate::outbox::{OutboxRelay, OutboxWaker, RelayConfig, RelayHealth};
 use crate::redrive::Redrive;
+use crate::retention::{PruneRule, RetentionConfig};
 
 /// Start-up failures.
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +69,8 @@ pub struct ServiceConfig {
     pub stream_max_bytes: i64,
     /// `HTTP_*` limits of the HTTP edge.
     pub edge: EdgeLimits,
+    /// `*_RETENTION`: how long bookkeeping rows are kept.
+    pub retention: RetentionConfig,
 }
 
 impl ServiceConfig {
@@ -96,6 +100,12 @@ impl ServiceConfig {
             admin: AdminAuth::new(var("ADMIN_TOKEN")),
             stream_max_bytes: stream_max_bytes as i64,
             edge: EdgeLimits::from_env()?,
+            retention: {
+                let r = RetentionConfig::from_env()?;
+                let horizon = ConsumerSpec::new("", "", &[]).redelivery_horizon();
+                r.check_dedup(DEFAULT_STREAM_MAX_AGE, horizon)?;
+                r
+            },
         })
     }
 }
@@ -170,6 +180,12 @@ impl Runtime {
         let mut tasks = JoinSet::new();
         let shutdown = CancellationToken::new();
         let redrive = Redrive::new(db.clone());
+        tasks.spawn(crate::retention::run(
+            db.clone(),
+            crate::retention::toolkit_rules(&config.retention),
+            config.retention.sweep_every,
+            shutdown.clone(),
+        ));
         tasks.spawn(crate::observe::sample_database(
             db.clone(),
             shutdown.clone(),
@@ -239,6 +255,16 @@ impl Runtime {
                 runner.run(consumer, shutdown).await;
             }
         });
+    }
+
+    /// Prune a service's own tables as well (e.g. idempotency keys), on the retention schedule.
+    pub fn prune_also(&mut self, rules: Vec<PruneRule>, every: Duration) {
+        self.tasks.spawn(crate::retention::run(
+            self.db.clone(),
+            rules,
+            every,
+            self.shutdown.clone(),
+        ));
     }
 
     /// Run a background worker; it must return soon after `shutdown` is cancelled.

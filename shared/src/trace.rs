@@ -493,8 +493,9 @@ mod tests {
             assert_ne!(inside.traceparent, TP, "the child's own span id");
             assert_eq!(inside.tracestate.as_deref(), Some("congo=t61rcWkgMzE"));
             // A span without otel.kind is log context only: the OTel context stays the parent's.
-            let plain = span.in_scope(|| tracing::info_span!("plain"));
-            let nested = plain.in_scope(TraceContext::current).unwrap();
+            let nested = span
+                .in_scope(|| tracing::info_span!("plain").in_scope(TraceContext::current))
+                .unwrap();
             assert_eq!(nested, inside);
             // A root: a new trace.
             let root = tracing::info_span!("event", otel.kind = "consumer");

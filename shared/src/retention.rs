@@ -1,0 +1,236 @@
+//! Retention: the toolkit's tables (and any a service adds) are pruned in the background, in small
+//! batches, each its own short transaction, so pruning never holds a lock long enough to slow live
+//! traffic.
+//!
+//! Dedup must survive pruning. A message can be redelivered, or an event re-published, for as long
+//! as its stream keeps it (`max_age`) plus the consumer's redelivery horizon; the inbox row that
+//! makes it a duplicate must outlive that. So a service refuses to start when `INBOX_RETENTION` is
+//! not longer than the stream age plus the horizon. Published outbox rows are not needed for dedup
+//! (the consumers' inboxes are), so they go sooner.
+//!
+//! With several replicas on Postgres one sweeper runs at a time, elected by an advisory lock.
+
+use std::time::Duration;
+
+use sqlx::Row;
+use tokio_util::sync::CancellationToken;
+
+use crate::db::{now_micros, Backend, Database};
+use crate::service::StartError;
+
+/// Rows deleted per transaction.
+pub const BATCH: i64 = 500;
+
+/// Advisory-lock key of the sweeper (any constant unique to this use).
+const LEADER_LOCK: i64 = 0x5a6a_7265_7465_6e74;
+
+/// How long each kind of row is kept.
+#[derive(Debug, Clone)]
+pub struct RetentionConfig {
+    /// `OUTBOX_RETENTION`: published outbox rows.
+    pub outbox: Duration,
+    /// `INBOX_RETENTION`: inbox rows (the dedup record).
+    pub inbox: Duration,
+    /// `DEAD_LETTER_RETENTION`: dead letters.
+    pub dead_letters: Duration,
+    /// `RETENTION_SWEEP_INTERVAL`: pause between sweeps.
+    pub sweep_every: Duration,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        Self {
+            outbox: Duration::from_secs(24 * 3600),
+            inbox: Duration::from_secs(8 * 24 * 3600),
+            dead_letters: Duration::from_secs(30 * 24 * 3600),
+            sweep_every: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Read a duration setting like `1d`, `36h`, `90s`; malformed is an error.
+pub fn env_duration(name: &str, default: Duration) -> Result<Duration, StartError> {
+    match std::env::var(name) {
+        Ok(v) if !v.trim().is_empty() => {
+            humantime::parse_duration(v.trim()).map_err(|e| StartError::Config {
+                name: name.to_owned(),
+                reason: format!("{v:?}: {e} (examples: 1d, 36h, 90s)"),
+            })
+        }
+        _ => Ok(default),
+    }
+}
+
+impl RetentionConfig {
+    /// Read the settings.
+    pub fn from_env() -> Result<Self, StartError> {
+        let d = Self::default();
+        Ok(Self {
+            outbox: env_duration("OUTBOX_RETENTION", d.outbox)?,
+            inbox: env_duration("INBOX_RETENTION", d.inbox)?,
+            dead_letters: env_duration("DEAD_LETTER_RETENTION", d.dead_letters)?,
+            sweep_every: env_duration("RETENTION_SWEEP_INTERVAL", d.sweep_every)?,
+        })
+    }
+
+    /// Refuse an inbox retention that would let a still-deliverable message be applied twice.
+    pub fn check_dedup(
+        &self,
+        stream_max_age: Duration,
+        redelivery_horizon: Duration,
+    ) -> Result<(), StartError> {
+        let needed = stream_max_age + redelivery_horizon;
+        if self.inbox <= needed {
+            return Err(StartError::Config {
+                name: "INBOX_RETENTION".into(),
+                reason: format!(
+                    "{} must be longer than the streams' max_age ({}) plus the redelivery horizon \
+                     ({}), or a redelivered or re-published event could be applied twice",
+                    humantime::format_duration(self.inbox),
+                    humantime::format_duration(stream_max_age),
+                    humantime::format_duration(redelivery_horizon),
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// One kind of row to prune: a statement deleting (or clearing) at most `$2` rows older than the
+/// cutoff `$1` (microseconds since the epoch), and how long rows are kept.
+#[derive(Debug, Clone)]
+pub struct PruneRule {
+    /// For logs and metrics, e.g. `outbox`.
+    pub what: &'static str,
+    /// The statement, with `$1` = cutoff and `$2` = batch size.
+    pub sql: String,
+    /// Age after which rows go.
+    pub keep: Duration,
+}
+
+/// The toolkit's own rules.
+pub fn toolkit_rules(config: &RetentionConfig) -> Vec<PruneRule> {
+    vec![
+        PruneRule {
+            what: "outbox",
+            // Unpublished and parked rows stay whatever their age: they are not done.
+            sql: "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE created_at_us < $1 \
+                  AND published_at_us IS NOT NULL ORDER BY created_at_us LIMIT $2)"
+                .into(),
+            keep: config.outbox,
+        },
+        PruneRule {
+            what: "inbox",
+            sql: "DELETE FROM inbox WHERE (consumer, event_id) IN (SELECT consumer, event_id FROM \
+                  inbox WHERE received_at_us < $1 ORDER BY received_at_us LIMIT $2)"
+                .into(),
+            keep: config.inbox,
+        },
+        PruneRule {
+            what: "dead_letters",
+            sql: "DELETE FROM dead_letters WHERE id IN (SELECT id FROM dead_letters WHERE \
+                  created_at_us < $1 ORDER BY created_at_us LIMIT $2)"
+                .into(),
+            keep: config.dead_letters,
+        },
+    ]
+}
+
+/// Prune by `rules` every `every` until `shutdown`.
+pub async fn run(
+    db: Database,
+    rules: Vec<PruneRule>,
+    every: Duration,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = shutdown.cancelled() => return,
+        }
+        match sweep(&db, &rules, &shutdown).await {
+            Ok(Some(n)) if n > 0 => tracing::info!(rows = n, "retention sweep pruned rows"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "retention sweep failed; next time"),
+        }
+    }
+}
+
+/// One sweep over every rule; `None` when another replica holds the sweeper lock.
+pub async fn sweep(
+    db: &Database,
+    rules: &[PruneRule],
+    shutdown: &CancellationToken,
+) -> Result<Option<u64>, sqlx::Error> {
+    // Postgres: one sweeper among replicas. The lock is held by this session for the sweep.
+    let mut leader = match db.backend() {
+        Backend::Postgres => {
+            let mut conn = db.pool().acquire().await?;
+            let got: bool = sqlx::query("SELECT pg_try_advisory_lock($1)")
+                .bind(LEADER_LOCK)
+                .fetch_one(&mut *conn)
+                .await?
+                .try_get(0)?;
+            if !got {
+                return Ok(None);
+            }
+            Some(conn)
+        }
+        Backend::Sqlite => None,
+    };
+    let result = prune_all(db, rules, shutdown).await;
+    if let Some(conn) = leader.as_mut() {
+        let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
+            .bind(LEADER_LOCK)
+            .execute(&mut **conn)
+            .await;
+    }
+    result.map(Some)
+}
+
+async fn prune_all(
+    db: &Database,
+    rules: &[PruneRule],
+    shutdown: &CancellationToken,
+) -> Result<u64, sqlx::Error> {
+    let mut total = 0;
+    for rule in rules {
+        let cutoff = now_micros() - rule.keep.as_micros().min(i64::MAX as u128) as i64;
+        loop {
+            let mut tx = db.begin().await?;
+            let n = sqlx::query(&rule.sql)
+                .bind(cutoff)
+                .bind(BATCH)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            tx.commit().await?;
+            total += n;
+            metrics::counter!("retention_pruned_rows_total", "table" => rule.what).increment(n);
+            if (n as i64) < BATCH || shutdown.is_cancelled() {
+                break;
+            }
+            // Let live writers in between batches.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inbox_retention_must_outlive_the_stream_and_the_redeliveries() {
+        let week = Duration::from_secs(7 * 24 * 3600);
+        let horizon = Duration::from_secs(600);
+        let mut c = RetentionConfig::default();
+        assert!(c.check_dedup(week, horizon).is_ok());
+        c.inbox = week;
+        let err = c.check_dedup(week, horizon).unwrap_err().to_string();
+        assert!(err.contains("INBOX_RETENTION"), "{err}");
+        c.inbox = week + horizon + Duration::from_secs(1);
+        assert!(c.check_dedup(week, horizon).is_ok());
+    }
+}
