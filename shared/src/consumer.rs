@@ -7,9 +7,11 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_nats::jetstream::consumer::pull::MessagesErrorKind;
 use async_nats::jetstream::consumer::{pull, AckPolicy, PullConsumer};
 use async_nats::jetstream::message::AckKind;
 use async_nats::jetstream::Message;
@@ -243,6 +245,8 @@ pub struct ConsumerRunner<H> {
     handler: Arc<H>,
     waker: OutboxWaker,
     also_wake: Vec<OutboxWaker>,
+    /// Whether the durable is attached, for readiness.
+    attached: Option<Arc<AtomicBool>>,
     /// Metric labels, leaked once per consumer (a handful per process) so recording allocates nothing.
     durable_label: &'static str,
     type_labels: Vec<&'static str>,
@@ -265,6 +269,7 @@ impl<H: Handler> ConsumerRunner<H> {
             .map(|s| &*Box::leak(s.clone().into_boxed_str()))
             .collect();
         Self {
+            attached: None,
             durable_label,
             type_labels,
             spec,
@@ -310,9 +315,24 @@ impl<H: Handler> ConsumerRunner<H> {
         }
     }
 
-    /// Consume until `shutdown`: stop fetching, finish the batches in flight, return.
+    /// Report whether the durable is attached (for readiness) through `flag`.
+    pub fn report_attached(mut self, flag: Arc<AtomicBool>) -> Self {
+        self.attached = Some(flag);
+        self
+    }
+
+    fn set_attached(&self, yes: bool) {
+        if let Some(f) = &self.attached {
+            f.store(yes, Ordering::SeqCst);
+        }
+    }
+
+    /// Consume until `shutdown`: stop fetching, finish the batches in flight, return. When the
+    /// durable (or its stream) disappears, it is provisioned again and consuming resumes.
     pub async fn run(self, consumer: PullConsumer, shutdown: CancellationToken) {
         let mut backoff = retry_backoff();
+        let mut consumer = consumer;
+        self.set_attached(true);
         while !shutdown.is_cancelled() {
             let messages = consumer
                 .stream()
@@ -325,16 +345,39 @@ impl<H: Handler> ConsumerRunner<H> {
                 Ok(m) => m,
                 Err(e) => {
                     let delay = backoff.next().unwrap_or(Duration::from_secs(2));
-                    tracing::warn!(consumer = %self.spec.durable, error = %e, retry_in = ?delay, "cannot pull; retrying");
+                    tracing::warn!(consumer = %self.spec.durable, error = %e, retry_in = ?delay, "cannot pull; checking the durable");
                     tokio::select! {
-                        _ = tokio::time::sleep(delay) => continue,
+                        _ = tokio::time::sleep(delay) => {}
                         _ = shutdown.cancelled() => break,
                     }
+                    match self.reattach(&shutdown).await {
+                        Some(c) => consumer = c,
+                        None => break,
+                    }
+                    continue;
                 }
             };
             backoff = retry_backoff();
+            let lost = Arc::new(AtomicBool::new(false));
             messages
                 .take_until(shutdown.cancelled())
+                // A deleted durable ends the pull; a missed heartbeat may mean the same (or a
+                // server restart): either way, stop and check the wiring below.
+                .take_while(|item| {
+                    let fatal = matches!(item, Err(e) if matches!(
+                        e.kind(),
+                        MessagesErrorKind::ConsumerDeleted
+                            | MessagesErrorKind::MissingHeartbeat
+                            | MessagesErrorKind::NoResponders
+                    ));
+                    if let Err(e) = item {
+                        if fatal {
+                            tracing::warn!(consumer = %self.spec.durable, error = %e, "pull interrupted; checking the durable");
+                            lost.store(true, Ordering::SeqCst);
+                        }
+                    }
+                    std::future::ready(!fatal)
+                })
                 .ready_chunks(self.spec.batch_size)
                 .for_each_concurrent(self.spec.concurrency.max(1), |chunk| async {
                     let mut batch = Vec::with_capacity(chunk.len());
@@ -351,7 +394,25 @@ impl<H: Handler> ConsumerRunner<H> {
                     }
                 })
                 .await;
+            if shutdown.is_cancelled() {
+                break;
+            }
+            // The pull ended: make sure the durable exists (creating it, and waiting for its
+            // stream, if someone deleted them) before pulling again.
+            match self.reattach(&shutdown).await {
+                Some(c) => consumer = c,
+                None => break,
+            }
         }
+        self.set_attached(false);
+    }
+
+    /// Provision the durable again; not attached meanwhile.
+    async fn reattach(&self, shutdown: &CancellationToken) -> Option<PullConsumer> {
+        self.set_attached(false);
+        let c = self.provision(shutdown).await?;
+        self.set_attached(true);
+        Some(c)
     }
 
     /// Apply a batch in one transaction, then settle each message with the server.

@@ -181,14 +181,75 @@ pub struct Unparked {
 #[allow(dead_code)]
 fn openapi_json() {}
 
-/// The routes every service gets from [`finish_router`].
+/// Prometheus metrics.
+#[utoipa::path(get, path = "/metrics", tag = "probes",
+    responses(
+        (status = 200, description = "Prometheus text format", body = String,
+            content_type = "text/plain; version=0.0.4; charset=utf-8"),
+        (status = 503, description = "Another metrics recorder is installed in this process",
+            body = Problem, content_type = PROBLEM_JSON),
+    ))]
+#[allow(dead_code)]
+fn metrics() {}
+
+/// What a redrive did (`crate::redrive::Redriven`).
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+#[allow(dead_code)]
+enum Redriven {
+    /// The handler applied it now.
+    Applied,
+    /// The inbox had it already: nothing applied twice.
+    Duplicate,
+}
+
+/// Answer of `POST /admin/dead-letters/{id}/retry`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[allow(dead_code)]
+struct RedriveAnswer {
+    /// The dead letter, as given.
+    id: String,
+    /// What the redrive did.
+    outcome: Redriven,
+}
+
+/// Re-apply a dead letter through its consumer's handler, with its original event id.
+#[utoipa::path(post, path = "/admin/dead-letters/{id}/retry", tag = "admin",
+    security(("admin_token" = [])),
+    params(("id" = i64, Path, description = "Dead letter id, from the list")),
+    responses(
+        (status = 200, description = "Applied, or found already applied", body = RedriveAnswer),
+        (status = 404, description = "No such dead letter", body = Problem, content_type = PROBLEM_JSON),
+        (status = 409, description = "Redriven or discarded before", body = Problem, content_type = PROBLEM_JSON),
+        (status = 422, description = "Still cannot be applied, or not a consumer of this service",
+            body = Problem, content_type = PROBLEM_JSON),
+    ))]
+#[allow(dead_code)]
+fn redrive_retry() {}
+
+/// Discard a dead letter (the row stays, marked discarded).
+#[utoipa::path(delete, path = "/admin/dead-letters/{id}", tag = "admin",
+    security(("admin_token" = [])),
+    params(("id" = i64, Path, description = "Dead letter id, from the list")),
+    responses(
+        (status = 204, description = "Discarded"),
+        (status = 404, description = "No such dead letter", body = Problem, content_type = PROBLEM_JSON),
+        (status = 409, description = "Redriven or discarded before", body = Problem, content_type = PROBLEM_JSON),
+    ))]
+#[allow(dead_code)]
+fn redrive_discard() {}
+
+/// The routes every service gets from the toolkit ([`finish_router`], [`App::new`]).
 #[derive(utoipa::OpenApi)]
 #[openapi(
     paths(
         healthz,
         readyz,
         openapi_json,
+        metrics,
         dead_letters,
+        redrive_retry,
+        redrive_discard,
         stats,
         parked_rows,
         unpark_all,
@@ -229,7 +290,8 @@ pub fn document(service: utoipa::openapi::OpenApi) -> utoipa::openapi::OpenApi {
         ),
     );
     for (path, item) in doc.paths.paths.iter_mut() {
-        let probe = matches!(path.as_str(), "/healthz" | "/readyz");
+        // Outside the in-flight limit and the request timeout.
+        let probe = matches!(path.as_str(), "/healthz" | "/readyz" | "/metrics");
         for op in [
             &mut item.get,
             &mut item.put,

@@ -109,18 +109,19 @@ pub enum RelayError {
     StoreFull(String),
 }
 
-/// Whether the relay can publish, for readiness: false while the stream store is full.
+/// Whether the relay can publish, for readiness: false while its last pass could not (the stream
+/// full, missing or not answering).
 #[derive(Debug, Clone, Default)]
 pub struct RelayHealth(Arc<std::sync::atomic::AtomicBool>);
 
 impl RelayHealth {
-    /// The last pass found the stream full.
-    pub fn store_full(&self) -> bool {
+    /// The last pass could not publish for reasons that are not the rows'.
+    pub fn blocked(&self) -> bool {
         self.0.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    fn set_store_full(&self, full: bool) {
-        self.0.store(full, std::sync::atomic::Ordering::Relaxed);
+    fn set_blocked(&self, blocked: bool) {
+        self.0.store(blocked, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -499,7 +500,7 @@ impl OutboxRelay {
             metrics::histogram!("outbox_publish_latency_seconds").record(latency);
         }
         metrics::counter!("outbox_published_total").increment(published.len() as u64);
-        self.health.set_store_full(full.is_some());
+        self.health.set_blocked(full.is_some() || outage);
         if let Some(error) = full {
             return Err(RelayError::StoreFull(error));
         }
@@ -659,10 +660,7 @@ mod trace_header_tests {
         assert_eq!(relay.publish_pending().await.unwrap(), 2);
         let stream = js.get_stream("THINGS").await.unwrap();
         let first = stream.get_raw_message(1).await.unwrap();
-        assert_eq!(
-            first.headers.get(TRACEPARENT).map(|v| v.as_str()),
-            Some(TP)
-        );
+        assert_eq!(first.headers.get(TRACEPARENT).map(|v| v.as_str()), Some(TP));
         assert_eq!(
             first.headers.get(TRACESTATE).map(|v| v.as_str()),
             Some("congo=t61rcWkgMzE")
@@ -671,7 +669,10 @@ mod trace_header_tests {
         assert_eq!(body.traceparent.as_deref(), Some(TP));
         let second = stream.get_raw_message(2).await.unwrap();
         assert_eq!(
-            second.headers.get(async_nats::header::NATS_MESSAGE_ID).map(|v| v.as_str()),
+            second
+                .headers
+                .get(async_nats::header::NATS_MESSAGE_ID)
+                .map(|v| v.as_str()),
             Some(old.id.as_str())
         );
         assert!(second.headers.get(TRACEPARENT).is_none());

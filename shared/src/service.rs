@@ -3,7 +3,7 @@
 //! an orderly shutdown.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -143,8 +143,8 @@ pub struct Runtime {
     relay_stop: CancellationToken,
     relay_task: Option<tokio::task::JoinHandle<()>>,
     tasks: JoinSet<()>,
-    consumers_expected: usize,
-    consumers_ready: Arc<AtomicUsize>,
+    /// One flag per durable: attached to the server right now.
+    attached: Vec<Arc<AtomicBool>>,
 }
 
 impl Runtime {
@@ -159,6 +159,7 @@ impl Runtime {
         db.migrate(migrations.0, migrations.1).await?;
         let client = connect(&config.nats).await?;
         let js = async_nats::jetstream::new(client.clone());
+        let mut owned = Vec::with_capacity(streams.len());
         for spec in streams {
             let mut spec = spec.clone();
             spec.max_bytes = config.stream_max_bytes;
@@ -167,6 +168,7 @@ impl Runtime {
                 .max_msg_size
                 .min(spec.max_bytes.min(i32::MAX as i64) as i32);
             ensure_stream(&js, &spec).await?;
+            owned.push(spec);
         }
         let relay = OutboxRelay::new(db.clone(), client.clone(), RelayConfig::default());
         let waker = relay.waker();
@@ -180,6 +182,7 @@ impl Runtime {
         let mut tasks = JoinSet::new();
         let shutdown = CancellationToken::new();
         let redrive = Redrive::new(db.clone());
+        tasks.spawn(watch_streams(js.clone(), owned, shutdown.clone()));
         tasks.spawn(crate::retention::run(
             db.clone(),
             crate::retention::toolkit_rules(&config.retention),
@@ -203,8 +206,7 @@ impl Runtime {
             relay_stop,
             relay_task: Some(relay_task),
             tasks,
-            consumers_expected: 0,
-            consumers_ready: Arc::new(AtomicUsize::new(0)),
+            attached: Vec::new(),
         })
     }
 
@@ -225,7 +227,8 @@ impl Runtime {
         handler: H,
         worker: Option<OutboxWaker>,
     ) {
-        self.consumers_expected += 1;
+        let attached = Arc::new(AtomicBool::new(false));
+        self.attached.push(attached.clone());
         let spec_durable = spec.durable.clone();
         let mut runner = ConsumerRunner::new(
             spec,
@@ -242,11 +245,10 @@ impl Runtime {
         self.redrive
             .register(&spec_durable, runner.handler(), wakers);
         let shutdown = self.shutdown.clone();
-        let ready = self.consumers_ready.clone();
+        let runner = runner.report_attached(attached);
         let durable = spec_durable;
         self.tasks.spawn(async move {
             if let Some(consumer) = runner.provision(&shutdown).await {
-                ready.fetch_add(1, Ordering::SeqCst);
                 tokio::spawn(crate::observe::sample_lag(
                     consumer.clone(),
                     durable,
@@ -282,8 +284,7 @@ impl Runtime {
             client: self.client.clone(),
             relay: self.relay_health.clone(),
             waker: self.waker.clone(),
-            expected: self.consumers_expected,
-            ready: self.consumers_ready.clone(),
+            attached: self.attached.clone(),
         }
     }
 
@@ -308,6 +309,37 @@ impl Runtime {
     }
 }
 
+/// How often a service checks that the streams it owns still exist.
+pub const WIRING_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Re-create the service's own streams if someone deleted them, until `shutdown`. Consumers
+/// re-create their durables themselves (see [`ConsumerRunner::run`]) once the streams are back.
+async fn watch_streams(
+    js: async_nats::jetstream::Context,
+    specs: Vec<StreamSpec>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(WIRING_CHECK_INTERVAL) => {}
+            _ = shutdown.cancelled() => return,
+        }
+        for spec in &specs {
+            let missing = matches!(
+                js.get_stream(&spec.name).await.map_err(|e| e.kind()),
+                Err(async_nats::jetstream::context::GetStreamErrorKind::JetStream(e))
+                    if e.error_code() == async_nats::jetstream::ErrorCode::STREAM_NOT_FOUND
+            );
+            if missing {
+                tracing::error!(stream = %spec.name, "own stream is missing; creating it again");
+                if let Err(e) = ensure_stream(&js, spec).await {
+                    tracing::warn!(stream = %spec.name, error = %e, "cannot create the stream yet");
+                }
+            }
+        }
+    }
+}
+
 /// Whether the service can do its work: database answers, NATS connected, consumers provisioned.
 #[derive(Debug, Clone)]
 pub struct Readiness {
@@ -315,8 +347,7 @@ pub struct Readiness {
     client: async_nats::Client,
     relay: RelayHealth,
     waker: OutboxWaker,
-    expected: usize,
-    ready: Arc<AtomicUsize>,
+    attached: Vec<Arc<AtomicBool>>,
 }
 
 /// What readiness found.
@@ -328,7 +359,7 @@ pub struct ReadinessReport {
     pub database: bool,
     /// NATS is connected.
     pub nats: bool,
-    /// The outbox relay can publish (false while its stream is full).
+    /// The outbox relay can publish (false while its stream is full, missing or not answering).
     pub relay: bool,
     /// Consumers provisioned, of those declared.
     pub consumers_ready: usize,
@@ -341,15 +372,19 @@ impl Readiness {
     pub async fn check(&self) -> ReadinessReport {
         let database = self.db.ping().await;
         let nats = self.client.connection_state() == async_nats::connection::State::Connected;
-        let consumers_ready = self.ready.load(Ordering::SeqCst);
-        let relay = !self.relay.store_full();
+        let consumers_ready = self
+            .attached
+            .iter()
+            .filter(|a| a.load(Ordering::SeqCst))
+            .count();
+        let relay = !self.relay.blocked();
         ReadinessReport {
-            ready: database && nats && relay && consumers_ready >= self.expected,
+            ready: database && nats && relay && consumers_ready == self.attached.len(),
             database,
             nats,
             relay,
             consumers_ready,
-            consumers_expected: self.expected,
+            consumers_expected: self.attached.len(),
         }
     }
 

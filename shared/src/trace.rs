@@ -162,7 +162,10 @@ pub fn server_span(name: &'static str, headers: &axum::http::HeaderMap) -> traci
         (Some(v), None) => v.to_str().ok(),
         _ => None,
     };
-    let mut states = headers.get_all(TRACESTATE).iter().filter_map(|v| v.to_str().ok());
+    let mut states = headers
+        .get_all(TRACESTATE)
+        .iter()
+        .filter_map(|v| v.to_str().ok());
     let tracestate = match (states.next(), states.next()) {
         (Some(one), None) => Some(std::borrow::Cow::Borrowed(one)),
         (Some(first), Some(second)) => {
@@ -188,7 +191,7 @@ static PROVIDER: std::sync::OnceLock<opentelemetry_sdk::trace::SdkTracerProvider
 /// What [`layer`] set up, to be logged once logging works.
 #[cfg(feature = "service")]
 #[derive(Debug)]
-pub(crate) enum Export {
+pub enum Export {
     /// Spans go to this OTLP/HTTP endpoint.
     Otlp(String),
     /// No endpoint configured: spans are made (ids propagate) but not exported.
@@ -202,7 +205,7 @@ pub(crate) enum Export {
 /// OTLP http/protobuf when `OTEL_EXPORTER_OTLP_ENDPOINT` (or `..._TRACES_ENDPOINT`) is set, with
 /// the batch settings of `OTEL_BSP_*`; `OTEL_SERVICE_NAME` defaults to `default_service_name`.
 #[cfg(feature = "service")]
-pub(crate) fn layer<S>(default_service_name: &str) -> (impl tracing_subscriber::Layer<S>, Export)
+pub fn layer<S>(default_service_name: &str) -> (impl tracing_subscriber::Layer<S>, Export)
 where
     S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
 {
