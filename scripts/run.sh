@@ -21,6 +21,12 @@ for port in "$NATS_PORT" "$NATS_HTTP_PORT" "$ORDER_PORT" "$INVENTORY_PORT" "$PAY
 done
 
 nats_server="$(scripts/install-deps.sh --nats-only | tail -n1)"
+# nats.conf's read-only mirrors for people follow durable consumers across accounts: 2.14.5+.
+nats_v="$("$nats_server" --version | awk '{print $2}')"; nats_v="${nats_v#v}"
+if [[ "$(printf '%s\n' 2.14.5 "${nats_v%%-*}" | sort -V | head -n1)" != 2.14.5 ]]; then
+  echo "nats.conf needs nats-server >= 2.14.5; $nats_server is $nats_v (set NATS_SERVER_BIN or remove it from PATH)" >&2
+  exit 1
+fi
 echo "==> building"
 cargo build --bins --quiet
 
@@ -31,6 +37,7 @@ rand() { python3 -c 'import secrets; print(secrets.token_hex(12))'; }
 export NATS_ORDER_PASSWORD="${NATS_ORDER_PASSWORD:-$(rand)}"
 export NATS_INVENTORY_PASSWORD="${NATS_INVENTORY_PASSWORD:-$(rand)}"
 export NATS_PAYMENT_PASSWORD="${NATS_PAYMENT_PASSWORD:-$(rand)}"
+export NATS_PROVISION_PASSWORD="${NATS_PROVISION_PASSWORD:-$(rand)}"
 export NATS_CLI_PASSWORD="${NATS_CLI_PASSWORD:-$(rand)}"
 sed -e "s|^listen:.*|listen: 127.0.0.1:$NATS_PORT|" \
     -e "s|^http_port:.*|http_port: $NATS_HTTP_PORT|" \
@@ -73,6 +80,12 @@ start_service inventory-service "$INVENTORY_PORT" inventory NATS_INVENTORY_PASSW
 start_service payment-service "$PAYMENT_PORT" payment NATS_PAYMENT_PASSWORD
 for port in "$ORDER_PORT" "$INVENTORY_PORT" "$PAYMENT_PORT"; do wait_http "http://127.0.0.1:$port/readyz" "service on :$port"; done
 
+# People (user cli) read the streams through read-only mirrors in their own account, set up once
+# the services have created the streams (see nats.conf).
+echo "==> provisioning the people's read-only mirrors"
+NATS_URL="nats://127.0.0.1:$NATS_PORT" NATS_USER=provision NATS_PASSWORD="$NATS_PROVISION_PASSWORD" \
+  python3 deploy/nats/provision.py
+
 echo "==> running sample sagas"
 NATS_URL="nats://127.0.0.1:$NATS_PORT" NATS_USER=cli NATS_PASSWORD="$NATS_CLI_PASSWORD" "$bin/saga-demo"
 
@@ -84,8 +97,11 @@ cat <<TXT
        -d '{"customer_id":"alice","currency":"EUR","items":[{"sku":"WIDGET","quantity":1,"unit_price_minor":1250}]}'
   curl -s -XPUT localhost:$PAYMENT_PORT/admin/gateway -d '{"mode":"outage"}' -H 'content-type: application/json'
   curl -s localhost:$INVENTORY_PORT/products/WIDGET
-  With the nats CLI (user cli, password in .demo/cli.password):
-  nats --server nats://127.0.0.1:$NATS_PORT --user cli --password \$(cat .demo/cli.password) sub 'orders.>'
+  With the nats CLI (user cli, password in .demo/cli.password; it sends commands and reads):
+  nats context save saga --server nats://127.0.0.1:$NATS_PORT --user cli --password "\$(cat .demo/cli.password)" --select
+  nats sub 'orders.>'
+  nats stream view ORDERS
+  nats pub cmd.orders.cancel.v1 '{"order_id":"<order id>"}'
 TXT
 echo "$NATS_CLI_PASSWORD" > "$demo/cli.password"
 wait "${pids[0]}"

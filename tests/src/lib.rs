@@ -70,7 +70,7 @@ fn password(user: &str) -> String {
 
 /// The environment `nats.conf` reads its passwords from.
 fn user_passwords() -> Vec<(String, String)> {
-    ["order", "inventory", "payment", "cli"]
+    ["order", "inventory", "payment", "provision", "cli"]
         .iter()
         .map(|u| (format!("NATS_{}_PASSWORD", u.to_uppercase()), password(u)))
         .collect()
@@ -93,6 +93,71 @@ fn project_nats_conf() -> String {
         })
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+/// Where the people's user (account PEOPLE in `nats.conf`) reaches the services' account's
+/// read-only JetStream API: stream and consumer info and lists, single messages.
+pub const SERVICES_API_PREFIX: &str = "$JS.saga.API";
+
+/// The consumer on each of the services' streams that feeds the people's mirror of it. It belongs
+/// to no service.
+pub const MIRROR_SOURCE_CONSUMER: &str = "people-mirror";
+
+/// Runs `deploy/nats/provision.py` (as the demo script and compose do) against a server running
+/// the project's `nats.conf`: the people's read-only mirrors of the four streams, which must exist.
+/// Panics with the script's output if it fails.
+pub fn provision_views(nats_url: &str, provision_password: &str) {
+    let script = repo_root().join("deploy/nats/provision.py");
+    let out = Command::new("python3")
+        .arg(&script)
+        .env("NATS_URL", nats_url)
+        .env("NATS_USER", "provision")
+        .env("NATS_PASSWORD", provision_password)
+        .env("PROVISION_WAIT_SECONDS", "30")
+        .output()
+        .unwrap_or_else(|e| panic!("run python3 {}: {e}", script.display()));
+    assert!(
+        out.status.success(),
+        "{} failed:\n{}{}",
+        script.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Wait until each of the people's mirrors holds what its origin holds (same last sequence), as
+/// seen by a client of the people's account. Mirrors follow within milliseconds; reads through
+/// them right after a publish can lag by that much.
+pub async fn wait_for_mirrors(people: &async_nats::Client) {
+    let view = async_nats::jetstream::new(people.clone());
+    let origin = async_nats::jetstream::with_prefix(people.clone(), SERVICES_API_PREFIX);
+    for name in ["ORDERS", "INVENTORY", "PAYMENTS", "ORDER_COMMANDS"] {
+        let (view, origin) = (&view, &origin);
+        eventually(
+            WAIT,
+            &format!("the mirror of {name} to catch up"),
+            || async move {
+                let want = origin
+                    .get_stream(name)
+                    .await
+                    .ok()?
+                    .get_info()
+                    .await
+                    .ok()?
+                    .state;
+                let have = view
+                    .get_stream(name)
+                    .await
+                    .ok()?
+                    .get_info()
+                    .await
+                    .ok()?
+                    .state;
+                (have.last_sequence == want.last_sequence).then_some(())
+            },
+        )
+        .await;
+    }
 }
 
 struct Running {
@@ -148,6 +213,8 @@ pub struct System {
     dbs: HashMap<Service, TestDb>,
     services: HashMap<Service, Running>,
     logs: tempfile::TempDir,
+    /// Started with the project's `nats.conf` (the client is then the people's user).
+    project_users: bool,
 }
 
 impl System {
@@ -182,6 +249,7 @@ impl System {
             dbs,
             services: HashMap::new(),
             logs,
+            project_users: config.project_users,
         };
         for s in Service::ALL {
             let mut env = HashMap::new();
@@ -233,7 +301,27 @@ impl System {
         for s in Service::ALL {
             system.wait_ready(s).await;
         }
+        if config.project_users {
+            // The people's user reads the streams through mirrors, set up once the services have
+            // created the streams.
+            let url = system.nats.url();
+            tokio::task::spawn_blocking(move || provision_views(&url, &password("provision")))
+                .await
+                .expect("provision the people's mirrors");
+        }
         system
+    }
+
+    /// A JetStream context on the services' streams and durables, for reading: the test client's
+    /// own, or, under the project's `nats.conf`, the people's read-only window on the services'
+    /// account ([`SERVICES_API_PREFIX`]). There the services' streams also carry
+    /// [`MIRROR_SOURCE_CONSUMER`].
+    pub fn services_js(&self) -> async_nats::jetstream::Context {
+        if self.project_users {
+            async_nats::jetstream::with_prefix(self.client.clone(), SERVICES_API_PREFIX)
+        } else {
+            async_nats::jetstream::new(self.client.clone())
+        }
     }
 
     fn launch(&mut self, s: Service) {
