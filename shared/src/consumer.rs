@@ -5,7 +5,7 @@
 //! transaction. When a handler fails, the batch is applied again with each message inside its own
 //! savepoint, so one failing message never takes its batch down.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -17,7 +17,7 @@ use async_nats::jetstream::message::AckKind;
 use async_nats::jetstream::Message;
 use backon::{BackoffBuilder, ExponentialBuilder};
 use chrono::{DateTime, Utc};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use sqlx::{AnyConnection, Row};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -458,12 +458,77 @@ impl<H: Handler> ConsumerRunner<H> {
     /// handler fails, that attempt is rolled back and the batch is applied again with each message
     /// in its own savepoint, so the failing one is isolated and the others still commit.
     async fn apply(&self, batch: &[Message]) -> Result<Vec<Verdict>, sqlx::Error> {
+        let attempts = self.count_attempts(batch).await?;
         if batch.len() > 1 {
-            if let Some(verdicts) = self.apply_in(batch, false).await? {
+            if let Some(verdicts) = self.apply_in(batch, false, &attempts).await? {
                 return Ok(verdicts);
             }
         }
-        Ok(self.apply_in(batch, true).await?.unwrap_or_default())
+        Ok(self
+            .apply_in(batch, true, &attempts)
+            .await?
+            .unwrap_or_default())
+    }
+
+    /// Count the attempts of the batch's redelivered messages, committed before anything is
+    /// applied: a message that kills the process while being applied is still counted, and is
+    /// given up once it has had `max_deliver` attempts. Deliveries that never reach this point
+    /// (database down, server-side `ack_wait` expiries of a stopped process) are not counted, so a
+    /// long outage does not exhaust a message. First deliveries cost nothing here.
+    async fn count_attempts(&self, batch: &[Message]) -> Result<HashMap<u64, i64>, sqlx::Error> {
+        let mut attempts = HashMap::new();
+        let redelivered: Vec<MessageMeta> = batch
+            .iter()
+            .map(MessageMeta::of)
+            .filter(|m| m.delivered > 1)
+            .collect();
+        if redelivered.is_empty() {
+            return Ok(attempts);
+        }
+        let mut tx = self.db.begin().await?;
+        for meta in &redelivered {
+            let earlier: i64 = sqlx::query(
+                "INSERT INTO consumer_attempts (consumer, stream, stream_sequence, attempts, \
+                 updated_at_us) VALUES ($1, $2, $3, 1, $4) \
+                 ON CONFLICT (consumer, stream, stream_sequence) DO UPDATE \
+                 SET attempts = consumer_attempts.attempts + 1, updated_at_us = $4 \
+                 RETURNING attempts",
+            )
+            .bind(&self.spec.durable)
+            .bind(&meta.stream)
+            .bind(meta.stream_sequence as i64)
+            .bind(now_micros())
+            .fetch_one(&mut *tx)
+            .await?
+            .try_get(0)?;
+            // The first delivery is not recorded: this one is attempt `earlier + 1`.
+            attempts.insert(meta.stream_sequence, earlier + 1);
+        }
+        tx.commit().await?;
+        Ok(attempts)
+    }
+
+    /// The handler, with a panic turned into a permanent failure (dead letter) instead of a dead
+    /// consumer task.
+    async fn guarded(
+        &self,
+        conn: &mut AnyConnection,
+        event: &Envelope,
+    ) -> Result<(), HandlerError> {
+        match std::panic::AssertUnwindSafe(self.handler.handle(conn, event))
+            .catch_unwind()
+            .await
+        {
+            Ok(outcome) => outcome,
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a panic".to_owned());
+                Err(HandlerError::Permanent(format!("handler panicked: {what}")))
+            }
+        }
     }
 
     /// `Ok(None)`: not isolated and a handler failed; nothing was committed.
@@ -471,6 +536,7 @@ impl<H: Handler> ConsumerRunner<H> {
         &self,
         batch: &[Message],
         isolated: bool,
+        attempts: &HashMap<u64, i64>,
     ) -> Result<Option<Vec<Verdict>>, sqlx::Error> {
         let mut tx = self.db.begin().await?;
         let mut verdicts = Vec::with_capacity(batch.len());
@@ -497,6 +563,19 @@ impl<H: Handler> ConsumerRunner<H> {
                     continue;
                 }
             };
+            let attempt = attempts.get(&meta.stream_sequence).copied().unwrap_or(1);
+            if attempt > self.spec.max_deliver {
+                let reason = format!(
+                    "gave up after {} attempts: the process did not finish applying it",
+                    attempt - 1
+                );
+                tracing::error!(consumer = %self.spec.durable, event_id = %event.id, %reason, "dead-lettering");
+                self.dead_letter(&mut tx, msg, &meta, Some(&event.id), &reason)
+                    .await?;
+                self.count(&mut effects, "other", Outcome::DeadLettered, None);
+                verdicts.push(Verdict::Term);
+                continue;
+            }
             // The consumer span continues the event's trace: the NATS headers (what the relay
             // sent, or what a person gave `nats pub`), else the CloudEvent's own extensions.
             let span = tracing::info_span!(
@@ -540,12 +619,8 @@ impl<H: Handler> ConsumerRunner<H> {
                     }
                 }
                 let started = std::time::Instant::now();
-                let (outcome, deferred) = collect(
-                    self.handler
-                        .handle(&mut tx, &event)
-                        .instrument(span.clone()),
-                )
-                .await;
+                let (outcome, deferred) =
+                    collect(self.guarded(&mut tx, &event).instrument(span.clone())).await;
                 if outcome.is_err() {
                     tx.rollback().await?;
                     return Ok(None);
@@ -570,14 +645,7 @@ impl<H: Handler> ConsumerRunner<H> {
                     verdicts.push(Verdict::Ack);
                     continue;
                 }
-                Ok(true) => {
-                    collect(
-                        self.handler
-                            .handle(&mut sp, &event)
-                            .instrument(span.clone()),
-                    )
-                    .await
-                }
+                Ok(true) => collect(self.guarded(&mut sp, &event).instrument(span.clone())).await,
                 Err(e) => (Err(HandlerError::from(e)), Deferred::default()),
             };
             match outcome {
@@ -602,9 +670,8 @@ impl<H: Handler> ConsumerRunner<H> {
                 }
                 Err(HandlerError::Transient(reason)) => {
                     sp.rollback().await?;
-                    if meta.delivered >= self.spec.max_deliver {
-                        let reason =
-                            format!("gave up after {} deliveries: {reason}", meta.delivered);
+                    if attempt >= self.spec.max_deliver {
+                        let reason = format!("gave up after {attempt} attempts: {reason}");
                         tracing::warn!(parent: &span, %reason, "dead-lettering");
                         self.dead_letter(&mut tx, msg, &meta, Some(&event.id), &reason)
                             .await?;

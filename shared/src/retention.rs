@@ -127,6 +127,14 @@ pub fn toolkit_rules(config: &RetentionConfig) -> Vec<PruneRule> {
             keep: config.inbox,
         },
         PruneRule {
+            what: "consumer_attempts",
+            sql: "DELETE FROM consumer_attempts WHERE (consumer, stream, stream_sequence) IN \
+                  (SELECT consumer, stream, stream_sequence FROM consumer_attempts WHERE \
+                  updated_at_us < $1 ORDER BY updated_at_us LIMIT $2)"
+                .into(),
+            keep: config.inbox,
+        },
+        PruneRule {
             what: "dead_letters",
             sql: "DELETE FROM dead_letters WHERE id IN (SELECT id FROM dead_letters WHERE \
                   created_at_us < $1 ORDER BY created_at_us LIMIT $2)"

@@ -145,6 +145,8 @@ on_both_backends!(
     bare_json_published_by_hand_is_processed_once,
     a_row_that_can_never_be_published_is_parked_and_blocks_nothing,
     one_failing_message_does_not_take_its_batch_down,
+    a_message_that_stops_the_process_every_time_is_given_up,
+    a_panicking_handler_dead_letters_its_message_and_the_consumer_goes_on,
 );
 
 async fn one_failing_message_does_not_take_its_batch_down(b: Backend) {
@@ -604,4 +606,112 @@ async fn bare_json_published_by_hand_is_processed_once(b: Backend) {
     .await;
     assert_eq!(stream_len(&f.js, "BANK").await, 2);
     assert_eq!(applied_count(&f.db).await, 2);
+}
+
+/// Applies deposits like [`Bank`], but on account `stall` never finishes (as a process that dies
+/// while applying it), and on account `boom` panics.
+#[derive(Clone, Default)]
+struct Treacherous {
+    bank: Bank,
+    stalls: Arc<AtomicUsize>,
+}
+
+impl Handler for Treacherous {
+    async fn handle(&self, conn: &mut AnyConnection, event: &Envelope) -> Result<(), HandlerError> {
+        let d: Deposited = event.payload()?;
+        match d.account.as_str() {
+            "stall" => {
+                self.stalls.fetch_add(1, Ordering::SeqCst);
+                std::future::pending::<()>().await;
+                Ok(())
+            }
+            "boom" => panic!("cannot apply a deposit to boom"),
+            _ => self.bank.handle(conn, event).await,
+        }
+    }
+}
+
+fn spawn_runner(
+    f: &Fixture,
+    handler: Treacherous,
+    spec: ConsumerSpec,
+) -> tokio::task::JoinHandle<()> {
+    let runner = ConsumerRunner::new(
+        spec,
+        f.db.clone(),
+        f.client.clone(),
+        handler,
+        Default::default(),
+    );
+    tokio::spawn(async move {
+        let stop = CancellationToken::new();
+        let consumer = runner.provision(&stop).await.unwrap();
+        runner.run(consumer, stop).await;
+    })
+}
+
+async fn a_message_that_stops_the_process_every_time_is_given_up(b: Backend) {
+    let f = fixture(b).await;
+    let mut spec = spec();
+    spec.ack_wait = Duration::from_secs(1);
+    spec.max_deliver = 3;
+    let handler = Treacherous::default();
+    let killer = deposit("stall", 1);
+    publish_envelope(&f, &killer, &killer.id).await;
+    // Each time the handler is stuck on it, the "process" dies (its task is aborted: no ack, its
+    // transaction rolled back) and a new one starts; the server redelivers after ack_wait.
+    for attempt in 1..=3 {
+        let task = spawn_runner(&f, handler.clone(), spec.clone());
+        eventually(WAIT, &format!("attempt {attempt} to stall"), || async {
+            (handler.stalls.load(Ordering::SeqCst) == attempt).then_some(())
+        })
+        .await;
+        task.abort();
+        let _ = task.await;
+    }
+    // The next start gives it up without calling the handler, and goes on with the rest.
+    let task = spawn_runner(&f, handler.clone(), spec.clone());
+    let next = deposit("dave", 7);
+    publish_envelope(&f, &next, &next.id).await;
+    let dead = eventually(WAIT, "the killer message dead-lettered", || async {
+        dead_letters(&f.db, 10).await.unwrap().into_iter().next()
+    })
+    .await;
+    assert!(
+        dead.reason.starts_with("gave up after 3 attempts"),
+        "{}",
+        dead.reason
+    );
+    assert_eq!(dead.event_id.as_deref(), Some(killer.id.as_str()));
+    eventually(WAIT, "the next deposit applied", || async {
+        (balance(&f.db, "dave").await == Some(7)).then_some(())
+    })
+    .await;
+    assert_eq!(
+        handler.stalls.load(Ordering::SeqCst),
+        3,
+        "not applied a fourth time"
+    );
+    task.abort();
+}
+
+async fn a_panicking_handler_dead_letters_its_message_and_the_consumer_goes_on(b: Backend) {
+    let f = fixture(b).await;
+    let task = spawn_runner(&f, Treacherous::default(), spec());
+    let boom = deposit("boom", 1);
+    let fine = deposit("erin", 3);
+    publish_envelope(&f, &boom, &boom.id).await;
+    publish_envelope(&f, &fine, &fine.id).await;
+    eventually(WAIT, "the deposit after the panic applied", || async {
+        (balance(&f.db, "erin").await == Some(3)).then_some(())
+    })
+    .await;
+    let dead = dead_letters(&f.db, 10).await.unwrap();
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert!(
+        dead[0].reason.contains("handler panicked") && dead[0].reason.contains("boom"),
+        "{}",
+        dead[0].reason
+    );
+    task.abort();
 }
