@@ -27,14 +27,27 @@ const APP_SERVICES: [(&str, u16, &[&str]); 3] = [
 ];
 
 /// Environment variables every service reads.
-const COMMON_ENV: [&str; 7] = [
+const COMMON_ENV: [&str; 20] = [
     "NATS_URL",
     "NATS_USER",
     "NATS_PASSWORD",
     "DATABASE_URL",
     "HTTP_ADDR",
     "RUST_LOG",
+    "LOG_FORMAT",
     "SQLITE_SYNCHRONOUS",
+    "ADMIN_TOKEN",
+    "STREAM_MAX_BYTES",
+    "HTTP_HEADER_TIMEOUT_MS",
+    "HTTP_REQUEST_TIMEOUT_MS",
+    "HTTP_MAX_IN_FLIGHT",
+    "HTTP_MAX_CONNECTIONS",
+    "OUTBOX_RETENTION",
+    "INBOX_RETENTION",
+    "DEAD_LETTER_RETENTION",
+    "RETENTION_SWEEP_INTERVAL",
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "OTEL_SERVICE_NAME",
 ];
 
 fn repo_root() -> PathBuf {
@@ -314,8 +327,14 @@ fn healthchecks_probe_readyz_or_healthz() {
         let name = scalar(name).unwrap();
         for url in healthcheck_urls(svc) {
             let (_, path, _) = split_url(&url);
+            // Third-party images have their own health routes.
+            let own = match name.as_str() {
+                "prometheus" => "/-/ready",
+                "grafana" => "/api/health",
+                _ => "/readyz",
+            };
             assert!(
-                path == "/readyz" || path == "/healthz",
+                path == "/readyz" || path == "/healthz" || path == own,
                 "{name} healthcheck probes {url}; use /readyz or /healthz"
             );
         }
@@ -484,6 +503,97 @@ fn passwords_and_variables_are_wired_and_documented() {
     }
 }
 
+#[test]
+fn secrets_are_required_never_defaulted() {
+    let text = read("compose.yaml");
+    for (i, _) in text.match_indices("${") {
+        let var: String = text[i + 2..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        let rest = &text[i + 2 + var.len()..];
+        if var.ends_with("_PASSWORD") || var.ends_with("_TOKEN") {
+            assert!(
+                rest.starts_with(":?"),
+                "{var} must be required (${{{var}:?…}}), not defaulted"
+            );
+        }
+    }
+    // Every app service and the seed job get the admin token; the services log JSON and have
+    // time to drain.
+    let doc = compose();
+    for (name, _, _) in APP_SERVICES {
+        let svc = service(&doc, name);
+        let env = environment(svc);
+        assert!(env.contains_key("ADMIN_TOKEN"), "{name} gets ADMIN_TOKEN");
+        assert_eq!(
+            env["LOG_FORMAT"].as_deref(),
+            Some("json"),
+            "{name} logs JSON"
+        );
+        let grace = scalar(&svc["stop_grace_period"]).unwrap_or_default();
+        assert_eq!(
+            grace, "30s",
+            "{name} stop_grace_period longer than its drain"
+        );
+    }
+    assert!(environment(service(&doc, "seed")).contains_key("ADMIN_TOKEN"));
+}
+
+#[test]
+fn prometheus_scrapes_every_service_and_grafana_shows_the_saga() {
+    let config = "deploy/prometheus/prometheus.yml";
+    let out = Command::new(std::env::var("PROMTOOL_BIN").unwrap_or_else(|_| "promtool".into()))
+        .args(["check", "config"])
+        .arg(repo_root().join(config))
+        .output()
+        .expect("promtool not found: scripts/install-deps.sh installs it (Debian's prometheus)");
+    assert!(
+        out.status.success(),
+        "promtool check config: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let prom: Value = serde_yaml::from_str(&read(config)).expect("yaml");
+    let mut targets = Vec::new();
+    strings(&prom["scrape_configs"], &mut targets);
+    for (name, port, _) in APP_SERVICES {
+        assert!(
+            targets.contains(&format!("{name}:{port}")),
+            "Prometheus scrapes {name}:{port}: {targets:?}"
+        );
+    }
+    let doc = compose();
+    let exporter = service(&doc, "nats-exporter");
+    let mut args = Vec::new();
+    strings(&exporter["command"], &mut args);
+    assert!(args.contains(&"http://nats:8222".to_owned()));
+    assert!(targets.iter().any(|t| t.starts_with("nats-exporter:")));
+
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&read("deploy/grafana/dashboards/saga.json")).expect("dashboard json");
+    let exprs: Vec<String> = dashboard["panels"]
+        .as_array()
+        .expect("panels")
+        .iter()
+        .flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default())
+        .filter_map(|t| t["expr"].as_str().map(str::to_owned))
+        .collect();
+    for metric in [
+        "sagas_terminal_total",
+        "saga_duration_seconds_bucket",
+        "outbox_oldest_pending_age_seconds",
+        "consumer_lag_messages",
+        "dead_letters_stored",
+        "payment_circuit_breaker_state",
+    ] {
+        assert!(
+            exprs.iter().any(|e| e.contains(metric)),
+            "the dashboard shows {metric}"
+        );
+    }
+}
+
 /// Every compose CLI available here validates the file; there must be at least one, or nothing
 /// would ever check that `docker compose up` can read it.
 #[test]
@@ -512,17 +622,45 @@ fn compose_cli_validates_the_file() {
         if !available {
             continue;
         }
+        // With every variable set (the documented placeholders), the file is valid...
         let output = Command::new(program)
             .args(prefix)
-            .args(["-f", "compose.yaml", "config", "-q"])
+            .args([
+                "--env-file",
+                ".env.example",
+                "-f",
+                "compose.yaml",
+                "config",
+                "-q",
+            ])
             .current_dir(&root)
             .output()
             .unwrap_or_else(|e| panic!("run {label}: {e}"));
         assert!(
             output.status.success(),
-            "`{label} -f compose.yaml config -q` failed:\n{}{}",
+            "`{label} --env-file .env.example -f compose.yaml config -q` failed:\n{}{}",
             String::from_utf8_lossy(&output.stdout),
             String::from_utf8_lossy(&output.stderr)
+        );
+        // ...and without them compose refuses, naming what is missing.
+        let empty = root.join("target").join("compose-empty.env");
+        std::fs::create_dir_all(empty.parent().expect("target dir")).expect("target dir");
+        std::fs::write(&empty, "").expect("empty env file");
+        let refused = Command::new(program)
+            .args(prefix)
+            .arg("--env-file")
+            .arg(&empty)
+            .args(["-f", "compose.yaml", "config", "-q"])
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .current_dir(&root)
+            .output()
+            .unwrap_or_else(|e| panic!("run {label}: {e}"));
+        assert!(
+            !refused.status.success()
+                && String::from_utf8_lossy(&refused.stderr).contains("in .env"),
+            "`{label}` accepted compose.yaml with no secrets set:\n{}",
+            String::from_utf8_lossy(&refused.stderr)
         );
         println!("`{label} -f compose.yaml config -q`: valid");
         ran.push(label);
