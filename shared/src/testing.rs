@@ -49,9 +49,10 @@ where
     }
 }
 
-/// The oldest nats-server the tests run against: they pause consumers, which 2.11 introduced. (The
-/// services alone accept [`crate::nats::MIN_SERVER_VERSION`].)
-pub const MIN_TEST_SERVER_VERSION: (u64, u64) = (2, 11);
+/// The oldest nats-server the tests run against: they pause consumers (new in 2.11), and the
+/// project's `nats.conf` gives people read-only mirrors by durable sourcing across accounts (new
+/// in 2.14.5). (The services alone accept [`crate::nats::MIN_SERVER_VERSION`].)
+pub const MIN_TEST_SERVER_VERSION: (u64, u64) = (2, 15);
 
 /// What `program --version` reports (`nats-server: v2.15.1` → `v2.15.1`), if it runs.
 fn reported_version(program: &Path) -> Option<String> {
