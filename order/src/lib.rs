@@ -7,3 +7,4 @@ pub mod handlers;
 pub mod routes;
 pub mod startup;
 pub mod store;
+pub mod timeline;

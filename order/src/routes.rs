@@ -37,6 +37,7 @@ pub fn router(state: AppState) -> Router {
         .route("/orders", post(place_order).get(list_orders))
         .route("/orders/{id}", get(get_order))
         .route("/orders/{id}/cancel", post(cancel_order))
+        .route("/orders/{id}/timeline", get(crate::timeline::get_timeline))
         .route("/openapi.json", get(openapi))
         .with_state(state)
 }
@@ -242,7 +243,13 @@ async fn cancel_order(
 #[derive(OpenApi)]
 #[openapi(
     info(title = "order-service", description = "Orders and their saga status"),
-    paths(place_order, get_order, list_orders, cancel_order),
+    paths(
+        place_order,
+        get_order,
+        list_orders,
+        cancel_order,
+        crate::timeline::get_timeline
+    ),
     components(schemas(
         Problem,
         Order,
@@ -250,7 +257,9 @@ async fn cancel_order(
         LineInput,
         OrderStatus,
         crate::domain::CancelReason,
-        crate::domain::Line
+        crate::domain::Line,
+        crate::timeline::Timeline,
+        crate::timeline::TimelineEvent
     ))
 )]
 struct ApiDoc;

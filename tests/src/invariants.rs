@@ -39,6 +39,37 @@ pub const CONSUMERS: &[(Service, &str, &str, &[&str])] = &[
         &["cmd.orders."],
     ),
     (
+        Service::Order,
+        "order-timeline-orders",
+        "ORDERS",
+        &[
+            "orders.placed.v1",
+            "orders.confirmed.v1",
+            "orders.cancelled.v1",
+        ],
+    ),
+    (
+        Service::Order,
+        "order-timeline-inventory",
+        "INVENTORY",
+        &[
+            "inventory.reserved.v1",
+            "inventory.rejected.v1",
+            "inventory.released.v1",
+            "inventory.committed.v1",
+        ],
+    ),
+    (
+        Service::Order,
+        "order-timeline-payments",
+        "PAYMENTS",
+        &[
+            "payments.succeeded.v1",
+            "payments.failed.v1",
+            "payments.refunded.v1",
+        ],
+    ),
+    (
         Service::Inventory,
         "inventory-from-orders",
         "ORDERS",

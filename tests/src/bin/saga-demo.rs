@@ -1,14 +1,13 @@
 //! Drives a running system the way a user would: seeds products and accounts over HTTP, runs three
-//! sample sagas (confirmed, out of stock, payment failure) and prints each saga's events as a
-//! timeline read back from the JetStream streams.
+//! sample sagas (confirmed, out of stock, payment failure) and prints each saga's timeline as the
+//! order service serves it (`GET /orders/{id}/timeline`).
 //!
 //! Settings come from the environment: `ORDER_URL`, `INVENTORY_URL`, `PAYMENT_URL` (defaults
-//! 127.0.0.1:8081/8082/8083), `NATS_URL`, `NATS_USER`, `NATS_PASSWORD`.
+//! 127.0.0.1:8081/8082/8083), `ADMIN_TOKEN` (for seeding).
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use event_toolkit::Envelope;
 use serde_json::{json, Value};
 
 fn env(name: &str, default: &str) -> String {
@@ -25,8 +24,10 @@ struct Demo {
     order: String,
     inventory: String,
     payment: String,
-    nats: async_nats::Client,
 }
+
+/// How long a sample saga may take to show all its events.
+const SAGA_WITHIN: Duration = Duration::from_secs(60);
 
 impl Demo {
     async fn put(&self, url: String, body: Value) -> Result<(), Error> {
@@ -52,93 +53,39 @@ impl Demo {
         Ok(body["id"].as_str().unwrap_or_default().to_owned())
     }
 
-    async fn wait_terminal(&self, id: &str) -> Result<Value, Error> {
+    /// The order's timeline once the order is terminal and every event in `expect` is in it. The
+    /// three streams are read by separate durables, so an event can show up a moment after the
+    /// order's status has moved on.
+    async fn timeline(&self, id: &str, expect: &[&str]) -> Result<Value, Error> {
         let start = Instant::now();
         loop {
-            let o: Value = self
+            let r = self
                 .http
-                .get(format!("{}/orders/{id}", self.order))
+                .get(format!("{}/orders/{id}/timeline", self.order))
                 .send()
-                .await?
-                .json()
                 .await?;
-            if matches!(o["status"].as_str(), Some("CONFIRMED") | Some("CANCELLED")) {
-                return Ok(o);
+            let status = r.status();
+            let t: Value = r.json().await?;
+            if status != 200 {
+                return Err(format!("GET /orders/{id}/timeline: {status} {t}").into());
             }
-            if start.elapsed() > Duration::from_secs(60) {
-                return Err(format!("order {id} still {} after 60 s", o["status"]).into());
+            let have: Vec<&str> = t["events"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|e| e["type"].as_str()).collect())
+                .unwrap_or_default();
+            let terminal = matches!(t["status"].as_str(), Some("CONFIRMED" | "CANCELLED"));
+            if terminal && expect.iter().all(|ty| have.contains(ty)) {
+                return Ok(t);
+            }
+            if start.elapsed() > SAGA_WITHIN {
+                return Err(format!(
+                    "order {id}: after {SAGA_WITHIN:?} it is {} with {have:?}, expected {expect:?}",
+                    t["status"]
+                )
+                .into());
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-    }
-
-    /// The saga's events from the three streams, waiting briefly for the last ones to land.
-    async fn timeline(&self, id: &str, expect_last: &str) -> Result<Vec<Envelope>, Error> {
-        let js = async_nats::jetstream::new(self.nats.clone());
-        let start = Instant::now();
-        loop {
-            let mut events = Vec::new();
-            for name in ["ORDERS", "INVENTORY", "PAYMENTS"] {
-                let stream = js.get_stream(name).await?;
-                let last = stream.get_info().await?.state.last_sequence;
-                for seq in 1..=last {
-                    if let Ok(m) = stream.get_raw_message(seq).await {
-                        if let Ok(e) = serde_json::from_slice::<Envelope>(&m.payload) {
-                            if e.correlationid.as_deref() == Some(id) {
-                                events.push(e);
-                            }
-                        }
-                    }
-                }
-            }
-            events.sort_by_key(|e| e.time);
-            if events.iter().any(|e| e.event_type == expect_last)
-                || start.elapsed() > Duration::from_secs(5)
-            {
-                return Ok(events);
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-}
-
-fn summary(e: &Envelope) -> String {
-    let d = &e.data;
-    let items = |v: &Value| {
-        v.as_array()
-            .map(|a| {
-                a.iter()
-                    .map(|l| format!("{}×{}", l["sku"].as_str().unwrap_or("?"), l["quantity"]))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            })
-            .unwrap_or_default()
-    };
-    match e.event_type.as_str() {
-        "orders.placed.v1" => format!(
-            "{} orders {} for {} {}",
-            d["customer_id"].as_str().unwrap_or("?"),
-            items(&d["items"]),
-            d["total_minor"],
-            d["currency"].as_str().unwrap_or("")
-        ),
-        "inventory.reserved.v1" | "inventory.released.v1" | "inventory.committed.v1" => {
-            items(&d["items"])
-        }
-        "inventory.rejected.v1" => format!(
-            "{} ({})",
-            d["reason"].as_str().unwrap_or("?"),
-            d["sku"].as_str().unwrap_or("?")
-        ),
-        "payments.succeeded.v1" | "payments.refunded.v1" => format!(
-            "{} {}",
-            d["amount_minor"],
-            d["currency"].as_str().unwrap_or("")
-        ),
-        "payments.failed.v1" | "orders.cancelled.v1" => {
-            d["reason"].as_str().unwrap_or("?").to_owned()
-        }
-        _ => String::new(),
     }
 }
 
@@ -147,30 +94,41 @@ async fn saga(
     title: &str,
     customer: &str,
     items: Value,
-    expect_last: &str,
+    expect: &[&str],
 ) -> Result<(), Error> {
     let id = demo.place(customer, items).await?;
-    let order = demo.wait_terminal(&id).await?;
-    let events = demo.timeline(&id, expect_last).await?;
+    let t = demo.timeline(&id, expect).await?;
     println!();
     println!("── {title} ── order {id}");
-    let t0 = events.first().map(|e| e.time);
+    let events = t["events"].as_array().cloned().unwrap_or_default();
+    let time = |e: &Value| {
+        e["time"]
+            .as_str()
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+    };
+    let t0 = events.first().and_then(time);
     for e in &events {
-        let offset = t0
-            .map(|t| (e.time - t).num_microseconds().unwrap_or(0) as f64 / 1000.0)
-            .unwrap_or(0.0);
-        println!(
-            "  +{offset:>7.1} ms  {:<24} {:<20} {}",
-            e.event_type,
-            e.source.trim_start_matches('/'),
-            summary(e)
+        let offset = match (t0, time(e)) {
+            (Some(t0), Some(t)) => (t - t0).num_microseconds().unwrap_or(0) as f64 / 1000.0,
+            _ => 0.0,
+        };
+        let step = e["latency_ms"]
+            .as_f64()
+            .map(|l| format!("Δ{l:>6.1} ms"))
+            .unwrap_or_default();
+        let line = format!(
+            "  +{offset:>7.1} ms  {step:<10}  {:<24} {:<18} {}",
+            e["type"].as_str().unwrap_or("?"),
+            e["source"].as_str().unwrap_or("?").trim_start_matches('/'),
+            e["summary"].as_str().unwrap_or("")
         );
+        println!("{}", line.trim_end());
     }
-    let reason = order["reason"]
+    let reason = t["reason"]
         .as_str()
         .map(|r| format!(" ({r})"))
         .unwrap_or_default();
-    println!("  ⇒ {}{reason}", order["status"].as_str().unwrap_or("?"));
+    println!("  ⇒ {}{reason}", t["status"].as_str().unwrap_or("?"));
     Ok(())
 }
 
@@ -185,10 +143,6 @@ fn admin_headers() -> reqwest::header::HeaderMap {
 }
 
 async fn run() -> Result<(), Error> {
-    let mut options = async_nats::ConnectOptions::new().name("saga-demo");
-    if let (Ok(u), Ok(p)) = (std::env::var("NATS_USER"), std::env::var("NATS_PASSWORD")) {
-        options = options.user_and_password(u, p);
-    }
     let demo = Demo {
         http: reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
@@ -197,9 +151,6 @@ async fn run() -> Result<(), Error> {
         order: env("ORDER_URL", "http://127.0.0.1:8081"),
         inventory: env("INVENTORY_URL", "http://127.0.0.1:8082"),
         payment: env("PAYMENT_URL", "http://127.0.0.1:8083"),
-        nats: options
-            .connect(env("NATS_URL", "nats://127.0.0.1:4222"))
-            .await?,
     };
     println!("Seeding: WIDGET 100 in stock, GADGET 5; alice has 1000.00 EUR, bob 5.00 EUR.");
     demo.put(
@@ -233,7 +184,13 @@ async fn run() -> Result<(), Error> {
         "1. confirmed",
         "alice",
         json!([{ "sku": "WIDGET", "quantity": 2, "unit_price_minor": 1250 }]),
-        "inventory.committed.v1",
+        &[
+            "orders.placed.v1",
+            "inventory.reserved.v1",
+            "payments.succeeded.v1",
+            "orders.confirmed.v1",
+            "inventory.committed.v1",
+        ],
     )
     .await?;
     saga(
@@ -241,7 +198,11 @@ async fn run() -> Result<(), Error> {
         "2. out of stock",
         "alice",
         json!([{ "sku": "GADGET", "quantity": 10, "unit_price_minor": 990 }]),
-        "orders.cancelled.v1",
+        &[
+            "orders.placed.v1",
+            "inventory.rejected.v1",
+            "orders.cancelled.v1",
+        ],
     )
     .await?;
     saga(
@@ -249,7 +210,13 @@ async fn run() -> Result<(), Error> {
         "3. payment failure",
         "bob",
         json!([{ "sku": "WIDGET", "quantity": 1, "unit_price_minor": 1250 }]),
-        "inventory.released.v1",
+        &[
+            "orders.placed.v1",
+            "inventory.reserved.v1",
+            "payments.failed.v1",
+            "inventory.released.v1",
+            "orders.cancelled.v1",
+        ],
     )
     .await?;
     Ok(())
