@@ -534,23 +534,38 @@ impl System {
 
     /// `GET /payments?order_id=`.
     pub async fn payments(&self, order_id: &str) -> Vec<Value> {
-        self.get_json(Service::Payment, &format!("/payments?order_id={order_id}"))
-            .await
-            .as_array()
-            .cloned()
-            .unwrap_or_default()
+        // Every page (`{"items": [...], "next": cursor or null}`).
+        let first = format!("/payments?order_id={order_id}&limit=1000");
+        let (mut items, mut path) = (Vec::new(), first.clone());
+        loop {
+            let page = self.get_json(Service::Payment, &path).await;
+            let Some(page_items) = page["items"].as_array() else {
+                panic!("GET {path}: no items in {page}");
+            };
+            items.extend(page_items.iter().cloned());
+            match page["next"].as_str() {
+                Some(next) => path = format!("{first}&after={next}"),
+                None => return items,
+            }
+        }
     }
 
     /// `GET /reservations?order_id=`.
     pub async fn reservations(&self, order_id: &str) -> Vec<Value> {
-        self.get_json(
-            Service::Inventory,
-            &format!("/reservations?order_id={order_id}"),
-        )
-        .await
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
+        // Every page (`{"items": [...], "next": cursor or null}`).
+        let first = format!("/reservations?order_id={order_id}&limit=1000");
+        let (mut items, mut path) = (Vec::new(), first.clone());
+        loop {
+            let page = self.get_json(Service::Inventory, &path).await;
+            let Some(page_items) = page["items"].as_array() else {
+                panic!("GET {path}: no items in {page}");
+            };
+            items.extend(page_items.iter().cloned());
+            match page["next"].as_str() {
+                Some(next) => path = format!("{first}&after={next}"),
+                None => return items,
+            }
+        }
     }
 
     /// `GET` a path and parse JSON, panicking on failure.
@@ -669,11 +684,20 @@ impl System {
 
     /// Dead letters of a service.
     pub async fn dead_letters(&self, s: Service) -> Vec<Value> {
-        self.get_json(s, "/admin/dead-letters?limit=1000")
-            .await
-            .as_array()
-            .cloned()
-            .unwrap_or_default()
+        // Every page, newest first (`{"items": [...], "next": cursor or null}`).
+        let first = "/admin/dead-letters?limit=1000";
+        let (mut items, mut path) = (Vec::new(), first.to_owned());
+        loop {
+            let page = self.get_json(s, &path).await;
+            let Some(page_items) = page["items"].as_array() else {
+                panic!("GET {path}: no items in {page}");
+            };
+            items.extend(page_items.iter().cloned());
+            match page["next"].as_str() {
+                Some(next) => path = format!("{first}&after={next}"),
+                None => return items,
+            }
+        }
     }
 }
 
