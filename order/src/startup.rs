@@ -23,6 +23,8 @@ pub struct Settings {
     pub deadline: Duration,
     /// `IDEMPOTENCY_KEY_RETENTION`: how long a placement's `Idempotency-Key` is remembered.
     pub idempotency_retention: Duration,
+    /// `TIMELINE_RETENTION`: how long saga timelines are kept.
+    pub timeline_retention: Duration,
 }
 
 impl Settings {
@@ -34,6 +36,10 @@ impl Settings {
             idempotency_retention: env_duration(
                 "IDEMPOTENCY_KEY_RETENTION",
                 Duration::from_secs(24 * 3600),
+            )?,
+            timeline_retention: env_duration(
+                "TIMELINE_RETENTION",
+                Duration::from_secs(90 * 24 * 3600),
             )?,
         })
     }
@@ -64,6 +70,13 @@ impl Application {
                       AND created_at_us < $1 ORDER BY created_at_us LIMIT $2)"
                     .into(),
                 keep: settings.idempotency_retention,
+            },
+            PruneRule {
+                what: "timeline_events",
+                sql: "DELETE FROM timeline_events WHERE (order_id, event_id) IN (SELECT order_id, \
+                      event_id FROM timeline_events WHERE time_us < $1 ORDER BY time_us LIMIT $2)"
+                    .into(),
+                keep: settings.timeline_retention,
             }],
             settings.service.retention.sweep_every,
         );

@@ -255,7 +255,7 @@ async fn a_type_that_disagrees_with_its_subject_is_dead_lettered_by_every_servic
 
     s.restart(Service::Payment).await;
     let expected = [
-        (Service::Order, 2usize),
+        (Service::Order, 5usize),
         (Service::Inventory, 2),
         (Service::Payment, 1),
     ];
