@@ -11,7 +11,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, RwLock};
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::post;
@@ -21,7 +21,7 @@ use sqlx::{AnyConnection, Row};
 use crate::consumer::{record_once, Handler, HandlerError};
 use crate::db::{micros_to_datetime, now_micros, Database};
 use crate::envelope::{Envelope, Origin};
-use crate::http::Problem;
+use crate::http::{ApiPath, Problem};
 use crate::outbox::OutboxWaker;
 
 type Applying<'a> = Pin<Box<dyn Future<Output = Result<(), HandlerError>> + Send + 'a>>;
@@ -251,7 +251,7 @@ fn parse_id(id: &str) -> Result<i64, Problem> {
 
 async fn retry(
     State(r): State<Redrive>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<impl IntoResponse, Problem> {
     let outcome = r.retry(parse_id(&id)?).await?;
     Ok(Json(serde_json::json!({ "id": id, "outcome": outcome })))
@@ -259,7 +259,7 @@ async fn retry(
 
 async fn discard(
     State(r): State<Redrive>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<impl IntoResponse, Problem> {
     r.discard(parse_id(&id)?).await?;
     Ok(StatusCode::NO_CONTENT)
