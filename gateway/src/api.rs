@@ -1,0 +1,483 @@
+//! Customer routes (`/api/...`), the pass-through for routed prefixes, and the OpenAPI document.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use bytes::Bytes;
+use event_toolkit::http::{parse_limit, ApiJson, ApiPath, ApiQuery, Problem, MAX_BODY_BYTES};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::auth::Customer;
+use crate::upstream::{Answer, Call, CallError, Upstream};
+use crate::Gateway;
+
+/// Request headers the services get from a customer request: tracing, request id, idempotency.
+const FORWARDED: [&str; 4] = [
+    "x-request-id",
+    "traceparent",
+    "tracestate",
+    "idempotency-key",
+];
+
+/// Headers that belong to one connection, never forwarded (RFC 9110 §7.6.1).
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+];
+
+fn api_headers(incoming: &HeaderMap) -> HeaderMap {
+    let mut out = HeaderMap::new();
+    for name in FORWARDED {
+        if let Some(v) = incoming.get(name) {
+            out.insert(HeaderName::from_static(name), v.clone());
+        }
+    }
+    out
+}
+
+/// An upstream that gave no answer, as a problem.
+fn call_problem(upstream: &Upstream, e: CallError) -> Response {
+    tracing::warn!(upstream = upstream.name(), error = %e, "upstream call failed");
+    let (status, slug, detail, retry_after) = match e {
+        CallError::CircuitOpen { retry_after } => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "circuit-open",
+            format!("{} is failing; calls are paused", upstream.name()),
+            retry_after.as_secs().max(1),
+        ),
+        CallError::Bulkhead => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "upstream-busy",
+            format!("too many calls in flight to {}", upstream.name()),
+            1,
+        ),
+        CallError::Timeout => (
+            StatusCode::GATEWAY_TIMEOUT,
+            "upstream-timeout",
+            format!("{} did not answer in time", upstream.name()),
+            1,
+        ),
+        CallError::Unreachable(_) => (
+            StatusCode::BAD_GATEWAY,
+            "upstream-unreachable",
+            format!("{} could not be reached", upstream.name()),
+            1,
+        ),
+    };
+    let mut r = Problem::new(status, slug, detail).into_response();
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
+    r
+}
+
+/// An upstream's answer passed on: status, body and the headers that describe it.
+fn pass_on(answer: Answer, location_prefix: Option<(&str, &str)>) -> Response {
+    let mut r = Response::new(Body::from(answer.body));
+    *r.status_mut() = answer.status;
+    for name in [header::CONTENT_TYPE, header::RETRY_AFTER, header::LOCATION] {
+        if let Some(v) = answer.headers.get(&name) {
+            r.headers_mut().insert(name, v.clone());
+        }
+    }
+    // The services' `Location: /orders/{id}` is `/api/orders/{id}` here.
+    if let Some((from, to)) = location_prefix {
+        if let Some(loc) = r
+            .headers()
+            .get(header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+        {
+            if let Some(rest) = loc.strip_prefix(from) {
+                if let Ok(v) = HeaderValue::from_str(&format!("{to}{rest}")) {
+                    r.headers_mut().insert(header::LOCATION, v);
+                }
+            }
+        }
+    }
+    r
+}
+
+fn not_found(id: &str) -> Response {
+    Problem::not_found(format!("no order {id:?}")).into_response()
+}
+
+/// An order id safe to put in an upstream path (anything else cannot be an order).
+fn order_id(id: &str) -> Option<&str> {
+    (!id.is_empty() && id.len() <= 64 && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'))
+        .then_some(id)
+}
+
+/// The order if it is the customer's; 404 alike for another's and for none, so ids of other
+/// customers' orders cannot be probed.
+#[allow(clippy::result_large_err)] // built once per request, on the way out
+fn owned(
+    answer: Result<Answer, CallError>,
+    gw: &Gateway,
+    customer: &str,
+    id: &str,
+) -> Result<Value, Response> {
+    let answer = answer.map_err(|e| call_problem(&gw.order, e))?;
+    match answer.status {
+        StatusCode::OK => {
+            let order = answer.json().ok_or_else(|| {
+                Problem::new(
+                    StatusCode::BAD_GATEWAY,
+                    "bad-upstream-answer",
+                    "the order service answered something that is not an order",
+                )
+                .into_response()
+            })?;
+            if order["customer_id"].as_str() == Some(customer) {
+                Ok(order)
+            } else {
+                Err(not_found(id))
+            }
+        }
+        StatusCode::NOT_FOUND => Err(not_found(id)),
+        _ => Err(pass_on(answer, None)),
+    }
+}
+
+/// `POST /api/orders`: the customer is the token's; a body naming another is refused.
+pub async fn place(
+    State(gw): State<Arc<Gateway>>,
+    Customer(customer): Customer,
+    headers: HeaderMap,
+    ApiJson(mut body): ApiJson<Value>,
+) -> Response {
+    let Some(fields) = body.as_object_mut() else {
+        return Problem::unprocessable("the body must be a JSON object").into_response();
+    };
+    match fields.get("customer_id") {
+        None | Some(Value::Null) => {
+            fields.insert("customer_id".into(), Value::String(customer.clone()));
+        }
+        Some(Value::String(c)) if *c == customer => {}
+        Some(_) => {
+            return Problem::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "customer_id must be the authenticated customer (or absent)",
+            )
+            .into_response()
+        }
+    }
+    let mut out = api_headers(&headers);
+    out.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    let call = Call {
+        method: Method::POST,
+        path: "/orders".into(),
+        idempotent: out.contains_key("idempotency-key"),
+        headers: out,
+        body: Bytes::from(serde_json::to_vec(&body).unwrap_or_default()),
+    };
+    match gw.order.send(&call).await {
+        Ok(answer) => pass_on(answer, Some(("/orders/", "/api/orders/"))),
+        Err(e) => call_problem(&gw.order, e),
+    }
+}
+
+/// `GET /api/orders` query.
+#[derive(Debug, Deserialize)]
+pub struct ListQuery {
+    status: Option<String>,
+    limit: Option<String>,
+    after: Option<String>,
+}
+
+/// Upstream pages read at most for one page of a customer's orders.
+const MAX_SCANNED_PAGES: usize = 20;
+
+/// `GET /api/orders?status=&limit=&after=`: the customer's orders, newest first. The order
+/// service lists everyone's, so this reads its pages, keeping the customer's, asking each time
+/// for no more than are still missing, so `next` is always the upstream's own cursor. A page can
+/// hold fewer than `limit` orders while `next` is not null; stop at `null`.
+pub async fn list(
+    State(gw): State<Arc<Gateway>>,
+    Customer(customer): Customer,
+    headers: HeaderMap,
+    ApiQuery(q): ApiQuery<ListQuery>,
+) -> Response {
+    let limit = match parse_limit(q.limit.as_deref()) {
+        Ok(l) => l as usize,
+        Err(p) => return p.into_response(),
+    };
+    let mut items = Vec::new();
+    let mut after = q.after.filter(|a| !a.is_empty());
+    for _ in 0..MAX_SCANNED_PAGES {
+        let mut url = reqwest::Url::parse("http://upstream/orders").expect("static URL");
+        {
+            let mut qp = url.query_pairs_mut();
+            qp.append_pair("limit", &(limit - items.len()).to_string());
+            if let Some(s) = q.status.as_deref().filter(|s| !s.is_empty()) {
+                qp.append_pair("status", s);
+            }
+            if let Some(a) = &after {
+                qp.append_pair("after", a);
+            }
+        }
+        let path = format!("{}?{}", url.path(), url.query().unwrap_or(""));
+        let answer = match gw.order.send(&Call::get(path, api_headers(&headers))).await {
+            Ok(a) => a,
+            Err(e) => return call_problem(&gw.order, e),
+        };
+        if answer.status != StatusCode::OK {
+            return pass_on(answer, None);
+        }
+        let page = answer.json().unwrap_or(Value::Null);
+        for o in page["items"].as_array().into_iter().flatten() {
+            if o["customer_id"].as_str() == Some(customer.as_str()) {
+                items.push(o.clone());
+            }
+        }
+        after = page["next"].as_str().map(str::to_owned);
+        if after.is_none() || items.len() >= limit {
+            break;
+        }
+    }
+    Json(json!({"items": items, "next": after})).into_response()
+}
+
+/// A part of the aggregated view: the upstream's JSON (`pick` of it), or `{"unavailable": true}`.
+fn part(
+    upstream: &Upstream,
+    answer: Result<Answer, CallError>,
+    pick: impl Fn(Value) -> Value,
+) -> Value {
+    match answer {
+        Ok(a) if a.status.is_success() => match a.json() {
+            Some(v) => pick(v),
+            None => json!({"unavailable": true}),
+        },
+        Ok(a) => {
+            tracing::warn!(
+                upstream = upstream.name(),
+                status = a.status.as_u16(),
+                "part of the order view unavailable"
+            );
+            json!({"unavailable": true})
+        }
+        Err(e) => {
+            tracing::warn!(upstream = upstream.name(), error = %e, "part of the order view unavailable");
+            json!({"unavailable": true})
+        }
+    }
+}
+
+/// `GET /api/orders/{id}`: the order with its reservations, payments and timeline, fetched in
+/// parallel. A part whose service fails is `{"unavailable": true}`; the order itself is required.
+pub async fn view(
+    State(gw): State<Arc<Gateway>>,
+    Customer(customer): Customer,
+    headers: HeaderMap,
+    ApiPath(id): ApiPath<String>,
+) -> Response {
+    let Some(id) = order_id(&id) else {
+        return not_found(&id);
+    };
+    let h = api_headers(&headers);
+    // All four at once; the parts are dropped unless the order turns out to be the customer's.
+    let calls = [
+        Call::get(format!("/orders/{id}"), h.clone()),
+        Call::get(format!("/reservations?order_id={id}&limit=1000"), h.clone()),
+        Call::get(format!("/payments?order_id={id}&limit=1000"), h.clone()),
+        Call::get(format!("/orders/{id}/timeline"), h),
+    ];
+    let (order, reservations, payments, timeline) = tokio::join!(
+        gw.order.send(&calls[0]),
+        gw.inventory.send(&calls[1]),
+        gw.payment.send(&calls[2]),
+        gw.order.send(&calls[3]),
+    );
+    let order = match owned(order, &gw, &customer, id) {
+        Ok(o) => o,
+        Err(r) => return r,
+    };
+    let items = |v: Value| {
+        v.get("items")
+            .cloned()
+            .unwrap_or(json!({"unavailable": true}))
+    };
+    Json(json!({
+        "order": order,
+        "reservations": part(&gw.inventory, reservations, items),
+        "payments": part(&gw.payment, payments, items),
+        "timeline": part(&gw.order, timeline, |v| v),
+    }))
+    .into_response()
+}
+
+/// `POST /api/orders/{id}/cancel`, for the customer's own orders.
+pub async fn cancel(
+    State(gw): State<Arc<Gateway>>,
+    Customer(customer): Customer,
+    headers: HeaderMap,
+    ApiPath(id): ApiPath<String>,
+) -> Response {
+    let Some(id) = order_id(&id) else {
+        return not_found(&id);
+    };
+    let h = api_headers(&headers);
+    let order = gw
+        .order
+        .send(&Call::get(format!("/orders/{id}"), h.clone()))
+        .await;
+    if let Err(r) = owned(order, &gw, &customer, id) {
+        return r;
+    }
+    let call = Call {
+        method: Method::POST,
+        path: format!("/orders/{id}/cancel"),
+        idempotent: h.contains_key("idempotency-key"),
+        headers: h,
+        body: Bytes::new(),
+    };
+    match gw.order.send(&call).await {
+        Ok(answer) => pass_on(answer, None),
+        Err(e) => call_problem(&gw.order, e),
+    }
+}
+
+/// Idempotent by HTTP's definition, or made so by an `Idempotency-Key`.
+fn idempotent(method: &Method, headers: &HeaderMap) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
+    ) || headers.contains_key("idempotency-key")
+}
+
+/// Anything else: a routed prefix (`GATEWAY_ROUTES`) goes to its backend with the prefix taken
+/// off and everything but hop-by-hop headers kept, both ways; no customer token is required
+/// (the backend keeps its own rules). Otherwise 404.
+pub async fn proxy(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
+    let path = req.uri().path().to_owned();
+    let Some((prefix, upstream)) = gw.routes.iter().find(|(p, _)| {
+        path == *p
+            || path
+                .strip_prefix(p.as_str())
+                .is_some_and(|r| r.starts_with('/'))
+    }) else {
+        return Problem::not_found("no such resource").into_response();
+    };
+    let rest = &path[prefix.len()..];
+    let mut target = if rest.is_empty() {
+        "/".to_owned()
+    } else {
+        rest.to_owned()
+    };
+    if let Some(q) = req.uri().query() {
+        target = format!("{target}?{q}");
+    }
+    let (parts, body) = req.into_parts();
+    let body = match axum::body::to_bytes(body, MAX_BODY_BYTES).await {
+        Ok(b) => b,
+        Err(_) => {
+            return Problem::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body-too-large",
+                "body larger than 64 KiB",
+            )
+            .into_response()
+        }
+    };
+    let mut headers = parts.headers.clone();
+    for h in HOP_BY_HOP.iter().chain(&["content-length"]) {
+        headers.remove(*h);
+    }
+    if let Ok(v) = HeaderValue::from_str(prefix) {
+        headers.insert("x-forwarded-prefix", v);
+    }
+    let call = Call {
+        idempotent: idempotent(&parts.method, &parts.headers),
+        method: parts.method,
+        path: target,
+        headers,
+        body,
+    };
+    match upstream.send(&call).await {
+        Ok(answer) => {
+            let mut r = Response::new(Body::from(answer.body));
+            *r.status_mut() = answer.status;
+            for (name, value) in &answer.headers {
+                if !HOP_BY_HOP.contains(&name.as_str()) && name != header::CONTENT_LENGTH {
+                    r.headers_mut().append(name.clone(), value.clone());
+                }
+            }
+            r
+        }
+        Err(e) => call_problem(upstream, e),
+    }
+}
+
+/// `GET /openapi.json`.
+pub async fn openapi() -> Json<Value> {
+    let problem = json!({"description": "Problem", "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}});
+    let auth_errors = json!({
+        "401": {"description": "Missing, invalid or expired token", "content": problem["content"]},
+        "429": {"description": "Rate limited; retry after `Retry-After` seconds", "content": problem["content"]},
+        "502": {"description": "The upstream could not be reached", "content": problem["content"]},
+        "503": {"description": "Circuit open, bulkhead full or overloaded; retry after `Retry-After`", "content": problem["content"]},
+        "504": {"description": "The upstream did not answer in time", "content": problem["content"]},
+    });
+    let with = |extra: Value| {
+        let mut r = auth_errors.clone();
+        if let (Some(r), Some(e)) = (r.as_object_mut(), extra.as_object()) {
+            r.extend(e.clone());
+        }
+        r
+    };
+    let id = json!({"name": "id", "in": "path", "required": true, "schema": {"type": "string"}});
+    let any =
+        json!({"description": "As the order service answers", "content": {"application/json": {}}});
+    Json(json!({
+        "openapi": "3.1.0",
+        "info": {"title": "api-gateway", "version": env!("CARGO_PKG_VERSION"),
+                 "description": "Customer API in front of the order saga services"},
+        "components": {
+            "securitySchemes": {"customer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT",
+                "description": "HS256; `sub` is the customer id"}},
+            "schemas": {"Problem": {"type": "object", "required": ["type", "title", "status"],
+                "properties": {"type": {"type": "string"}, "title": {"type": "string"},
+                    "status": {"type": "integer"}, "detail": {"type": "string"}}}}
+        },
+        "security": [{"customer": []}],
+        "paths": {
+            "/api/orders": {
+                "post": {"summary": "Place an order for the authenticated customer",
+                    "parameters": [{"name": "Idempotency-Key", "in": "header", "schema": {"type": "string"}}],
+                    "requestBody": {"required": true, "content": {"application/json": {"schema": {"type": "object"}}}},
+                    "responses": with(json!({"202": any, "403": {"description": "customer_id is another customer", "content": problem["content"]}, "422": any}))},
+                "get": {"summary": "The customer's orders, newest first",
+                    "parameters": [
+                        {"name": "status", "in": "query", "schema": {"type": "string"}},
+                        {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
+                        {"name": "after", "in": "query", "schema": {"type": "string"}}],
+                    "responses": with(json!({"200": {"description": "{\"items\": [...], \"next\": cursor | null}", "content": {"application/json": {}}}}))}
+            },
+            "/api/orders/{id}": {"get": {"summary": "The order with its reservations, payments and timeline",
+                "parameters": [id],
+                "responses": with(json!({"200": {"description": "A part whose service failed is {\"unavailable\": true}", "content": {"application/json": {}}},
+                    "404": {"description": "No such order of this customer", "content": problem["content"]}}))}},
+            "/api/orders/{id}/cancel": {"post": {"summary": "Cancel the customer's order",
+                "parameters": [id],
+                "responses": with(json!({"200": any, "202": any, "404": {"description": "No such order of this customer", "content": problem["content"]}, "409": any}))}},
+            "/healthz": {"get": {"security": [], "responses": {"200": {"description": "Alive"}}}},
+            "/readyz": {"get": {"security": [], "responses": {"200": {"description": "The order service is reachable; circuits and replicas of every upstream"}, "503": {"description": "Not ready"}}}},
+            "/metrics": {"get": {"security": [], "responses": {"200": {"description": "Prometheus text format"}}}}
+        }
+    }))
+}
