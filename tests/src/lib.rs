@@ -2,6 +2,7 @@
 //! started per test, with helpers to drive them over HTTP and NATS and to inject faults.
 
 pub mod faults;
+pub mod gateway;
 pub mod invariants;
 
 use std::collections::HashMap;
