@@ -71,6 +71,16 @@ async fn place_order(
     headers: HeaderMap,
     ApiJson(req): ApiJson<PlaceOrderRequest>,
 ) -> Result<Response, Problem> {
+    // The saga's trace starts here: a child of the caller's `traceparent`, else a new root.
+    let span = event_toolkit::trace::server_span("POST /orders", &headers);
+    tracing::Instrument::instrument(place_order_traced(state, headers, req), span).await
+}
+
+async fn place_order_traced(
+    state: AppState,
+    headers: HeaderMap,
+    req: PlaceOrderRequest,
+) -> Result<Response, Problem> {
     let order = NewOrder::parse(&req.customer_id, &req.currency, &req.items)
         .map_err(Problem::unprocessable)?;
     let key = match headers.get("idempotency-key") {
@@ -109,6 +119,9 @@ async fn place_order(
             Err(e) => return Err(e.into()),
         }
     };
+    if let Placed::Created(o) | Placed::Existing(o) = &placed {
+        tracing::Span::current().record("correlation_id", o.id.as_str());
+    }
     match placed {
         Placed::Created(o) => {
             state.waker.commit(tx).await?;

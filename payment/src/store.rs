@@ -211,6 +211,11 @@ pub async fn on_stock_reserved(
         return Ok(false);
     }
     let now = now_micros();
+    // The processor settles later, outside this consumer span: it keeps the span's context so
+    // the outcome it announces stays in the saga's trace.
+    let traceparent = event_toolkit::trace::TraceContext::current()
+        .map(|t| t.traceparent)
+        .or_else(|| cause.traceparent.clone());
     sqlx::query(
         "INSERT INTO payments (order_id, payment_id, customer_id, amount_minor, currency, status, reason, \
          lease_until_us, correlation_id, cause_event_id, traceparent, created_at_us, updated_at_us) \
@@ -223,7 +228,7 @@ pub async fn on_stock_reserved(
     .bind(&reserved.currency)
     .bind(cause.correlationid.as_deref())
     .bind(&cause.id)
-    .bind(cause.traceparent.as_deref())
+    .bind(traceparent.as_deref())
     .bind(now)
     .execute(conn)
     .await?;
@@ -452,7 +457,19 @@ pub async fn settle(
         }
     };
     event.1.causationid = p.cause_event_id.clone();
-    event.1.traceparent = p.traceparent.clone();
+    // The stored context wins over the current one unless that one continues the same trace
+    // (a processor span made its child).
+    if let Some(stored) = &p.traceparent {
+        let continues = event
+            .1
+            .traceparent
+            .as_deref()
+            .is_some_and(|current| event_toolkit::trace::same_trace(current, stored));
+        if !continues {
+            event.1.traceparent = Some(stored.clone());
+            event.1.tracestate = None;
+        }
+    }
     enqueue(conn, event.0, &event.1).await?;
     Ok(Some(result))
 }
