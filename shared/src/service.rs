@@ -306,6 +306,8 @@ impl Runtime {
         // Unacked messages are redelivered; make sure acks already sent leave the socket.
         let _ = self.client.flush().await;
         self.db.close().await;
+        // Spans still batched go out before the process exits (bounded: the collector may be gone).
+        let _ = tokio::time::timeout(Duration::from_secs(5), crate::trace::shutdown()).await;
     }
 }
 
