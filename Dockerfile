@@ -1,6 +1,7 @@
 # syntax=docker/dockerfile:1
 #
-# One image holding the three services (order-service, inventory-service, payment-service).
+# One image holding the three services (order-service, inventory-service, payment-service) and
+# the API gateway (api-gateway).
 # compose.yaml picks the binary for each container with `command`. Needs BuildKit (the default
 # builder since Docker 23) for the cache mounts.
 #
@@ -21,9 +22,10 @@ RUN --mount=type=cache,id=saga-cargo-registry,target=/usr/local/cargo/registry,s
     --mount=type=cache,id=saga-cargo-git,target=/usr/local/cargo/git,sharing=locked \
     --mount=type=cache,id=saga-target,target=/src/target,sharing=locked \
     cargo build --release --locked --bins \
-        -p order-service -p inventory-service -p payment-service \
+        -p order-service -p inventory-service -p payment-service -p api-gateway \
     && mkdir -p /out \
-    && cp target/release/order-service target/release/inventory-service target/release/payment-service /out/
+    && cp target/release/order-service target/release/inventory-service target/release/payment-service \
+        target/release/api-gateway /out/
 
 FROM debian:bookworm-slim AS runtime
 # ca-certificates for TLS to NATS or Postgres, curl for the healthchecks. Not version-pinned: the
@@ -43,5 +45,5 @@ WORKDIR /app
 # Numeric, so that runtimes can check it is not root (e.g. Kubernetes runAsNonRoot).
 USER 10001:10001
 ENV RUST_LOG=info
-EXPOSE 8081 8082 8083
+EXPOSE 8080 8081 8082 8083
 CMD ["order-service"]

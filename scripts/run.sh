@@ -11,9 +11,9 @@ demo="$root/.demo"
 bin="${CARGO_TARGET_DIR:-$root/target}/debug"
 
 NATS_PORT="${NATS_PORT:-4222}"; NATS_HTTP_PORT="${NATS_HTTP_PORT:-8222}"
-ORDER_PORT=8081; INVENTORY_PORT=8082; PAYMENT_PORT=8083
+ORDER_PORT=8081; INVENTORY_PORT=8082; PAYMENT_PORT=8083; GATEWAY_PORT=8080
 
-for port in "$NATS_PORT" "$NATS_HTTP_PORT" "$ORDER_PORT" "$INVENTORY_PORT" "$PAYMENT_PORT"; do
+for port in "$NATS_PORT" "$NATS_HTTP_PORT" "$ORDER_PORT" "$INVENTORY_PORT" "$PAYMENT_PORT" "$GATEWAY_PORT"; do
   if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
     echo "port $port is already in use; stop whatever listens there (a previous run?) and retry" >&2
     exit 1
@@ -39,6 +39,8 @@ export NATS_INVENTORY_PASSWORD="${NATS_INVENTORY_PASSWORD:-$(rand)}"
 export NATS_PAYMENT_PASSWORD="${NATS_PAYMENT_PASSWORD:-$(rand)}"
 export NATS_PROVISION_PASSWORD="${NATS_PROVISION_PASSWORD:-$(rand)}"
 export NATS_CLI_PASSWORD="${NATS_CLI_PASSWORD:-$(rand)}"
+# The API gateway signs and checks customer tokens with this key.
+export GATEWAY_JWT_SECRET="${GATEWAY_JWT_SECRET:-$(rand)$(rand)}"
 sed -e "s|^listen:.*|listen: 127.0.0.1:$NATS_PORT|" \
     -e "s|^http_port:.*|http_port: $NATS_HTTP_PORT|" \
     -e "s|^\(\s*\)store_dir:.*|\1store_dir: \"$demo/jetstream\"|" nats.conf > "$demo/nats.conf"
@@ -79,6 +81,12 @@ start_service order-service "$ORDER_PORT" order NATS_ORDER_PASSWORD
 start_service inventory-service "$INVENTORY_PORT" inventory NATS_INVENTORY_PASSWORD
 start_service payment-service "$PAYMENT_PORT" payment NATS_PAYMENT_PASSWORD
 for port in "$ORDER_PORT" "$INVENTORY_PORT" "$PAYMENT_PORT"; do wait_http "http://127.0.0.1:$port/readyz" "service on :$port"; done
+echo "==> starting api-gateway :$GATEWAY_PORT"
+GATEWAY_ADDR="127.0.0.1:$GATEWAY_PORT" ORDER_UPSTREAMS="http://127.0.0.1:$ORDER_PORT" \
+INVENTORY_UPSTREAMS="http://127.0.0.1:$INVENTORY_PORT" PAYMENT_UPSTREAMS="http://127.0.0.1:$PAYMENT_PORT" \
+RUST_LOG="${RUST_LOG:-info}" "$bin/api-gateway" >"$demo/gateway.log" 2>&1 &
+pids+=($!)
+wait_http "http://127.0.0.1:$GATEWAY_PORT/readyz" "api-gateway"
 
 # People (user cli) read the streams through read-only mirrors in their own account, set up once
 # the services have created the streams (see nats.conf).
@@ -97,6 +105,10 @@ cat <<TXT
        -d '{"customer_id":"alice","currency":"EUR","items":[{"sku":"WIDGET","quantity":1,"unit_price_minor":1250}]}'
   curl -s -XPUT localhost:$PAYMENT_PORT/admin/gateway -d '{"mode":"outage"}' -H 'content-type: application/json'
   curl -s localhost:$INVENTORY_PORT/products/WIDGET
+  Through the gateway, as customer alice (token in .demo/alice.token, an hour long):
+  curl -s -XPOST localhost:$GATEWAY_PORT/api/orders -H "Authorization: Bearer \$(cat .demo/alice.token)" \\
+       -H 'content-type: application/json' -d '{"currency":"EUR","items":[{"sku":"WIDGET","quantity":1,"unit_price_minor":1250}]}'
+  curl -s localhost:$GATEWAY_PORT/api/orders/<order id> -H "Authorization: Bearer \$(cat .demo/alice.token)" | python3 -m json.tool
   With the nats CLI (user cli, password in .demo/cli.password; it sends commands and reads):
   nats context save saga --server nats://127.0.0.1:$NATS_PORT --user cli --password "\$(cat .demo/cli.password)" --select
   nats sub 'orders.>'
@@ -104,4 +116,5 @@ cat <<TXT
   nats pub cmd.orders.cancel.v1 '{"order_id":"<order id>"}'
 TXT
 echo "$NATS_CLI_PASSWORD" > "$demo/cli.password"
+"$bin/api-gateway" token alice --ttl 1h > "$demo/alice.token"
 wait "${pids[0]}"

@@ -436,3 +436,65 @@ async fn a_prefix_routes_to_another_backend_as_it_is() {
         .await
         .contains("gateway_upstream_requests_total{upstream=\"legacy\",outcome=\"ok\"}"));
 }
+
+/// Latency added by the gateway: `cargo test -p saga-e2e --test gateway gateway_overhead -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark"]
+async fn gateway_overhead() {
+    let system = System::start(SystemConfig::new(event_toolkit::Backend::Sqlite)).await;
+    system.set_stock("WIDGET", 10).await;
+    system.set_balance("alice", 10_000).await;
+    let order = system.url(Service::Order);
+    let gw = Gateway::start(&[
+        ("ORDER_UPSTREAMS", order.clone()),
+        ("INVENTORY_UPSTREAMS", system.url(Service::Inventory)),
+        ("PAYMENT_UPSTREAMS", system.url(Service::Payment)),
+        ("GATEWAY_ROUTES", format!("/direct={order}")),
+        ("GATEWAY_RATE_PER_SEC", "100000".into()),
+        ("GATEWAY_RATE_BURST", "100000".into()),
+        ("RUST_LOG", "warn".into()),
+    ])
+    .await;
+    let token = Gateway::token("alice");
+    let id = system.place_order("alice", &[("WIDGET", 1, 500)]).await;
+    system.wait_terminal(&id).await;
+    let n = 2000;
+    let measure = |url: String, auth: bool| {
+        let http = gw.http.clone();
+        let token = token.clone();
+        async move {
+            let mut times = Vec::with_capacity(n);
+            for i in 0..n + 100 {
+                let mut req = http.get(&url);
+                if auth {
+                    req = req.header("authorization", bearer(&token));
+                }
+                let started = std::time::Instant::now();
+                let r = req.send().await.expect("get");
+                assert_eq!(r.status(), 200);
+                r.bytes().await.expect("body");
+                // The first 100 warm the pools up.
+                if i >= 100 {
+                    times.push(started.elapsed().as_secs_f64() * 1e3);
+                }
+            }
+            times.sort_by(f64::total_cmp);
+            (times[n / 2], times[n * 99 / 100])
+        }
+    };
+    let direct = measure(format!("{order}/orders/{id}"), false).await;
+    let routed = measure(gw.url(&format!("/direct/orders/{id}")), false).await;
+    let view = measure(gw.url(&format!("/api/orders/{id}")), true).await;
+    println!(
+        "GET /orders/{{id}} direct:                  p50 {:.2} ms  p99 {:.2} ms",
+        direct.0, direct.1
+    );
+    println!(
+        "same through the gateway (routed prefix): p50 {:.2} ms  p99 {:.2} ms",
+        routed.0, routed.1
+    );
+    println!(
+        "GET /api/orders/{{id}} (token + 4 calls):   p50 {:.2} ms  p99 {:.2} ms",
+        view.0, view.1
+    );
+}
