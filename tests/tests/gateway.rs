@@ -34,6 +34,7 @@ async fn customers_see_only_their_orders_and_the_view_survives_a_dead_payment_se
         ("INVENTORY_UPSTREAMS", system.url(Service::Inventory)),
         ("PAYMENT_UPSTREAMS", system.url(Service::Payment)),
         ("GATEWAY_PROBE_INTERVAL_MS", "200".into()),
+        ("GATEWAY_PAYMENT_TIMEOUT_MS", "300".into()),
     ])
     .await;
     let (alice, bob) = (Gateway::token("alice"), Gateway::token("bob"));
@@ -178,6 +179,23 @@ async fn customers_see_only_their_orders_and_the_view_survives_a_dead_payment_se
     .await;
     assert_eq!(view["order"]["id"], id.as_str());
     assert_eq!(view["order"]["status"], "CONFIRMED");
+
+    // Payment hanging: after its timeout (all attempts), still 200 with that part unavailable.
+    system.signal(Service::Payment, "STOP");
+    let started = std::time::Instant::now();
+    let view = view_of(alice.clone()).await;
+    assert_eq!(view["payments"], json!({"unavailable": true}), "{view}");
+    assert!(
+        view["reservations"]
+            .as_array()
+            .is_some_and(|r| !r.is_empty()),
+        "{view}"
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
 
     // Payment down: still 200, with that part marked unavailable.
     system.kill(Service::Payment);
