@@ -161,3 +161,33 @@ impl FromRequestParts<Arc<Gateway>> for Customer {
         Ok(Customer(customer))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET: &[u8] = b"unit-test-secret-unit-test-secret";
+
+    #[test]
+    fn tokens_round_trip_and_expire() {
+        let auth = Auth::new(SECRET, 0, 10, 10);
+        let token = mint(SECRET, "alice", 60).expect("mint");
+        assert_eq!(auth.verify(&token).as_deref(), Ok("alice"));
+        let expired = mint(SECRET, "alice", -10).expect("mint");
+        assert_eq!(auth.verify(&expired), Err("the token has expired"));
+        let other = mint(b"another-secret-another-secret-xx", "alice", 60).expect("mint");
+        assert_eq!(auth.verify(&other), Err("the token is not valid"));
+        let odd = mint(SECRET, "not a customer", 60).expect("mint");
+        assert!(auth.verify(&odd).is_err());
+    }
+
+    #[test]
+    fn each_customer_has_an_allowance() {
+        let auth = Auth::new(SECRET, 0, 1, 2);
+        assert!(auth.admit("alice").is_ok());
+        assert!(auth.admit("alice").is_ok());
+        let wait = auth.admit("alice").expect_err("spent");
+        assert!(wait > Duration::ZERO && wait <= Duration::from_secs(1));
+        assert!(auth.admit("bob").is_ok());
+    }
+}

@@ -212,3 +212,45 @@ impl Config {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_parse_longest_prefix_first_with_replicas() {
+        let routes = parse_routes(
+            "/legacy=http://127.0.0.1:9000/; /legacy/v2=http://a:1,http://b:2/base",
+            Duration::from_secs(1),
+        )
+        .expect("routes");
+        let prefixes: Vec<&str> = routes.iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(prefixes, ["/legacy/v2", "/legacy"]);
+        assert_eq!(routes[0].1.replicas, ["http://a:1", "http://b:2/base"]);
+        assert_eq!(routes[1].1.replicas, ["http://127.0.0.1:9000"]);
+        assert_eq!(routes[1].1.name, "legacy");
+        assert!(!routes[0].1.probe_readyz);
+    }
+
+    #[test]
+    fn bad_routes_are_refused() {
+        for bad in [
+            "legacy=http://a:1",
+            "/legacy",
+            "/legacy=",
+            "/legacy=ftp://a",
+            "/api=http://a:1",
+            "/api/x=http://a:1",
+            "/=http://a:1",
+            "/a b=http://a:1",
+        ] {
+            assert!(
+                parse_routes(bad, Duration::from_secs(1)).is_err(),
+                "{bad:?} accepted"
+            );
+        }
+        assert!(parse_routes("", Duration::from_secs(1))
+            .expect("empty")
+            .is_empty());
+    }
+}

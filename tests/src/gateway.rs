@@ -2,7 +2,7 @@
 
 use std::io::Write as _;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -188,6 +188,7 @@ pub struct StandIn {
     /// Its port (kept across [`StandIn::stop`] and [`StandIn::restart`]).
     pub port: u16,
     status: Arc<AtomicU16>,
+    delay_ms: Arc<AtomicU64>,
     received: Arc<Mutex<Vec<Received>>>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -199,6 +200,7 @@ impl StandIn {
             name: name.to_owned(),
             port: free_port(),
             status: Arc::new(AtomicU16::new(200)),
+            delay_ms: Default::default(),
             received: Default::default(),
             task: None,
         };
@@ -214,6 +216,12 @@ impl StandIn {
     /// Answer every request with `status` from now on.
     pub fn answer(&self, status: u16) {
         self.status.store(status, Ordering::SeqCst);
+    }
+
+    /// Wait this long before answering, from now on.
+    pub fn delay(&self, delay: Duration) {
+        self.delay_ms
+            .store(delay.as_millis() as u64, Ordering::SeqCst);
     }
 
     /// Requests received so far.
@@ -245,16 +253,22 @@ impl StandIn {
             })
             .await
         };
-        let (name, status, received) = (
+        let (name, status, delay, received) = (
             self.name.clone(),
             self.status.clone(),
+            self.delay_ms.clone(),
             self.received.clone(),
         );
         self.task = Some(tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
-                let (name, status, received) = (name.clone(), status.clone(), received.clone());
+                let (name, status, delay, received) = (
+                    name.clone(),
+                    status.clone(),
+                    delay.clone(),
+                    received.clone(),
+                );
                 tokio::spawn(async move {
-                    let _ = serve_one(stream, &name, &status, &received).await;
+                    let _ = serve_one(stream, &name, &status, &delay, &received).await;
                 });
             }
         }));
@@ -271,6 +285,7 @@ async fn serve_one(
     mut stream: tokio::net::TcpStream,
     name: &str,
     status: &AtomicU16,
+    delay_ms: &AtomicU64,
     received: &Mutex<Vec<Received>>,
 ) -> std::io::Result<()> {
     let mut buf = Vec::new();
@@ -314,6 +329,7 @@ async fn serve_one(
         target,
         headers,
     });
+    tokio::time::sleep(Duration::from_millis(delay_ms.load(Ordering::SeqCst))).await;
     let status = status.load(Ordering::SeqCst);
     let answer = format!(
         "HTTP/1.1 {status} Stand-in\r\ncontent-type: application/json\r\nx-stand-in: {name}\r\n\

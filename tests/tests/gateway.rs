@@ -318,6 +318,50 @@ async fn only_idempotent_requests_are_retried() {
     assert_eq!(backend.calls(), sent + 1);
 }
 
+/// Status, problem type and time taken of a GET.
+async fn timed_get(gw: &Gateway, path: &str) -> (u16, Value, std::time::Duration) {
+    let started = std::time::Instant::now();
+    let r = gw.http.get(gw.url(path)).send().await.expect("get");
+    let (status, _, body) = status_and_json(r).await;
+    (status, body["type"].clone(), started.elapsed())
+}
+
+#[tokio::test]
+async fn a_slow_upstream_times_out_and_its_bulkhead_refuses_the_excess() {
+    let slow = StandIn::start("slow").await;
+    slow.delay(std::time::Duration::from_millis(600));
+    let gw = Gateway::start(&[
+        ("GATEWAY_ROUTES", format!("/slow={}", slow.url())),
+        ("GATEWAY_BULKHEAD", "2".into()),
+        ("GATEWAY_RETRIES", "0".into()),
+        ("GATEWAY_BREAKER_FAILURES", "1000".into()),
+        ("GATEWAY_SLOW_TIMEOUT_MS", "5000".into()),
+    ])
+    .await;
+    // Two calls fill the bulkhead; the rest are refused at once instead of queueing.
+    let answers = futures::future::join_all((0..5).map(|_| timed_get(&gw, "/slow/x"))).await;
+    let ok = answers.iter().filter(|a| a.0 == 200).count();
+    let refused: Vec<_> = answers.iter().filter(|a| a.0 == 503).collect();
+    assert_eq!(ok, 2, "{answers:?}");
+    assert_eq!(refused.len(), 3, "{answers:?}");
+    for (_, kind, took) in refused {
+        assert_eq!(kind, "/problems/upstream-busy");
+        assert!(*took < std::time::Duration::from_millis(500), "{took:?}");
+    }
+    drop(gw);
+
+    // Its own timeout, shorter than the backend's delay: 504.
+    let gw = Gateway::start(&[
+        ("GATEWAY_ROUTES", format!("/slow={}", slow.url())),
+        ("GATEWAY_SLOW_TIMEOUT_MS", "100".into()),
+        ("GATEWAY_RETRIES", "0".into()),
+    ])
+    .await;
+    let (status, kind, took) = timed_get(&gw, "/slow/x").await;
+    assert_eq!((status, kind), (504, json!("/problems/upstream-timeout")));
+    assert!(took < std::time::Duration::from_millis(550), "{took:?}");
+}
+
 #[tokio::test]
 async fn each_customer_is_rate_limited_on_their_own() {
     let orders = StandIn::start("orders").await;
