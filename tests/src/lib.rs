@@ -1,6 +1,7 @@
 //! End-to-end support: the three real service binaries, a real nats-server and real databases,
 //! started per test, with helpers to drive them over HTTP and NATS and to inject faults.
 
+pub mod catalogue;
 pub mod faults;
 pub mod gateway;
 pub mod invariants;
@@ -717,5 +718,68 @@ impl Drop for System {
                 }
             }
         }
+    }
+}
+
+/// An order as `GET /orders/{id}` serves it, reduced to what the saga tests compare.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+pub struct OrderView {
+    /// Order id.
+    pub id: String,
+    /// PENDING, RESERVED, CONFIRMED or CANCELLED.
+    pub status: String,
+    /// Why it was cancelled.
+    pub reason: Option<String>,
+    /// Sum of the lines.
+    pub total_minor: i64,
+    /// When the saga gives up.
+    pub deadline_at: chrono::DateTime<chrono::Utc>,
+}
+
+impl OrderView {
+    /// CONFIRMED or CANCELLED.
+    pub fn is_terminal(&self) -> bool {
+        matches!(self.status.as_str(), "CONFIRMED" | "CANCELLED")
+    }
+}
+
+/// `GET /admin/gateway`: the simulated provider's mode and the circuit breaker in front of it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+pub struct GatewayView {
+    /// ok, decline or outage.
+    pub mode: String,
+    /// closed, open or half_open.
+    pub circuit: String,
+}
+
+impl System {
+    /// `GET /orders/{id}`, typed.
+    pub async fn order_view(&self, id: &str) -> OrderView {
+        let v = self.order(id).await;
+        serde_json::from_value(v.clone()).unwrap_or_else(|e| panic!("order {v}: {e}"))
+    }
+
+    /// Wait until the order is CONFIRMED or CANCELLED; returns it, typed.
+    pub async fn wait_terminal_view(&self, id: &str) -> OrderView {
+        let v = self.wait_terminal(id).await;
+        serde_json::from_value(v.clone()).unwrap_or_else(|e| panic!("order {v}: {e}"))
+    }
+
+    /// `GET /admin/gateway`.
+    pub async fn gateway(&self) -> GatewayView {
+        let v = self.get_json(Service::Payment, "/admin/gateway").await;
+        serde_json::from_value(v.clone()).unwrap_or_else(|e| panic!("gateway {v}: {e}"))
+    }
+
+    /// Status code of `GET /readyz`; `None` when the service does not answer.
+    pub async fn readyz(&self, s: Service) -> Option<u16> {
+        let r = self
+            .http
+            .get(format!("{}/readyz", self.url(s)))
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+            .ok()?;
+        Some(r.status().as_u16())
     }
 }
