@@ -1,8 +1,11 @@
 //! Fault injection: sagas at a steady rate against the real system while services are SIGKILLed
 //! and restarted, nats-server is stopped and restarted on its store, the payment service stalls
 //! past order deadlines, ~5 % of events are re-published with a new `Nats-Msg-Id`, and poison lands
-//! on every consumed subject. Afterwards: wait for quiet, check the six invariants, and check that
-//! the dead letters are exactly the injected poison.
+//! on every consumed subject. Some sagas compete for a scarce SKU or for small balances, so
+//! overselling or overdrawing would show. Afterwards: wait for quiet, check the six invariants,
+//! check each saga's outcome against its kind, and check that the dead letters are exactly the
+//! injected poison. Everything found goes into [`FaultReport::failures`] or
+//! [`FaultReport::violations`]; a run passes only if both are empty.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -15,8 +18,9 @@ use rand::Rng;
 use serde_json::{json, Value};
 use sqlx::Row;
 use tokio::sync::RwLock;
+use tokio::task::JoinHandle;
 
-use crate::invariants::{check, wait_quiet, CONSUMERS};
+use crate::invariants::{check, pool, wait_quiet, CONSUMERS};
 use crate::{Service, System, SystemConfig};
 
 /// Size and pace of a run.
@@ -52,58 +56,221 @@ impl FaultConfig {
             fault_every: Duration::from_millis(var("FAULT_EVERY_MS", 700.0) as u64),
         }
     }
+
+    /// The least share of Confirm sagas that must end CONFIRMED.
+    ///
+    /// A Confirm saga has stock and money to spare, so only a fault can stop it, and only by
+    /// holding one of its events past the deadline (3 s): a payment stall (deadline + 0.5 s) holds
+    /// every saga waiting on payment; a SIGKILL or a nats-server restart holds every saga whose
+    /// event was delivered and not yet acknowledged, which JetStream redelivers only after the
+    /// consumers' 10 s ack wait. In the default run (150 sagas in about 5 s, a fault every 700 ms,
+    /// the first five one of each kind) nearly every saga is within one deadline of some fault:
+    /// 29–61 % of Confirm sagas ended CONFIRMED on an otherwise idle 2-core machine, 14–24 % while
+    /// other builds kept its load average near 6. 10 % stays below both and still fails a run
+    /// whose confirm path is broken (0 %). Faults every < 500 ms keep the system recovering most
+    /// of the time (16–30 % in large runs at 200 ms), so 5 % there.
+    pub fn min_confirmed_share(&self) -> f64 {
+        if self.fault_every >= Duration::from_millis(500) {
+            0.10
+        } else {
+            0.05
+        }
+    }
 }
 
 /// The kinds of saga the driver starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Kind {
+    /// Plenty of stock and money.
     Confirm,
+    /// Asks more than there will ever be.
     OutOfStock,
+    /// A customer with nothing.
     NoFunds,
+    /// Over the provider's limit.
     Declined,
+    /// Cancelled by the customer right after the 202.
     CustomerCancel,
+    /// Races others for [`SCARCE_UNITS`] units.
+    ScarceStock,
+    /// Races others for a balance that pays [`THRIFTY_ORDERS`] orders.
+    ScarceFunds,
 }
 
 fn pick_kind(i: usize) -> Kind {
-    match i % 10 {
+    match i % 20 {
         0 => Kind::OutOfStock,
         1 => Kind::NoFunds,
         2 => Kind::Declined,
-        3 | 4 => Kind::CustomerCancel,
+        3..=6 => Kind::CustomerCancel,
+        7..=9 => Kind::ScarceStock,
+        10..=12 => Kind::ScarceFunds,
         _ => Kind::Confirm,
     }
 }
 
+const DECLINE_OVER: i64 = 100_000;
+const DEADLINE: &str = "CANCELLED deadline_exceeded";
+/// A SKU that 3-unit orders race for: at most 6 of them can be sold.
+const SCARCE_SKU: &str = "SCARCE";
+const SCARCE_UNITS: i64 = 20;
+const SCARCE_QTY: i64 = 3;
+/// Customers whose balance pays two orders, with something left over that no order fits.
+const THRIFTY: [&str; 2] = ["thrifty-0", "thrifty-1"];
+const THRIFTY_PRICE: i64 = 500;
+const THRIFTY_ORDERS: i64 = 2;
+const THRIFTY_BALANCE: i64 = THRIFTY_PRICE * THRIFTY_ORDERS + THRIFTY_PRICE / 2;
+/// How long a placement, a cancellation or a poison publish may keep failing before the run fails.
+const WITHIN: Duration = Duration::from_secs(60);
+
+/// What the customer's cancel request was answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CancelAnswer {
+    /// Not a customer-cancel saga.
+    NotAsked,
+    /// 202 (cancelled now), 200 (already cancelled) or 409 (already confirmed).
+    Status(u16),
+    /// No answer within [`WITHIN`] (already a failure).
+    NoAnswer,
+}
+
+/// One accepted saga.
+#[derive(Debug, Clone)]
+struct Saga {
+    id: String,
+    kind: Kind,
+    customer: &'static str,
+    cancel: CancelAnswer,
+    /// What went wrong after the 202 (a cancel never answered).
+    problem: Option<String>,
+}
+
+/// The outcomes a saga may end with ("CONFIRMED" or "CANCELLED <reason>"). Any saga may run out
+/// of time under faults (a stalled payment, a restarting nats-server), except one whose cancel
+/// was answered 202 (cancelled there and then) or 409 (already confirmed).
+fn allowed(kind: Kind, cancel: CancelAnswer) -> &'static [&'static str] {
+    match (kind, cancel) {
+        (Kind::Confirm, _) => &["CONFIRMED", DEADLINE],
+        (Kind::OutOfStock, _) => &["CANCELLED insufficient_stock", DEADLINE],
+        (Kind::NoFunds, _) => &["CANCELLED insufficient_funds", DEADLINE],
+        (Kind::Declined, _) => &["CANCELLED payment_declined", DEADLINE],
+        (Kind::ScarceStock, _) => &["CONFIRMED", "CANCELLED insufficient_stock", DEADLINE],
+        (Kind::ScarceFunds, _) => &["CONFIRMED", "CANCELLED insufficient_funds", DEADLINE],
+        (Kind::CustomerCancel, CancelAnswer::Status(202)) => &["CANCELLED customer_cancelled"],
+        // Already cancelled: by a deadline, or by this request's own earlier attempt whose answer
+        // was lost in a crash.
+        (Kind::CustomerCancel, CancelAnswer::Status(200)) => {
+            &["CANCELLED customer_cancelled", DEADLINE]
+        }
+        (Kind::CustomerCancel, CancelAnswer::Status(409)) => &["CONFIRMED"],
+        (Kind::CustomerCancel, _) => &["CONFIRMED", "CANCELLED customer_cancelled", DEADLINE],
+    }
+}
+
+/// The five kinds of fault; each must be injected at least once.
+const FAULT_KINDS: [&str; 5] = [
+    "SIGKILL + restart order-service",
+    "SIGKILL + restart inventory-service",
+    "SIGKILL + restart payment-service",
+    "nats-server stopped + restarted",
+    "payment-service stalled past deadline",
+];
+const REPUBLISHED: &str = "event re-published (new Nats-Msg-Id)";
+
 /// What a run did and found.
 #[derive(Debug, Default)]
 pub struct FaultReport {
-    /// Sagas accepted by the order service.
+    /// Sagas the driver set out to start.
+    pub planned: usize,
+    /// Sagas accepted by the order service (must equal `planned`).
     pub accepted: usize,
     /// Outcomes: status/reason → count.
     pub outcomes: BTreeMap<String, usize>,
+    /// Outcomes per kind of saga.
+    pub outcomes_by_kind: BTreeMap<String, BTreeMap<String, usize>>,
+    /// Customer cancel requests per answer status (409: the order was already confirmed).
+    pub cancel_answers: BTreeMap<u16, usize>,
+    /// Share of Confirm sagas that ended CONFIRMED, and the least allowed.
+    pub confirmed_share: (f64, f64),
     /// Faults injected, by kind.
     pub faults: BTreeMap<String, usize>,
-    /// Invariant violations (must be empty).
-    pub violations: Vec<String>,
-    /// Time from the last fault to quiet.
-    pub time_to_quiet: Duration,
+    /// Events re-published with a new `Nats-Msg-Id`.
+    pub republished: usize,
+    /// Poison messages planned.
+    pub poison_planned: usize,
+    /// Poison messages the streams stored.
+    pub poison: usize,
+    /// Poison messages dead-lettered by every consumer of their subject.
+    pub poison_dead_lettered: usize,
     /// Dead letters per service.
     pub dead_letters: BTreeMap<String, usize>,
-    /// Poison messages injected (each dead-lettered by every consumer of its subject).
-    pub poison: usize,
+    /// Scarce SKU: (units seeded, units sold, available at the end).
+    pub scarce_stock: (i64, i64, i64),
+    /// Thrifty customers: (customer, orders confirmed, balance at the end).
+    pub thrifty: Vec<(String, i64, i64)>,
+    /// Races lost: ScarceStock sagas refused for stock, ScarceFunds sagas refused for funds.
+    pub races_lost: (usize, usize),
+    /// Time from the last fault to quiet.
+    pub time_to_quiet: Duration,
+    /// Invariant violations (must be empty).
+    pub violations: Vec<String>,
+    /// What the run expected and did not get (must be empty).
+    pub failures: Vec<String>,
+}
+
+impl FaultReport {
+    /// Panic with the whole report unless the run found nothing wrong.
+    pub fn assert_ok(&self) {
+        assert!(
+            self.failures.is_empty() && self.violations.is_empty(),
+            "{} failure(s), {} invariant violation(s):\n{self}",
+            self.failures.len(),
+            self.violations.len()
+        );
+    }
 }
 
 impl std::fmt::Display for FaultReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        writeln!(f, "sagas accepted: {}", self.accepted)?;
+        writeln!(f, "sagas accepted: {} of {}", self.accepted, self.planned)?;
         for (k, v) in &self.outcomes {
             writeln!(f, "  {k:<32} {v}")?;
         }
+        writeln!(f, "outcomes per kind:")?;
+        for (kind, outcomes) in &self.outcomes_by_kind {
+            let line: Vec<String> = outcomes.iter().map(|(o, n)| format!("{o}: {n}")).collect();
+            writeln!(f, "  {kind:<16} {}", line.join(", "))?;
+        }
+        writeln!(f, "customer cancel answers: {:?}", self.cancel_answers)?;
+        writeln!(
+            f,
+            "Confirm sagas CONFIRMED: {:.0} % (at least {:.0} % required)",
+            self.confirmed_share.0 * 100.0,
+            self.confirmed_share.1 * 100.0
+        )?;
+        let (seeded, sold, available) = self.scarce_stock;
+        writeln!(
+            f,
+            "scarce SKU: {seeded} units seeded, {sold} sold, {available} available"
+        )?;
+        for (c, n, b) in &self.thrifty {
+            writeln!(f, "  {c}: {n} orders confirmed, balance {b}")?;
+        }
+        writeln!(
+            f,
+            "races lost: {} refused for stock, {} refused for funds",
+            self.races_lost.0, self.races_lost.1
+        )?;
         writeln!(f, "faults injected:")?;
         for (k, v) in &self.faults {
-            writeln!(f, "  {k:<32} {v}")?;
+            writeln!(f, "  {k:<40} {v}")?;
         }
-        writeln!(f, "poison messages injected: {}", self.poison)?;
+        writeln!(f, "  {REPUBLISHED:<40} {}", self.republished)?;
+        writeln!(
+            f,
+            "poison messages: {} planned, {} stored, {} dead-lettered by every consumer",
+            self.poison_planned, self.poison, self.poison_dead_lettered
+        )?;
         writeln!(f, "dead letters:")?;
         for (k, v) in &self.dead_letters {
             writeln!(f, "  {k:<32} {v}")?;
@@ -117,11 +284,22 @@ impl std::fmt::Display for FaultReport {
         for v in &self.violations {
             writeln!(f, "  {v}")?;
         }
+        writeln!(f, "failures: {}", self.failures.len())?;
+        for v in &self.failures {
+            writeln!(f, "  {v}")?;
+        }
         Ok(())
     }
 }
 
-const DECLINE_OVER: i64 = 100_000;
+/// The value of a finished task; a panic inside it is re-raised here, not swallowed.
+async fn joined<T>(task: JoinHandle<T>) -> T {
+    match task.await {
+        Ok(v) => v,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(e) => panic!("task did not finish: {e}"),
+    }
+}
 
 /// Run the suite.
 pub async fn run(config: FaultConfig) -> FaultReport {
@@ -131,8 +309,12 @@ pub async fn run(config: FaultConfig) -> FaultReport {
     let system = System::start(sc).await;
     system.set_stock("WIDGET", 1_000_000_000).await;
     system.set_stock("GADGET", 5).await;
+    system.set_stock(SCARCE_SKU, SCARCE_UNITS).await;
     system.set_balance("alice", 1_000_000_000_000).await;
     system.set_balance("pauper", 0).await;
+    for c in THRIFTY {
+        system.set_balance(c, THRIFTY_BALANCE).await;
+    }
 
     // Faults take the write lock; HTTP calls and publishers take the read lock only to read ports.
     let system = Arc::new(RwLock::new(system));
@@ -168,9 +350,9 @@ pub async fn run(config: FaultConfig) -> FaultReport {
             poison_plan.push((at, s, k % 4));
         }
     }
-    let poison_seqs: Arc<Mutex<Vec<(String, u64)>>> = Arc::default();
+    let mut poison: Vec<(String, u64)> = Vec::new();
+    let mut failures: Vec<String> = Vec::new();
 
-    let accepted: Arc<Mutex<Vec<(String, Kind)>>> = Arc::default();
     let interval = Duration::from_secs_f64(1.0 / config.rate.max(0.1));
     let mut tasks = Vec::new();
     let started = Instant::now();
@@ -178,28 +360,38 @@ pub async fn run(config: FaultConfig) -> FaultReport {
         let due = started + interval.mul_f64(i as f64);
         tokio::time::sleep_until(due.into()).await;
         for (_, subject, kind) in poison_plan.iter().filter(|(at, _, _)| *at == i) {
-            if let Some(seq) = publish_poison(&system, subject, *kind).await {
-                poison_seqs
-                    .lock()
-                    .expect("lock")
-                    .push((subject.to_string(), seq));
+            match publish_poison(&system, subject, *kind).await {
+                Ok(seq) => poison.push((subject.to_string(), seq)),
+                Err(e) => failures.push(e),
             }
         }
         let system = system.clone();
-        let accepted = accepted.clone();
         tasks.push(tokio::spawn(async move {
-            let kind = pick_kind(i);
-            if let Some(id) = drive_saga(&system, kind).await {
-                accepted.lock().expect("lock").push((id, kind));
-            }
+            drive_saga(&system, pick_kind(i), i).await
         }));
     }
+    let mut sagas = Vec::new();
+    let mut panicked = None;
     for t in tasks {
-        let _ = t.await;
+        match t.await {
+            Ok(Ok(saga)) => {
+                failures.extend(saga.problem.clone());
+                sagas.push(saga);
+            }
+            Ok(Err(e)) => failures.push(e),
+            Err(e) if e.is_panic() => panicked = panicked.or(Some(e.into_panic())),
+            Err(e) => failures.push(format!("a saga task did not finish: {e}")),
+        }
     }
     stop.cancel();
-    let _ = fault_task.await;
-    let _ = republisher.await;
+    joined(fault_task).await;
+    let republisher = joined(republisher).await;
+    if let Some(p) = panicked {
+        std::panic::resume_unwind(p);
+    }
+    if let Err(e) = republisher {
+        failures.push(e);
+    }
     let quiet_from = Instant::now();
     let system = Arc::try_unwrap(system)
         .ok()
@@ -214,10 +406,15 @@ pub async fn run(config: FaultConfig) -> FaultReport {
 
     let inv = check(&system).await;
     let mut report = FaultReport {
-        accepted: accepted.lock().expect("lock").len(),
+        planned: config.sagas,
+        accepted: sagas.len(),
         violations: inv.violations,
         time_to_quiet,
         dead_letters: inv.dead_letters,
+        republished: republished.load(Ordering::SeqCst),
+        poison_planned: poison_plan.len(),
+        poison: poison.len(),
+        failures,
         ..Default::default()
     };
     for (k, v) in inv.orders_by_status {
@@ -229,35 +426,192 @@ pub async fn run(config: FaultConfig) -> FaultReport {
         report.outcomes.insert(format!("CANCELLED {k}"), v);
     }
     report.faults = faults.lock().expect("lock").clone();
-    report.faults.insert(
-        "event re-published (new Nats-Msg-Id)".into(),
-        republished.load(Ordering::SeqCst),
-    );
-    let poison = poison_seqs.lock().expect("lock").clone();
-    report.poison = poison.len();
-    report.faults.insert("poison message".into(), poison.len());
-    report
-        .violations
-        .extend(check_dead_letters(&system, &poison).await);
+    check_outcomes(&system, &config, &sagas, &mut report).await;
+    let (dl_failures, dead_lettered) = check_dead_letters(&system, &poison).await;
+    report.poison_dead_lettered = dead_lettered;
+    report.failures.extend(dl_failures);
+
+    if report.accepted != report.planned {
+        report.failures.push(format!(
+            "{} of {} sagas were accepted",
+            report.accepted, report.planned
+        ));
+    }
+    for kind in FAULT_KINDS {
+        if report.faults.get(kind).copied().unwrap_or(0) == 0 {
+            report
+                .failures
+                .push(format!("fault never injected: {kind}"));
+        }
+    }
+    if report.republished == 0 {
+        report
+            .failures
+            .push("no event was re-published with a new Nats-Msg-Id".into());
+    }
+    if report.poison_dead_lettered != report.poison_planned {
+        report.failures.push(format!(
+            "{} poison messages planned, {} dead-lettered by every consumer of their subject",
+            report.poison_planned, report.poison_dead_lettered
+        ));
+    }
+    if !report.failures.is_empty() || !report.violations.is_empty() {
+        for s in Service::ALL {
+            let log = system.log(s);
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!("---- last lines of {} ----", s.binary());
+            for l in tail.into_iter().rev() {
+                eprintln!("{l}");
+            }
+        }
+    }
     report
 }
 
-/// Place (retrying through crashes with one idempotency key), maybe cancel. Returns the order id
-/// once the order service accepted it.
-async fn drive_saga(system: &RwLock<System>, kind: Kind) -> Option<String> {
+/// Each saga's end against its kind; the contended SKU and balances against their seeds.
+async fn check_outcomes(
+    system: &System,
+    config: &FaultConfig,
+    sagas: &[Saga],
+    report: &mut FaultReport,
+) {
+    let db = pool(system.database_url(Service::Order)).await;
+    let mut ended: BTreeMap<String, String> = BTreeMap::new();
+    for r in sqlx::query("SELECT id, status, reason FROM orders")
+        .fetch_all(&db)
+        .await
+        .expect("orders")
+    {
+        let status: String = r.get(1);
+        let label = match r.get::<Option<String>, _>(2) {
+            Some(reason) if status == "CANCELLED" => format!("CANCELLED {reason}"),
+            _ => status,
+        };
+        ended.insert(r.get(0), label);
+    }
+    db.close().await;
+
+    let mut wrong: BTreeMap<Kind, Vec<String>> = BTreeMap::new();
+    let mut thrifty_confirmed: BTreeMap<&str, i64> = BTreeMap::new();
+    for saga in sagas {
+        let label = ended
+            .get(&saga.id)
+            .cloned()
+            .unwrap_or_else(|| "MISSING".to_owned());
+        *report
+            .outcomes_by_kind
+            .entry(format!("{:?}", saga.kind))
+            .or_default()
+            .entry(label.clone())
+            .or_default() += 1;
+        if let CancelAnswer::Status(s) = saga.cancel {
+            *report.cancel_answers.entry(s).or_default() += 1;
+        }
+        let ok = allowed(saga.kind, saga.cancel);
+        if !ok.contains(&label.as_str()) {
+            wrong.entry(saga.kind).or_default().push(format!(
+                "order {} ({:?}, cancel answered {:?}) ended {label}; allowed {ok:?}",
+                saga.id, saga.kind, saga.cancel
+            ));
+        }
+        if saga.kind == Kind::ScarceFunds && label == "CONFIRMED" {
+            *thrifty_confirmed.entry(saga.customer).or_default() += 1;
+        }
+    }
+    for (kind, lines) in wrong {
+        report.failures.push(format!(
+            "{} {kind:?} saga(s) ended outside their allowed outcomes",
+            lines.len()
+        ));
+        report.failures.extend(lines.into_iter().take(10));
+    }
+    let count = |kind: Kind, label: &str| {
+        report
+            .outcomes_by_kind
+            .get(&format!("{kind:?}"))
+            .and_then(|o| o.get(label))
+            .copied()
+            .unwrap_or(0)
+    };
+
+    // Confirm sagas have what they need, so most must get through the faults.
+    let confirm_total: usize = report
+        .outcomes_by_kind
+        .get(&format!("{:?}", Kind::Confirm))
+        .map(|o| o.values().sum())
+        .unwrap_or(0);
+    let share = count(Kind::Confirm, "CONFIRMED") as f64 / confirm_total.max(1) as f64;
+    report.confirmed_share = (share, config.min_confirmed_share());
+    if share < config.min_confirmed_share() {
+        report.failures.push(format!(
+            "only {:.0} % of {confirm_total} Confirm sagas ended CONFIRMED; at least {:.0} % expected at a fault every {} ms",
+            share * 100.0,
+            config.min_confirmed_share() * 100.0,
+            config.fault_every.as_millis()
+        ));
+    }
+
+    // The scarce SKU: never more sold than seeded, and exactly the rest left.
+    let sold = count(Kind::ScarceStock, "CONFIRMED") as i64 * SCARCE_QTY;
+    let product = system.product(SCARCE_SKU).await;
+    let available = product["available"].as_i64().expect("available");
+    report.scarce_stock = (SCARCE_UNITS, sold, available);
+    if sold > SCARCE_UNITS {
+        report.failures.push(format!(
+            "{SCARCE_SKU}: {sold} units confirmed sold, only {SCARCE_UNITS} seeded (oversold)"
+        ));
+    }
+    if available != SCARCE_UNITS - sold || product["reserved"] != 0 || product["sold"] != sold {
+        report.failures.push(format!(
+            "{SCARCE_SKU}: seeded {SCARCE_UNITS}, CONFIRMED orders bought {sold}, but the service holds {product}"
+        ));
+    }
+
+    // The thrifty customers: never more confirmed than their balance pays, and exactly the rest left.
+    for c in THRIFTY {
+        let confirmed = thrifty_confirmed.get(c).copied().unwrap_or(0);
+        let balance = system.balance(c).await;
+        report.thrifty.push((c.to_owned(), confirmed, balance));
+        if confirmed > THRIFTY_ORDERS {
+            report.failures.push(format!(
+                "{c}: {confirmed} orders of {THRIFTY_PRICE} confirmed on a balance of {THRIFTY_BALANCE} (overdrawn)"
+            ));
+        }
+        if balance != THRIFTY_BALANCE - confirmed * THRIFTY_PRICE {
+            report.failures.push(format!(
+                "{c}: deposited {THRIFTY_BALANCE}, {confirmed} orders of {THRIFTY_PRICE} confirmed, but the balance is {balance}"
+            ));
+        }
+    }
+    // Whether the races were lost at least once is reported, not asserted: when faults and load
+    // end most sagas by their deadline, too few may reach inventory or payment to compete.
+    report.races_lost = (
+        count(Kind::ScarceStock, "CANCELLED insufficient_stock"),
+        count(Kind::ScarceFunds, "CANCELLED insufficient_funds"),
+    );
+}
+
+/// Place (retrying through crashes with one idempotency key), maybe cancel. An order not accepted
+/// within [`WITHIN`] is an error, not a silent drop.
+async fn drive_saga(system: &RwLock<System>, kind: Kind, i: usize) -> Result<Saga, String> {
     let (customer, sku, qty, price) = match kind {
         Kind::Confirm | Kind::CustomerCancel => ("alice", "WIDGET", 1, 100),
         Kind::OutOfStock => ("alice", "GADGET", 1000, 1),
         Kind::NoFunds => ("pauper", "WIDGET", 1, 100),
         Kind::Declined => ("alice", "WIDGET", 1, DECLINE_OVER + 1),
+        Kind::ScarceStock => ("alice", SCARCE_SKU, SCARCE_QTY, 100),
+        Kind::ScarceFunds => (THRIFTY[i % THRIFTY.len()], "WIDGET", 1, THRIFTY_PRICE),
     };
     let body = json!({ "customer_id": customer, "currency": "EUR",
         "items": [{ "sku": sku, "quantity": qty, "unit_price_minor": price }] });
     let key = uuid::Uuid::new_v4().to_string();
     let start = Instant::now();
+    let mut last = String::new();
     let id = loop {
-        if start.elapsed() > Duration::from_secs(60) {
-            return None;
+        if start.elapsed() > WITHIN {
+            return Err(format!(
+                "saga {i} ({kind:?}) not accepted within {WITHIN:?}; last answer: {last}"
+            ));
         }
         let (http, url) = {
             let s = system.read().await;
@@ -270,35 +624,60 @@ async fn drive_saga(system: &RwLock<System>, kind: Kind) -> Option<String> {
             .send()
             .await
         {
-            Ok(r) if r.status() == 202 => {
-                let v: Value = r.json().await.ok()?;
-                break v["id"].as_str()?.to_owned();
-            }
-            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+            Ok(r) if r.status() == 202 => match r.json::<Value>().await {
+                Ok(v) => match v["id"].as_str() {
+                    Some(id) => break id.to_owned(),
+                    None => return Err(format!("saga {i}: 202 without an id: {v}")),
+                },
+                Err(e) => last = format!("202 with an unreadable body: {e}"),
+            },
+            Ok(r) => last = format!("{} {}", r.status(), r.text().await.unwrap_or_default()),
+            Err(e) => last = e.to_string(),
         }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    if kind == Kind::CustomerCancel {
-        let delay = Duration::from_millis(rand::rng().random_range(0..40));
-        tokio::time::sleep(delay).await;
-        let start = Instant::now();
-        while start.elapsed() < Duration::from_secs(60) {
-            let (http, url) = {
-                let s = system.read().await;
-                (
-                    s.http.clone(),
-                    format!("{}/orders/{id}/cancel", s.url(Service::Order)),
-                )
-            };
-            match http.post(&url).send().await {
-                Ok(r) if [200, 202, 409].contains(&r.status().as_u16()) => break,
-                _ => tokio::time::sleep(Duration::from_millis(100)).await,
-            }
-        }
+    system.read().await.record_accepted(&id);
+    let mut saga = Saga {
+        id,
+        kind,
+        customer,
+        cancel: CancelAnswer::NotAsked,
+        problem: None,
+    };
+    if kind != Kind::CustomerCancel {
+        return Ok(saga);
     }
-    Some(id)
+    let delay = Duration::from_millis(rand::rng().random_range(0..40));
+    tokio::time::sleep(delay).await;
+    let start = Instant::now();
+    saga.cancel = CancelAnswer::NoAnswer;
+    while start.elapsed() < WITHIN {
+        let (http, url) = {
+            let s = system.read().await;
+            (
+                s.http.clone(),
+                format!("{}/orders/{}/cancel", s.url(Service::Order), saga.id),
+            )
+        };
+        match http.post(&url).send().await {
+            Ok(r) if [200, 202, 409].contains(&r.status().as_u16()) => {
+                saga.cancel = CancelAnswer::Status(r.status().as_u16());
+                return Ok(saga);
+            }
+            Ok(r) => last = format!("{} {}", r.status(), r.text().await.unwrap_or_default()),
+            Err(e) => last = e.to_string(),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    saga.problem = Some(format!(
+        "saga {i}: cancel of order {} not answered within {WITHIN:?}; last answer: {last}",
+        saga.id
+    ));
+    Ok(saga)
 }
 
-/// One fault at a time until `stop`.
+/// One fault at a time until `stop`, and at least one of each kind: the first five faults are
+/// one of each, injected even if the sagas were all placed before they came round.
 async fn inject_faults(
     system: Arc<RwLock<System>>,
     config: FaultConfig,
@@ -307,9 +686,13 @@ async fn inject_faults(
 ) {
     let mut n = 0usize;
     loop {
-        tokio::select! {
-            _ = tokio::time::sleep(config.fault_every) => {}
-            _ = stop.cancelled() => return,
+        if n < FAULT_KINDS.len() {
+            tokio::time::sleep(config.fault_every).await;
+        } else {
+            tokio::select! {
+                _ = tokio::time::sleep(config.fault_every) => {}
+                _ = stop.cancelled() => return,
+            }
         }
         // The first five faults cover every kind (kill each service, restart NATS, stall); then random.
         let (choice, victim, pause_ms) = {
@@ -346,7 +729,7 @@ async fn inject_faults(
                 for svc in Service::ALL {
                     s.wait_ready(svc).await;
                 }
-                "nats-server stopped + restarted".to_owned()
+                FAULT_KINDS[3].to_owned()
             }
             _ => {
                 // A stall longer than the deadline: orders in flight hit it.
@@ -354,7 +737,7 @@ async fn inject_faults(
                 s.signal(Service::Payment, "STOP");
                 tokio::time::sleep(Duration::from_millis(config.deadline_ms + 500)).await;
                 s.signal(Service::Payment, "CONT");
-                "payment-service stalled past deadline".to_owned()
+                FAULT_KINDS[4].to_owned()
             }
         };
         *faults.lock().expect("lock").entry(label).or_default() += 1;
@@ -362,28 +745,31 @@ async fn inject_faults(
 }
 
 /// Re-publish about 5 % of the events seen, with the same envelope and a new `Nats-Msg-Id`.
+/// Returns an error if it could not listen at all.
 async fn republish(
     system: Arc<RwLock<System>>,
     count: Arc<AtomicUsize>,
     stop: tokio_util::sync::CancellationToken,
-) {
+) -> Result<(), String> {
     // A client of its own that survives nats-server restarts by reconnecting.
     let url = system.read().await.nats.url();
-    let Ok(client) = async_nats::ConnectOptions::new()
+    let client = async_nats::ConnectOptions::new()
         .retry_on_initial_connect()
         .connect(url)
         .await
-    else {
-        return;
-    };
-    let Ok(mut sub) = client.subscribe(">").await else {
-        return;
-    };
+        .map_err(|e| format!("re-publisher cannot connect: {e}"))?;
+    let mut sub = client
+        .subscribe(">")
+        .await
+        .map_err(|e| format!("re-publisher cannot subscribe: {e}"))?;
     let js = async_nats::jetstream::new(client.clone());
     loop {
         let msg = tokio::select! {
-            m = sub.next() => match m { Some(m) => m, None => return },
-            _ = stop.cancelled() => return,
+            m = sub.next() => match m {
+                Some(m) => m,
+                None => return Err("re-publisher: subscription ended".into()),
+            },
+            _ = stop.cancelled() => return Ok(()),
         };
         let subject = msg.subject.as_str();
         let is_event = ["orders.", "inventory.", "payments."]
@@ -399,6 +785,7 @@ async fn republish(
         let mut headers = async_nats::HeaderMap::new();
         headers.insert("Nats-Msg-Id", uuid::Uuid::now_v7().to_string().as_str());
         headers.insert("Saga-Test", "replay");
+        // A re-publish lost to a restarting nats-server is just not counted.
         if let Ok(ack) = js
             .publish_with_headers(msg.subject.clone(), headers, msg.payload.clone())
             .await
@@ -410,9 +797,13 @@ async fn republish(
     }
 }
 
-/// Publish one poison message; its stream sequence when the stream stored it.
-async fn publish_poison(system: &RwLock<System>, subject: &str, kind: usize) -> Option<u64> {
-    let client = system.read().await.client.clone();
+/// Publish one poison message, retrying (same `Nats-Msg-Id`, so a retry of one that was stored is
+/// deduplicated) for up to [`WITHIN`]; its stream sequence.
+async fn publish_poison(
+    system: &RwLock<System>,
+    subject: &str,
+    kind: usize,
+) -> Result<u64, String> {
     let body: Vec<u8> = match kind {
         0 => b"\x00not json at all".to_vec(),
         1 => br#"{"order_id": 12345, "items": "none"}"#.to_vec(),
@@ -420,57 +811,76 @@ async fn publish_poison(system: &RwLock<System>, subject: &str, kind: usize) -> 
             "specversion": "1.0", "id": uuid::Uuid::new_v4().to_string(), "source": "/poison",
             "type": "orders.exploded.v9", "time": "2026-01-01T00:00:00Z", "data": {}
         }))
-        .ok()?,
+        .expect("json"),
         _ => vec![b' '; 100 * 1024],
     };
-    let mut headers = async_nats::HeaderMap::new();
-    headers.insert("Saga-Test", "poison");
-    headers.insert("Nats-Msg-Id", uuid::Uuid::now_v7().to_string().as_str());
-    let js = async_nats::jetstream::new(client);
-    let ack = tokio::time::timeout(Duration::from_secs(5), async {
-        js.publish_with_headers(subject.to_owned(), headers, body.into())
-            .await
-            .ok()?
-            .await
-            .ok()
-    })
-    .await
-    .ok()??;
-    Some(ack.sequence)
+    let msg_id = uuid::Uuid::now_v7().to_string();
+    let start = Instant::now();
+    let mut last = String::new();
+    while start.elapsed() < WITHIN {
+        let client = system.read().await.client.clone();
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Saga-Test", "poison");
+        headers.insert("Nats-Msg-Id", msg_id.as_str());
+        let js = async_nats::jetstream::new(client);
+        let body = bytes::Bytes::from(body.clone());
+        let attempt = tokio::time::timeout(Duration::from_secs(5), async {
+            js.publish_with_headers(subject.to_owned(), headers, body)
+                .await
+                .map_err(|e| e.to_string())?
+                .await
+                .map_err(|e| e.to_string())
+        })
+        .await;
+        match attempt {
+            Ok(Ok(ack)) => return Ok(ack.sequence),
+            Ok(Err(e)) => last = e,
+            Err(_) => last = "no acknowledgement within 5 s".into(),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Err(format!(
+        "poison (kind {kind}) on {subject} not stored within {WITHIN:?}: {last}"
+    ))
 }
 
-/// Dead letters must be exactly the poison: one per (consumer of its subject, sequence).
-async fn check_dead_letters(system: &System, poison: &[(String, u64)]) -> Vec<String> {
-    let mut expected: BTreeSet<(String, u64)> = BTreeSet::new();
+/// Dead letters must be exactly the poison: one per (consumer of its subject, sequence). Returns
+/// what is wrong and how many poison messages every consumer of their subject dead-lettered.
+async fn check_dead_letters(system: &System, poison: &[(String, u64)]) -> (Vec<String>, usize) {
+    let mut expected: BTreeMap<(String, u64), BTreeSet<(String, u64)>> = BTreeMap::new();
     for (subject, seq) in poison {
         for (_, durable, _, filters) in CONSUMERS {
             if filters.iter().any(|f| subject.starts_with(f)) {
-                expected.insert((durable.to_string(), *seq));
+                expected
+                    .entry((subject.clone(), *seq))
+                    .or_default()
+                    .insert((durable.to_string(), *seq));
             }
         }
     }
     let mut actual: BTreeSet<(String, u64)> = BTreeSet::new();
-    let mut reasons = Vec::new();
     for s in Service::ALL {
-        sqlx::any::install_default_drivers();
-        let Ok(pool) = sqlx::AnyPool::connect(system.database_url(s)).await else {
-            reasons.push(format!("cannot open {} database", s.binary()));
-            continue;
-        };
-        let rows = sqlx::query("SELECT consumer, stream_sequence FROM dead_letters")
-            .fetch_all(&pool)
+        let db = pool(system.database_url(s)).await;
+        for r in sqlx::query("SELECT consumer, stream_sequence FROM dead_letters")
+            .fetch_all(&db)
             .await
-            .unwrap_or_default();
-        for r in rows {
+            .expect("dead letters")
+        {
             actual.insert((r.get::<String, _>(0), r.get::<i64, _>(1) as u64));
         }
-        pool.close().await;
+        db.close().await;
     }
-    for missing in expected.difference(&actual) {
+    let all_expected: BTreeSet<(String, u64)> = expected.values().flatten().cloned().collect();
+    let mut reasons = Vec::new();
+    for missing in all_expected.difference(&actual) {
         reasons.push(format!("dead letters: poison {missing:?} missing"));
     }
-    for extra in actual.difference(&expected) {
+    for extra in actual.difference(&all_expected) {
         reasons.push(format!("dead letters: {extra:?} is not injected poison"));
     }
-    reasons
+    let dead_lettered = expected
+        .values()
+        .filter(|want| !want.is_empty() && want.is_subset(&actual))
+        .count();
+    (reasons, dead_lettered)
 }

@@ -1,19 +1,26 @@
-//! The six invariants of the saga, checked against the services' own databases and the streams.
+//! The six invariants of the saga, checked against the services' own databases, the streams and
+//! what the test itself put in (recorded by the [`System`] helpers).
 //!
-//! 1. Every accepted order ends CONFIRMED or CANCELLED.
+//! 1. Every accepted order (every id that got a 202) exists and ends CONFIRMED or CANCELLED; a
+//!    run that accepted none fails unless it asked for [`check_allowing_no_orders`].
 //! 2. CONFIRMED ⇒ its stock deducted exactly once and its total captured exactly once.
 //! 3. CANCELLED ⇒ net stock change zero and net money zero.
-//! 4. Per SKU: available + reserved + sold = stock ever added; available never negative.
-//! 5. Money: balances + captured − refunded is conserved.
-//! 6. No event lost: each consumed message is in its consumer's inbox or in its dead letters, and
-//!    no outbox row is left unpublished.
+//! 4. Per SKU: available + reserved + sold = the stock the test put in = the service's own `added`;
+//!    sold = the quantities of CONFIRMED orders; nothing negative.
+//! 5. Per customer: balance + captured = the money the test deposited = the service's own
+//!    `deposited`; captured = the totals of CONFIRMED orders; no balance negative.
+//! 6. No event lost: each consumed message is in its consumer's inbox or in its dead letters, every
+//!    stream is read in full, the durables on the server are exactly [`CONSUMERS`], and no outbox
+//!    row is left unpublished.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::Duration;
 
 use chrono::Utc;
 use event_toolkit::envelope::Origin;
 use event_toolkit::Envelope;
+use futures::TryStreamExt;
+use serde_json::Value;
 use sqlx::{AnyPool, Row};
 
 use crate::{Service, System};
@@ -99,11 +106,98 @@ pub const CONSUMERS: &[(Service, &str, &str, &[&str])] = &[
     ),
 ];
 
+/// What a test put in and what the order service accepted, recorded as the test goes.
+#[derive(Debug, Default)]
+pub struct Recorded {
+    /// Per SKU: units the test added (set value minus what was available just before).
+    stock: BTreeMap<String, i64>,
+    /// Per customer: money the test deposited (set balance minus the balance just before).
+    deposits: BTreeMap<String, i64>,
+    /// Ids that got a 202 from `POST /orders`.
+    accepted: BTreeSet<String>,
+}
+
+impl System {
+    fn recorded(&self) -> std::sync::MutexGuard<'_, Recorded> {
+        self.recorded.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Remember an order id that got a 202 (for placements made without [`System::place_order`]).
+    pub fn record_accepted(&self, id: &str) {
+        self.recorded().accepted.insert(id.to_owned());
+    }
+
+    /// Ids that got a 202 so far.
+    pub fn accepted_orders(&self) -> BTreeSet<String> {
+        self.recorded().accepted.clone()
+    }
+
+    /// Units per SKU the test put in through [`System::set_stock`].
+    pub fn seeded_stock(&self) -> BTreeMap<String, i64> {
+        self.recorded().stock.clone()
+    }
+
+    /// Money per customer the test deposited through [`System::set_balance`].
+    pub fn seeded_deposits(&self) -> BTreeMap<String, i64> {
+        self.recorded().deposits.clone()
+    }
+
+    pub(crate) fn record_stock_seeded(&self, sku: &str, units: i64) {
+        *self.recorded().stock.entry(sku.to_owned()).or_default() += units;
+    }
+
+    pub(crate) fn record_deposit(&self, customer: &str, minor: i64) {
+        *self
+            .recorded()
+            .deposits
+            .entry(customer.to_owned())
+            .or_default() += minor;
+    }
+
+    /// Available units just before a `PUT /products` (0 for a new product). The delta it seeds
+    /// is exact as long as no saga touches the SKU while it is being set.
+    pub(crate) async fn seeding_available_before(&self, sku: &str) -> i64 {
+        self.number_or_zero(Service::Inventory, &format!("/products/{sku}"), "available")
+            .await
+    }
+
+    /// Balance just before a `PUT /accounts` (0 for a new account).
+    pub(crate) async fn seeding_balance_before(&self, customer: &str) -> i64 {
+        self.number_or_zero(
+            Service::Payment,
+            &format!("/accounts/{customer}"),
+            "balance_minor",
+        )
+        .await
+    }
+
+    async fn number_or_zero(&self, s: Service, path: &str, field: &str) -> i64 {
+        let r = self
+            .http
+            .get(format!("{}{path}", self.url(s)))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"));
+        match r.status().as_u16() {
+            404 => 0,
+            200 => {
+                let v: Value = r.json().await.expect("json");
+                v[field]
+                    .as_i64()
+                    .unwrap_or_else(|| panic!("GET {path}: no {field} in {v}"))
+            }
+            other => panic!("GET {path}: {other}"),
+        }
+    }
+}
+
 /// What the check found.
 #[derive(Debug, Default)]
 pub struct Report {
     /// Broken invariants, one line each.
     pub violations: Vec<String>,
+    /// Orders accepted (202) during the test.
+    pub accepted: usize,
     /// Orders per status.
     pub orders_by_status: BTreeMap<String, usize>,
     /// Cancelled orders per reason.
@@ -124,7 +218,7 @@ impl Report {
     }
 }
 
-async fn pool(url: &str) -> AnyPool {
+pub(crate) async fn pool(url: &str) -> AnyPool {
     sqlx::any::install_default_drivers();
     sqlx::any::AnyPoolOptions::new()
         .max_connections(2)
@@ -145,46 +239,107 @@ pub async fn wait_quiet(system: &System, deadline: Duration) -> Duration {
         m
     };
     let js = async_nats::jetstream::new(system.client.clone());
-    crate::wait_for(deadline, "the system to go quiet", || async {
+    // What is still busy, so a timeout says why instead of only that it timed out.
+    let busy = || async {
+        let mut busy = Vec::new();
         for (_, durable, stream, _) in CONSUMERS {
-            let mut c: async_nats::jetstream::consumer::PullConsumer =
-                js.get_consumer_from_stream(*durable, *stream).await.ok()?;
-            let info = c.info().await.ok()?;
-            if info.num_pending > 0 || info.num_ack_pending > 0 {
-                return None;
-            }
-        }
-        for s in Service::ALL {
-            let n: i64 = sqlx::query("SELECT COUNT(*) FROM outbox WHERE published_at_us IS NULL AND parked_at_us IS NULL")
-                .fetch_one(&pools[&s])
+            let info = match js
+                .get_consumer_from_stream::<async_nats::jetstream::consumer::pull::Config, _, _>(
+                    *durable, *stream,
+                )
                 .await
-                .ok()?
-                .get(0);
-            if n > 0 {
-                return None;
+            {
+                Ok(mut c) => c.info().await.cloned().map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            match info {
+                Ok(i) if i.num_pending > 0 || i.num_ack_pending > 0 => busy.push(format!(
+                    "{durable}: {} pending, {} awaiting ack",
+                    i.num_pending, i.num_ack_pending
+                )),
+                Ok(_) => {}
+                Err(e) => busy.push(format!("{durable}: {e}")),
             }
         }
-        let pending: i64 = sqlx::query("SELECT COUNT(*) FROM payments WHERE status = 'PENDING'")
-            .fetch_one(&pools[&Service::Payment])
-            .await
-            .ok()?
-            .get(0);
-        let open: i64 = sqlx::query("SELECT COUNT(*) FROM orders WHERE status IN ('PENDING', 'RESERVED')")
-            .fetch_one(&pools[&Service::Order])
-            .await
-            .ok()?
-            .get(0);
-        (pending == 0 && open == 0).then_some(())
-    })
-    .await;
+        let count = |s: Service, sql: &'static str| {
+            let pool = pools[&s].clone();
+            async move {
+                sqlx::query(sql)
+                    .fetch_one(&pool)
+                    .await
+                    .map(|r| r.get::<i64, _>(0))
+                    .map_err(|e| e.to_string())
+            }
+        };
+        for s in Service::ALL {
+            let n = count(
+                s,
+                "SELECT COUNT(*) FROM outbox WHERE published_at_us IS NULL AND parked_at_us IS NULL",
+            )
+            .await;
+            if n != Ok(0) {
+                busy.push(format!("{} outbox rows unpublished: {n:?}", s.binary()));
+            }
+        }
+        let pending = count(
+            Service::Payment,
+            "SELECT COUNT(*) FROM payments WHERE status = 'PENDING'",
+        )
+        .await;
+        if pending != Ok(0) {
+            busy.push(format!("payments PENDING: {pending:?}"));
+        }
+        let open = count(
+            Service::Order,
+            "SELECT COUNT(*) FROM orders WHERE status IN ('PENDING', 'RESERVED')",
+        )
+        .await;
+        if open != Ok(0) {
+            busy.push(format!("orders unfinished: {open:?}"));
+        }
+        busy
+    };
+    loop {
+        let now = busy().await;
+        if now.is_empty() {
+            break;
+        }
+        if started.elapsed() > deadline {
+            panic!(
+                "timed out after {deadline:?} waiting for the system to go quiet; still busy:\n{}",
+                now.join("\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     for p in pools.values() {
         p.close().await;
     }
     started.elapsed()
 }
 
-/// Check all six invariants.
+/// Check all six invariants. A test that accepted no order fails: use
+/// [`check_allowing_no_orders`] when placing none is the point.
 pub async fn check(system: &System) -> Report {
+    check_with(system, false).await
+}
+
+/// [`check`] for tests that deliberately place no order (bad input, refused requests).
+pub async fn check_allowing_no_orders(system: &System) -> Report {
+    check_with(system, true).await
+}
+
+/// Quantities per SKU of an order's stored `items`.
+fn quantities(items: &Value) -> Option<BTreeMap<String, i64>> {
+    let mut wanted: BTreeMap<String, i64> = BTreeMap::new();
+    for item in items.as_array()? {
+        *wanted.entry(item["sku"].as_str()?.to_owned()).or_default() +=
+            item["quantity"].as_i64()?;
+    }
+    Some(wanted)
+}
+
+async fn check_with(system: &System, allow_no_orders: bool) -> Report {
     let mut report = Report::default();
     let orders_db = pool(system.database_url(Service::Order)).await;
     let inventory_db = pool(system.database_url(Service::Inventory)).await;
@@ -192,10 +347,11 @@ pub async fn check(system: &System) -> Report {
     let v = &mut report.violations;
 
     // Orders, with the items they asked for.
-    let orders = sqlx::query("SELECT id, status, reason, total_minor, items FROM orders")
-        .fetch_all(&orders_db)
-        .await
-        .expect("orders");
+    let orders =
+        sqlx::query("SELECT id, customer_id, status, reason, total_minor, items FROM orders")
+            .fetch_all(&orders_db)
+            .await
+            .expect("orders");
     // Inventory per order.
     let mut inv_state: HashMap<String, String> = HashMap::new();
     for r in sqlx::query("SELECT order_id, state FROM order_states")
@@ -229,25 +385,50 @@ pub async fn check(system: &System) -> Report {
             .push((r.get(1), r.get(2)));
     }
 
+    // 1. What the test was told was accepted is there, and finished (checked per row below).
+    let accepted = system.accepted_orders();
+    report.accepted = accepted.len();
+    if accepted.is_empty() && !allow_no_orders {
+        v.push(
+            "1: no order was accepted, so nothing was checked (use check_allowing_no_orders if that is the point)"
+                .to_owned(),
+        );
+    }
+    let stored: HashSet<String> = orders.iter().map(|o| o.get::<String, _>(0)).collect();
+    for id in accepted.difference(&stored.iter().cloned().collect()) {
+        v.push(format!(
+            "1: accepted order {id} is missing from the order service"
+        ));
+    }
+
+    // What CONFIRMED orders bought and paid, per SKU and per customer.
+    let mut bought: BTreeMap<String, i64> = BTreeMap::new();
+    let mut paid: BTreeMap<String, i64> = BTreeMap::new();
     for o in &orders {
         let id: String = o.get(0);
-        let status: String = o.get(1);
-        let reason: Option<String> = o.get(2);
-        let total: i64 = o.get(3);
-        let items: serde_json::Value =
-            serde_json::from_str(&o.get::<String, _>(4)).unwrap_or_default();
+        let customer: String = o.get(1);
+        let status: String = o.get(2);
+        let reason: Option<String> = o.get(3);
+        let total: i64 = o.get(4);
+        let items_text: String = o.get(5);
+        let Some(wanted) = serde_json::from_str::<Value>(&items_text)
+            .ok()
+            .as_ref()
+            .and_then(quantities)
+        else {
+            v.push(format!("order {id}: unreadable items {items_text:?}"));
+            continue;
+        };
         *report.orders_by_status.entry(status.clone()).or_default() += 1;
         let pays = payments.get(&id).cloned().unwrap_or_default();
         let state = inv_state.get(&id).map(String::as_str);
         let lines = reserved_lines.get(&id).cloned().unwrap_or_default();
         match status.as_str() {
             "CONFIRMED" => {
-                let mut wanted: BTreeMap<String, i64> = BTreeMap::new();
-                for item in items.as_array().into_iter().flatten() {
-                    *wanted
-                        .entry(item["sku"].as_str().unwrap_or_default().to_owned())
-                        .or_default() += item["quantity"].as_i64().unwrap_or(0);
+                for (sku, q) in &wanted {
+                    *bought.entry(sku.clone()).or_default() += q;
                 }
+                *paid.entry(customer).or_default() += total;
                 let sold: BTreeMap<String, i64> = lines
                     .iter()
                     .filter(|(_, (_, st))| st == "COMMITTED")
@@ -283,7 +464,9 @@ pub async fn check(system: &System) -> Report {
         }
     }
 
-    // 4. Stock ledger.
+    // 4. Stock: what the test put in, what was sold, and the service's own ledger.
+    let seeded = system.seeded_stock();
+    let mut seen_skus = BTreeSet::new();
     for r in sqlx::query("SELECT sku, available, reserved, sold, added FROM products")
         .fetch_all(&inventory_db)
         .await
@@ -291,9 +474,27 @@ pub async fn check(system: &System) -> Report {
     {
         let (sku, a, res, s, added): (String, i64, i64, i64, i64) =
             (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4));
-        if a + res + s != added || a < 0 || res < 0 || s < 0 {
+        let put_in = seeded.get(&sku).copied().unwrap_or(0);
+        if a + res + s != put_in {
             v.push(format!(
-                "4: sku {sku}: available {a} + reserved {res} + sold {s} != added {added}"
+                "4: sku {sku}: available {a} + reserved {res} + sold {s} = {}, but the test put in {put_in}",
+                a + res + s
+            ));
+        }
+        if a + res + s != added {
+            v.push(format!(
+                "4: sku {sku}: available {a} + reserved {res} + sold {s} != the service's added {added}"
+            ));
+        }
+        if a < 0 || res < 0 || s < 0 {
+            v.push(format!(
+                "4: sku {sku}: negative stock: available {a}, reserved {res}, sold {s}"
+            ));
+        }
+        let confirmed = bought.get(&sku).copied().unwrap_or(0);
+        if s != confirmed {
+            v.push(format!(
+                "4: sku {sku}: sold {s}, but CONFIRMED orders bought {confirmed}"
             ));
         }
         let held: i64 = reserved_lines
@@ -307,10 +508,19 @@ pub async fn check(system: &System) -> Report {
                 "4: sku {sku}: reserved column {res} but reservations hold {held}"
             ));
         }
+        seen_skus.insert(sku);
+    }
+    for sku in seeded.keys().chain(bought.keys()) {
+        if !seen_skus.contains(sku) {
+            v.push(format!(
+                "4: sku {sku} is missing from the inventory service"
+            ));
+        }
     }
 
-    // 5. Money.
-    let mut captured: HashMap<String, i64> = HashMap::new();
+    // 5. Money: what the test deposited, what was paid, and the service's own ledger.
+    let deposits = system.seeded_deposits();
+    let mut captured: BTreeMap<String, i64> = BTreeMap::new();
     for r in sqlx::query("SELECT customer_id, amount_minor FROM payments WHERE status = 'CAPTURED'")
         .fetch_all(&payment_db)
         .await
@@ -318,6 +528,7 @@ pub async fn check(system: &System) -> Report {
     {
         *captured.entry(r.get(0)).or_default() += r.get::<i64, _>(1);
     }
+    let mut seen_customers = BTreeSet::new();
     for r in sqlx::query("SELECT customer_id, balance_minor, deposited FROM accounts")
         .fetch_all(&payment_db)
         .await
@@ -325,9 +536,33 @@ pub async fn check(system: &System) -> Report {
     {
         let (c, balance, deposited): (String, i64, i64) = (r.get(0), r.get(1), r.get(2));
         let cap = captured.get(&c).copied().unwrap_or(0);
-        if balance + cap != deposited || balance < 0 {
+        let put_in = deposits.get(&c).copied().unwrap_or(0);
+        if balance + cap != put_in {
             v.push(format!(
-                "5: account {c}: balance {balance} + captured {cap} != deposited {deposited}"
+                "5: account {c}: balance {balance} + captured {cap} = {}, but the test deposited {put_in}",
+                balance + cap
+            ));
+        }
+        if balance + cap != deposited {
+            v.push(format!(
+                "5: account {c}: balance {balance} + captured {cap} != the service's deposited {deposited}"
+            ));
+        }
+        if balance < 0 {
+            v.push(format!("5: account {c}: balance {balance} is negative"));
+        }
+        let owed = paid.get(&c).copied().unwrap_or(0);
+        if cap != owed {
+            v.push(format!(
+                "5: account {c}: captured {cap}, but CONFIRMED orders total {owed}"
+            ));
+        }
+        seen_customers.insert(c);
+    }
+    for c in deposits.keys().chain(captured.keys()).chain(paid.keys()) {
+        if !seen_customers.contains(c) {
+            v.push(format!(
+                "5: account {c} is missing from the payment service"
             ));
         }
     }
@@ -359,13 +594,20 @@ pub async fn check(system: &System) -> Report {
             .dead_letters
             .insert(s.binary().to_owned(), dl as usize);
     }
+    v.extend(consumer_table_violations(system).await);
+    let mut streams = HashMap::new();
+    for (_, _, stream, _) in CONSUMERS {
+        if !streams.contains_key(stream) {
+            streams.insert(*stream, system.stream_messages(stream).await);
+        }
+    }
     for (s, durable, stream, filters) in CONSUMERS {
         let db = dbs
             .iter()
             .find(|(x, _)| x == s)
             .map(|(_, d)| *d)
             .expect("db");
-        let mut inbox = std::collections::HashSet::new();
+        let mut inbox = HashSet::new();
         for r in sqlx::query("SELECT event_id FROM inbox WHERE consumer = $1")
             .bind(*durable)
             .fetch_all(db)
@@ -374,7 +616,7 @@ pub async fn check(system: &System) -> Report {
         {
             inbox.insert(r.get::<String, _>(0));
         }
-        let mut dead = std::collections::HashSet::new();
+        let mut dead = HashSet::new();
         for r in sqlx::query("SELECT stream_sequence FROM dead_letters WHERE consumer = $1")
             .bind(*durable)
             .fetch_all(db)
@@ -383,21 +625,21 @@ pub async fn check(system: &System) -> Report {
         {
             dead.insert(r.get::<i64, _>(0));
         }
-        for (seq, subject, msg_id, body) in system.stream_messages(stream).await {
+        for (seq, subject, msg_id, body) in &streams[stream] {
             if !filters.iter().any(|f| subject.starts_with(f)) {
                 continue;
             }
-            if dead.contains(&(seq as i64)) {
+            if dead.contains(&(*seq as i64)) {
                 continue;
             }
             let origin = Origin {
-                subject: &subject,
+                subject,
                 msg_id: msg_id.as_deref(),
                 stream,
-                stream_sequence: seq,
+                stream_sequence: *seq,
                 published: Utc::now(),
             };
-            match Envelope::decode(&body, origin) {
+            match Envelope::decode(body, origin) {
                 Ok(e) if inbox.contains(&e.id) => {}
                 _ => v.push(format!(
                     "6: {durable}: {stream}#{seq} ({subject}) neither applied nor dead-lettered"
@@ -409,4 +651,53 @@ pub async fn check(system: &System) -> Report {
         p.close().await;
     }
     report
+}
+
+/// The durables on the live server must be exactly those of [`CONSUMERS`], on the same streams:
+/// one the table misses would go unchecked by invariant 6, one the server lacks checks nothing.
+async fn consumer_table_violations(system: &System) -> Vec<String> {
+    let js = async_nats::jetstream::new(system.client.clone());
+    let mut on_server: BTreeSet<(String, String)> = BTreeSet::new();
+    let mut out = Vec::new();
+    let names: Vec<String> = match js.stream_names().try_collect().await {
+        Ok(n) => n,
+        Err(e) => return vec![format!("6: cannot list streams: {e}")],
+    };
+    for name in names {
+        let stream = match js.get_stream(&name).await {
+            Ok(s) => s,
+            Err(e) => {
+                out.push(format!("6: cannot open stream {name}: {e}"));
+                continue;
+            }
+        };
+        let infos: Vec<async_nats::jetstream::consumer::Info> =
+            match stream.consumers().try_collect().await {
+                Ok(i) => i,
+                Err(e) => {
+                    out.push(format!("6: cannot list consumers of {name}: {e}"));
+                    continue;
+                }
+            };
+        for info in infos {
+            if let Some(durable) = info.config.durable_name {
+                on_server.insert((durable, name.clone()));
+            }
+        }
+    }
+    let table: BTreeSet<(String, String)> = CONSUMERS
+        .iter()
+        .map(|(_, d, s, _)| (d.to_string(), s.to_string()))
+        .collect();
+    for (d, s) in on_server.difference(&table) {
+        out.push(format!(
+            "6: durable {d} on stream {s} is on the server but not in CONSUMERS, so nothing checks it"
+        ));
+    }
+    for (d, s) in table.difference(&on_server) {
+        out.push(format!(
+            "6: CONSUMERS names durable {d} on stream {s}, but the server has no such consumer"
+        ));
+    }
+    out
 }

@@ -215,6 +215,8 @@ pub struct System {
     dbs: HashMap<Service, TestDb>,
     services: HashMap<Service, Running>,
     logs: tempfile::TempDir,
+    /// What the test put in and what was accepted, for the invariant check.
+    recorded: std::sync::Mutex<invariants::Recorded>,
     /// Started with the project's `nats.conf` (the client is then the people's user).
     project_users: bool,
 }
@@ -251,6 +253,7 @@ impl System {
             dbs,
             services: HashMap::new(),
             logs,
+            recorded: Default::default(),
             project_users: config.project_users,
         };
         for s in Service::ALL {
@@ -430,6 +433,7 @@ impl System {
 
     /// `PUT /products/{sku}`.
     pub async fn set_stock(&self, sku: &str, available: i64) {
+        let before = self.seeding_available_before(sku).await;
         let r = self
             .http
             .put(format!("{}/products/{sku}", self.url(Service::Inventory)))
@@ -438,6 +442,7 @@ impl System {
             .await
             .expect("set stock");
         assert_eq!(r.status(), 200, "{}", r.text().await.unwrap_or_default());
+        self.record_stock_seeded(sku, available - before);
     }
 
     /// `GET /products/{sku}` as JSON.
@@ -448,6 +453,7 @@ impl System {
 
     /// `PUT /accounts/{customer}`.
     pub async fn set_balance(&self, customer: &str, balance_minor: i64) {
+        let before = self.seeding_balance_before(customer).await;
         let r = self
             .http
             .put(format!(
@@ -459,6 +465,7 @@ impl System {
             .await
             .expect("set balance");
         assert_eq!(r.status(), 200, "{}", r.text().await.unwrap_or_default());
+        self.record_deposit(customer, balance_minor - before);
     }
 
     /// A customer's balance.
@@ -496,7 +503,9 @@ impl System {
             .expect("place order");
         assert_eq!(r.status(), 202, "{}", r.text().await.unwrap_or_default());
         let body: Value = r.json().await.expect("order json");
-        body["id"].as_str().expect("order id").to_owned()
+        let id = body["id"].as_str().expect("order id").to_owned();
+        self.record_accepted(&id);
+        id
     }
 
     /// `GET /orders/{id}`.
@@ -593,22 +602,40 @@ impl System {
 
     // ---- NATS helpers ----
 
-    /// Every message of a stream, in order: (sequence, subject, Nats-Msg-Id, body).
+    /// Every message of a stream, in order: (sequence, subject, Nats-Msg-Id, body). Panics if the
+    /// stream cannot be read in full: a check that reads nothing must not pass.
     pub async fn stream_messages(
         &self,
         stream: &str,
     ) -> Vec<(u64, String, Option<String>, Vec<u8>)> {
+        use async_nats::jetstream::stream::RawMessageErrorKind;
         let js = async_nats::jetstream::new(self.client.clone());
-        let Ok(stream) = js.get_stream(stream).await else {
-            return Vec::new();
-        };
-        let last = match stream.get_info().await {
-            Ok(info) => info.state.last_sequence,
-            Err(_) => return Vec::new(),
-        };
+        let handle = js
+            .get_stream(stream)
+            .await
+            .unwrap_or_else(|e| panic!("stream {stream}: {e}"));
+        let state = handle
+            .get_info()
+            .await
+            .unwrap_or_else(|e| panic!("stream {stream} info: {e}"))
+            .state;
         let mut out = Vec::new();
-        for seq in 1..=last {
-            if let Ok(m) = stream.get_raw_message(seq).await {
+        for seq in state.first_sequence.max(1)..=state.last_sequence {
+            let mut attempt = 0;
+            let m = loop {
+                attempt += 1;
+                match handle.get_raw_message(seq).await {
+                    Ok(m) => break Some(m),
+                    // A deleted sequence; the count below proves only deleted ones were skipped.
+                    Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => break None,
+                    Err(e) if attempt < 5 => {
+                        tracing::warn!(%stream, seq, error = %e, "reading a stream message; retrying");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    Err(e) => panic!("stream {stream} #{seq}: {e}"),
+                }
+            };
+            if let Some(m) = m {
                 let id = m
                     .headers
                     .get(async_nats::header::NATS_MESSAGE_ID)
@@ -616,6 +643,18 @@ impl System {
                 out.push((seq, m.subject.to_string(), id, m.payload.to_vec()));
             }
         }
+        let deleted = state.deleted_count.unwrap_or(0);
+        let expected = (state.last_sequence + 1)
+            .saturating_sub(state.first_sequence.max(1))
+            .saturating_sub(deleted);
+        assert_eq!(
+            out.len() as u64,
+            expected,
+            "stream {stream}: read {} messages, but it holds sequences {}..={} with {deleted} deleted",
+            out.len(),
+            state.first_sequence,
+            state.last_sequence
+        );
         out
     }
 
