@@ -20,6 +20,10 @@ pub use event_toolkit::testing::eventually as wait_for;
 /// How long any single condition may take to come true in these tests.
 pub const WAIT: Duration = Duration::from_secs(30);
 
+/// The `ADMIN_TOKEN` every test system's services get; [`System::http`] sends it on every request,
+/// so seeding helpers work, and boundary tests use a client without it.
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+
 /// One of the three services.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Service {
@@ -248,6 +252,15 @@ impl System {
             client,
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(20))
+                .default_headers(
+                    [(
+                        reqwest::header::AUTHORIZATION,
+                        reqwest::header::HeaderValue::from_str(&format!("Bearer {ADMIN_TOKEN}"))
+                            .expect("header value"),
+                    )]
+                    .into_iter()
+                    .collect(),
+                )
                 .build()
                 .expect("http client"),
             dbs,
@@ -259,6 +272,7 @@ impl System {
         for s in Service::ALL {
             let mut env = HashMap::new();
             env.insert("NATS_URL".to_owned(), system.nats.url());
+            env.insert("ADMIN_TOKEN".to_owned(), ADMIN_TOKEN.to_owned());
             env.insert("DATABASE_URL".to_owned(), system.dbs[&s].url.clone());
             let port = free_port();
             env.insert("HTTP_ADDR".to_owned(), format!("127.0.0.1:{port}"));
