@@ -41,6 +41,8 @@ export NATS_PROVISION_PASSWORD="${NATS_PROVISION_PASSWORD:-$(rand)}"
 export NATS_CLI_PASSWORD="${NATS_CLI_PASSWORD:-$(rand)}"
 # The API gateway signs and checks customer tokens with this key.
 export GATEWAY_JWT_SECRET="${GATEWAY_JWT_SECRET:-$(rand)$(rand)}"
+# Admin and seeding routes (PUT /products, PUT /accounts, /admin/*) need this bearer token.
+export ADMIN_TOKEN="${ADMIN_TOKEN:-$(rand)}"
 sed -e "s|^listen:.*|listen: 127.0.0.1:$NATS_PORT|" \
     -e "s|^http_port:.*|http_port: $NATS_HTTP_PORT|" \
     -e "s|^\(\s*\)store_dir:.*|\1store_dir: \"$demo/jetstream\"|" nats.conf > "$demo/nats.conf"
@@ -103,7 +105,8 @@ cat <<TXT
   curl -s localhost:$ORDER_PORT/orders | python3 -m json.tool
   curl -s -XPOST localhost:$ORDER_PORT/orders -H 'content-type: application/json' \\
        -d '{"customer_id":"alice","currency":"EUR","items":[{"sku":"WIDGET","quantity":1,"unit_price_minor":1250}]}'
-  curl -s -XPUT localhost:$PAYMENT_PORT/admin/gateway -d '{"mode":"outage"}' -H 'content-type: application/json'
+  curl -s -XPUT localhost:$PAYMENT_PORT/admin/gateway -d '{"mode":"outage"}' -H 'content-type: application/json' \\
+       -H "Authorization: Bearer \$(cat .demo/admin.token)"
   curl -s localhost:$INVENTORY_PORT/products/WIDGET
   Through the gateway, as customer alice (token in .demo/alice.token, an hour long):
   curl -s -XPOST localhost:$GATEWAY_PORT/api/orders -H "Authorization: Bearer \$(cat .demo/alice.token)" \\
@@ -117,4 +120,5 @@ cat <<TXT
 TXT
 echo "$NATS_CLI_PASSWORD" > "$demo/cli.password"
 "$bin/api-gateway" token alice --ttl 1h > "$demo/alice.token"
+echo "$ADMIN_TOKEN" > "$demo/admin.token"
 wait "${pids[0]}"
