@@ -121,6 +121,31 @@ pub fn describe_metrics() {
     );
 }
 
+/// `GET /docs`: Swagger UI over `/openapi.json`. The page loads Swagger UI's script and style from
+/// a public CDN in the browser; the gateway itself serves only this page.
+async fn swagger_ui() -> axum::response::Html<&'static str> {
+    axum::response::Html(
+        r##"<!doctype html>
+<html lang="en">
+<head>
+  <meta charset="utf-8">
+  <title>Order saga API gateway</title>
+  <link rel="stylesheet" href="https://unpkg.com/swagger-ui-dist@5/swagger-ui.css">
+</head>
+<body>
+  <div id="swagger-ui"></div>
+  <script src="https://unpkg.com/swagger-ui-dist@5/swagger-ui-bundle.js"></script>
+  <script>
+    window.onload = () => {
+      window.ui = SwaggerUIBundle({ url: "/openapi.json", dom_id: "#swagger-ui" });
+    };
+  </script>
+</body>
+</html>
+"##,
+    )
+}
+
 /// Every route, limits and the access log.
 pub fn router(gw: Arc<Gateway>, config: &Config) -> Router {
     let app = Router::new()
@@ -128,6 +153,7 @@ pub fn router(gw: Arc<Gateway>, config: &Config) -> Router {
         .route("/api/orders/{id}", get(api::view))
         .route("/api/orders/{id}/cancel", post(api::cancel))
         .route("/openapi.json", get(api::openapi))
+        .route("/docs", get(swagger_ui))
         .fallback(api::proxy)
         .method_not_allowed_fallback(|| async {
             Problem::new(
