@@ -504,3 +504,20 @@ impl TestDb {
 
 /// Both backends, for tests that must behave the same on each.
 pub const BACKENDS: [Backend; 2] = [Backend::Sqlite, Backend::Postgres];
+
+/// Run each named `async fn(Backend)` as two tests, `sqlite::<name>` and `postgres::<name>`:
+/// `on_both_backends!(applies_once, survives_a_restart);` next to
+/// `async fn applies_once(b: Backend) { … }`. Needs tokio's test macro in the calling crate.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name($crate::Backend::Sqlite).await })*
+        }
+        mod postgres {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name($crate::Backend::Postgres).await })*
+        }
+    };
+}

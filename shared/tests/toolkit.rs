@@ -122,18 +122,7 @@ fn spawn_relay(f: &Fixture) -> (CancellationToken, tokio::task::JoinHandle<()>, 
     (stop, handle, relay)
 }
 
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() { super::$name(event_toolkit::Backend::Sqlite).await })*
-        }
-        mod postgres {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() { super::$name(event_toolkit::Backend::Postgres).await })*
-        }
-    };
-}
+use event_toolkit::on_both_backends;
 
 on_both_backends!(
     committed_events_are_published_once_in_order_and_rolled_back_ones_never,

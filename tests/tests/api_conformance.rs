@@ -16,18 +16,7 @@ use event_toolkit::Backend;
 use saga_e2e::{Service, System, SystemConfig, ADMIN_TOKEN, WAIT};
 use serde_json::Value;
 
-macro_rules! on_backends {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() { super::$name(event_toolkit::Backend::Sqlite).await })*
-        }
-        mod postgres {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() { super::$name(event_toolkit::Backend::Postgres).await })*
-        }
-    };
-}
+use event_toolkit::on_both_backends as on_backends;
 
 on_backends!(
     every_answer_matches_the_openapi_document,

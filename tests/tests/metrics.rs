@@ -8,18 +8,7 @@ use event_toolkit::Backend;
 use saga_e2e::invariants::{check, wait_quiet};
 use saga_e2e::{Service, System, SystemConfig, WAIT};
 
-macro_rules! on_backends {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() { super::$name(event_toolkit::Backend::Sqlite).await })*
-        }
-        mod postgres {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() { super::$name(event_toolkit::Backend::Postgres).await })*
-        }
-    };
-}
+use event_toolkit::on_both_backends as on_backends;
 
 on_backends!(metrics_count_what_the_sagas_did_and_pass_promtool);
 

@@ -8,18 +8,7 @@ use saga_e2e::invariants::{check, wait_quiet};
 use saga_e2e::{Service, System, SystemConfig, WAIT};
 use serde_json::{json, Value};
 
-macro_rules! on_backends {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() { super::$name(event_toolkit::Backend::Sqlite).await })*
-        }
-        mod postgres {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() { super::$name(event_toolkit::Backend::Postgres).await })*
-        }
-    };
-}
+use event_toolkit::on_both_backends as on_backends;
 
 on_backends!(
     a_dead_letter_fixed_by_a_later_change_is_redriven_and_the_saga_completes,

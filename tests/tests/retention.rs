@@ -11,18 +11,7 @@ use saga_e2e::{bin_dir, Service, System, SystemConfig, WAIT};
 use serde_json::json;
 use sqlx::Row;
 
-macro_rules! on_backends {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() { super::$name(event_toolkit::Backend::Sqlite).await })*
-        }
-        mod postgres {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() { super::$name(event_toolkit::Backend::Postgres).await })*
-        }
-    };
-}
+use event_toolkit::on_both_backends as on_backends;
 
 on_backends!(pruned_outbox_rows_and_keys_never_break_dedup);
 

@@ -9,18 +9,7 @@ use saga_e2e::invariants::{check, wait_quiet};
 use saga_e2e::{Service, System, SystemConfig, WAIT};
 use serde_json::{json, Value};
 
-macro_rules! on_backends {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() { super::$name(event_toolkit::Backend::Sqlite).await })*
-        }
-        mod postgres {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() { super::$name(event_toolkit::Backend::Postgres).await })*
-        }
-    };
-}
+use event_toolkit::on_both_backends as on_backends;
 
 on_backends!(
     admin_routes_refuse_missing_and_wrong_tokens_and_change_nothing,
