@@ -98,17 +98,91 @@ pub fn on_cancelled(existing: Option<PaymentStatus>) -> OnCancelled {
 /// What the provider said about a charge.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProviderAnswer {
-    /// Charged.
+    /// Authorized: to be captured or voided.
     Approved,
     /// Refused.
     Declined,
-    /// Could not be reached.
+    /// Could not be reached, and holds nothing for this charge (never reached, or asked
+    /// afterwards and it does not know the key).
     Unavailable,
+    /// Could not be reached, nor asked afterwards what it did: it may hold an authorization.
+    Uncertain,
+}
+
+/// What a customer's account says to holding the amount of a payment before the provider is asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hold {
+    /// The balance not held by other payments covers it: hold it and ask the provider.
+    Take,
+    /// The balance covers it, but not beside what other payments hold: ask again once they
+    /// settle, rather than get an approval that may not be capturable.
+    Wait,
+    /// Never chargeable as things stand: fail without asking the provider.
+    Refuse(FailReason),
+}
+
+/// Decide the hold. `account` is (balance, held by pending payments, currency).
+pub fn hold(account: Option<(i64, i64, &str)>, amount: i64, currency: &str) -> Hold {
+    let Some((balance, held, account_currency)) = account else {
+        return Hold::Refuse(FailReason::PaymentDeclined);
+    };
+    if let Err(reason) = precheck(Some((balance, account_currency)), amount, currency) {
+        return Hold::Refuse(reason);
+    }
+    if balance - held < amount {
+        Hold::Wait
+    } else {
+        Hold::Take
+    }
+}
+
+/// What the provider is still owed for a charge once it settled here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FollowUp {
+    /// Captured here: capture the authorization.
+    Capture,
+    /// Not captured here: release whatever the provider may have authorized.
+    Void,
+}
+
+impl FollowUp {
+    /// Stored form (`payments.provider_due`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Capture => "capture",
+            Self::Void => "void",
+        }
+    }
+    /// Parse the stored form.
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::Capture, Self::Void]
+            .into_iter()
+            .find(|x| x.as_str() == s)
+    }
+    /// Stored form once done (`payments.provider_done`).
+    pub fn done(self) -> &'static str {
+        match self {
+            Self::Capture => "captured",
+            Self::Void => "voided",
+        }
+    }
+}
+
+/// What the provider is owed, given how the payment stands after settling and what the provider
+/// answered. Every approval ends captured or voided.
+pub fn follow_up(status: PaymentStatus, answer: ProviderAnswer) -> Option<FollowUp> {
+    match (status, answer) {
+        (PaymentStatus::Captured, ProviderAnswer::Approved) => Some(FollowUp::Capture),
+        (PaymentStatus::Failed, ProviderAnswer::Approved | ProviderAnswer::Uncertain) => {
+            Some(FollowUp::Void)
+        }
+        _ => None,
+    }
 }
 
 /// How a pending payment settles, given what the account can pay and what the provider said.
-/// The balance is re-checked here, at capture time, so it never goes negative even when two
-/// orders of one customer race.
+/// The balance is re-checked here, at capture time, so it never goes negative even if it was
+/// lowered while the provider was asked.
 pub fn settle(
     balance: Option<(i64, &str)>,
     amount: i64,
@@ -127,7 +201,9 @@ pub fn settle(
     match answer {
         ProviderAnswer::Approved => Ok(()),
         ProviderAnswer::Declined => Err(FailReason::PaymentDeclined),
-        ProviderAnswer::Unavailable => Err(FailReason::PaymentUnavailable),
+        ProviderAnswer::Unavailable | ProviderAnswer::Uncertain => {
+            Err(FailReason::PaymentUnavailable)
+        }
     }
 }
 
@@ -168,6 +244,39 @@ mod tests {
     }
 
     #[test]
+    fn a_hold_waits_for_what_other_payments_hold_and_refuses_what_can_never_be_paid() {
+        assert_eq!(hold(Some((1000, 0, "EUR")), 1000, "EUR"), Hold::Take);
+        assert_eq!(hold(Some((1000, 400, "EUR")), 600, "EUR"), Hold::Take);
+        assert_eq!(hold(Some((1000, 400, "EUR")), 700, "EUR"), Hold::Wait);
+        assert_eq!(
+            hold(Some((1000, 0, "EUR")), 1001, "EUR"),
+            Hold::Refuse(FailReason::InsufficientFunds)
+        );
+        assert_eq!(
+            hold(Some((1000, 0, "EUR")), 10, "USD"),
+            Hold::Refuse(FailReason::PaymentDeclined)
+        );
+        assert_eq!(
+            hold(None, 10, "EUR"),
+            Hold::Refuse(FailReason::PaymentDeclined)
+        );
+    }
+
+    #[test]
+    fn every_approval_is_followed_by_a_capture_or_a_void() {
+        use ProviderAnswer as A;
+        assert_eq!(follow_up(S::Captured, A::Approved), Some(FollowUp::Capture));
+        assert_eq!(follow_up(S::Failed, A::Approved), Some(FollowUp::Void));
+        assert_eq!(follow_up(S::Failed, A::Uncertain), Some(FollowUp::Void));
+        assert_eq!(follow_up(S::Failed, A::Declined), None);
+        assert_eq!(follow_up(S::Failed, A::Unavailable), None);
+        assert_eq!(follow_up(S::Refunded, A::Approved), None);
+        for f in [FollowUp::Capture, FollowUp::Void] {
+            assert_eq!(FollowUp::parse(f.as_str()), Some(f));
+        }
+    }
+
+    #[test]
     fn settling_checks_account_then_provider() {
         let eur = Some((1000, "EUR"));
         assert_eq!(settle(eur, 1000, "EUR", ProviderAnswer::Approved), Ok(()));
@@ -189,6 +298,10 @@ mod tests {
         );
         assert_eq!(
             settle(eur, 10, "EUR", ProviderAnswer::Unavailable),
+            Err(FailReason::PaymentUnavailable)
+        );
+        assert_eq!(
+            settle(eur, 10, "EUR", ProviderAnswer::Uncertain),
             Err(FailReason::PaymentUnavailable)
         );
     }

@@ -14,7 +14,7 @@ use event_toolkit::Database;
 use serde::{Deserialize, Serialize};
 use utoipa::OpenApi;
 
-use crate::gateway::{CircuitState, GatewayMode, SimulatedGateway};
+use crate::gateway::{CircuitState, GatewayMode, ProviderLedger, SimulatedGateway};
 use crate::store::{self, Account, AccountError, Payment};
 
 /// What handlers share.
@@ -39,6 +39,7 @@ pub fn router(state: AppState, admin: &AdminAuth) -> Router {
             "/admin/gateway",
             admin.protect(put(put_gateway).get(get_gateway)),
         )
+        .route("/admin/provider/ledger", admin.protect(get(get_ledger)))
         .route("/openapi.json", get(openapi))
         .with_state(state)
 }
@@ -207,13 +208,27 @@ async fn get_gateway(State(state): State<AppState>) -> Json<GatewayStatus> {
     })
 }
 
+/// What the simulated provider authorized, captured and voided since the service started.
+#[utoipa::path(get, path = "/admin/provider/ledger", security(("admin_token" = [])),
+    responses((status = 200, description = "The provider's counts", body = ProviderLedger)))]
+async fn get_ledger(State(state): State<AppState>) -> Json<ProviderLedger> {
+    Json(state.gateway.ledger())
+}
+
 #[derive(OpenApi)]
 #[openapi(
     info(
         title = "payment-service",
         description = "Accounts, payments and refunds"
     ),
-    paths(put_account, get_account, list_payments, put_gateway, get_gateway),
+    paths(
+        put_account,
+        get_account,
+        list_payments,
+        put_gateway,
+        get_gateway,
+        get_ledger
+    ),
     components(schemas(
         Problem,
         Account,
@@ -222,7 +237,8 @@ async fn get_gateway(State(state): State<AppState>) -> Json<GatewayStatus> {
         GatewaySetting,
         GatewayStatus,
         GatewayMode,
-        CircuitState
+        CircuitState,
+        ProviderLedger
     ))
 )]
 struct ApiDoc;

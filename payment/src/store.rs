@@ -10,7 +10,8 @@ use sqlx::{AnyConnection, AnyPool, Row};
 use uuid::Uuid;
 
 use crate::domain::{
-    on_cancelled, on_reserved, FailReason, OnCancelled, OnReserved, PaymentStatus,
+    follow_up, hold as decide_hold, on_cancelled, on_reserved, FailReason, FollowUp, Hold,
+    OnCancelled, OnReserved, PaymentStatus, ProviderAnswer,
 };
 use crate::events::{PaymentFailed, PaymentRefunded, PaymentSucceeded, StockReserved};
 
@@ -260,6 +261,14 @@ pub async fn on_order_cancelled(
                 Some(FailReason::OrderCancelled),
             )
             .await?;
+            // A payment that held money may be with the provider right now: give the money
+            // back to the account and void whatever the provider authorized (a void before the
+            // charge arrives bars it; the processor voids again when its answer comes).
+            let p = load(conn, order_id).await?;
+            if p.held {
+                release_hold(conn, &p, 0).await?;
+                owe(conn, order_id, FollowUp::Void, now).await?;
+            }
         }
         OnCancelled::Refund => {
             let p = load(conn, order_id).await?;
@@ -318,6 +327,8 @@ pub struct Pending {
     pub currency: String,
     /// Status now.
     pub status: PaymentStatus,
+    /// Its amount is held on the account (and the provider may have been asked).
+    pub held: bool,
     correlation_id: Option<String>,
     cause_event_id: Option<String>,
     traceparent: Option<String>,
@@ -325,7 +336,7 @@ pub struct Pending {
 
 async fn load(conn: &mut AnyConnection, order_id: &str) -> Result<Pending, sqlx::Error> {
     let r = sqlx::query(
-        "SELECT order_id, payment_id, customer_id, amount_minor, currency, status, correlation_id, cause_event_id, traceparent \
+        "SELECT order_id, payment_id, customer_id, amount_minor, currency, status, correlation_id, cause_event_id, traceparent, held \
          FROM payments WHERE order_id = $1",
     )
     .bind(order_id)
@@ -342,6 +353,7 @@ async fn load(conn: &mut AnyConnection, order_id: &str) -> Result<Pending, sqlx:
         correlation_id: r.try_get(6)?,
         cause_event_id: r.try_get(7)?,
         traceparent: r.try_get(8)?,
+        held: r.try_get::<i64, _>(9)? != 0,
     })
 }
 
@@ -351,20 +363,129 @@ pub async fn peek(pool: &AnyPool, order_id: &str) -> Result<Pending, sqlx::Error
     load(&mut conn, order_id).await
 }
 
-/// Balance and currency of an account, locked for the capture.
-pub async fn balance_locked(
+/// Balance, held amount and currency of an account, locked.
+pub async fn account_locked(
     conn: &mut AnyConnection,
     customer_id: &str,
-) -> Result<Option<(i64, String)>, sqlx::Error> {
+) -> Result<Option<(i64, i64, String)>, sqlx::Error> {
     let sql = format!(
-        "SELECT balance_minor, currency FROM accounts WHERE customer_id = $1{}",
+        "SELECT balance_minor, held_minor, currency FROM accounts WHERE customer_id = $1{}",
         lock_clause(conn)
     );
     let row = sqlx::query(&sql)
         .bind(customer_id)
         .fetch_optional(&mut *conn)
         .await?;
-    row.map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).transpose()
+    row.map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
+        .transpose()
+}
+
+/// Give a payment's held amount back to its account, taking `captured` off the balance.
+async fn release_hold(
+    conn: &mut AnyConnection,
+    p: &Pending,
+    captured: i64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE accounts SET balance_minor = balance_minor - $1, held_minor = held_minor - $2, \
+         updated_at_us = $3 WHERE customer_id = $4",
+    )
+    .bind(captured)
+    .bind(if p.held { p.amount_minor } else { 0 })
+    .bind(now_micros())
+    .bind(&p.customer_id)
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query("UPDATE payments SET held = 0 WHERE order_id = $1")
+        .bind(&p.order_id)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// Record that the provider is owed `what` for this payment, first due at `due_at_us`.
+async fn owe(
+    conn: &mut AnyConnection,
+    order_id: &str,
+    what: FollowUp,
+    due_at_us: i64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE payments SET provider_due = $1, provider_attempts = 0, provider_retry_at_us = $2 \
+         WHERE order_id = $3",
+    )
+    .bind(what.as_str())
+    .bind(due_at_us)
+    .bind(order_id)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// What the hold step did.
+#[derive(Debug)]
+pub enum HoldStep {
+    /// No longer pending (voided meanwhile): nothing to do.
+    Gone,
+    /// Held (now or by an earlier processor): ask the provider.
+    Held(Pending),
+    /// Other payments of the customer hold what it needs: tried again after `wait_us`.
+    Waiting,
+    /// Failed without asking the provider, and announced.
+    Refused(FailReason),
+}
+
+/// Before the provider is asked: hold the payment's amount on its account, in the caller's
+/// transaction. The account row's lock serializes the holds of one customer, in this process or
+/// any other, so the provider is never asked for more than the balance covers.
+pub async fn hold(
+    conn: &mut AnyConnection,
+    source: &str,
+    order_id: &str,
+    wait_us: i64,
+) -> Result<HoldStep, sqlx::Error> {
+    if status_locked(conn, order_id).await? != Some(PaymentStatus::Pending) {
+        return Ok(HoldStep::Gone);
+    }
+    let p = load(conn, order_id).await?;
+    if p.held {
+        return Ok(HoldStep::Held(p));
+    }
+    let account = account_locked(conn, &p.customer_id).await?;
+    let decision = decide_hold(
+        account.as_ref().map(|(b, h, c)| (*b, *h, c.as_str())),
+        p.amount_minor,
+        &p.currency,
+    );
+    Ok(match decision {
+        Hold::Take => {
+            sqlx::query(
+                "UPDATE accounts SET held_minor = held_minor + $1, updated_at_us = $2 WHERE customer_id = $3",
+            )
+            .bind(p.amount_minor)
+            .bind(now_micros())
+            .bind(&p.customer_id)
+            .execute(&mut *conn)
+            .await?;
+            sqlx::query("UPDATE payments SET held = 1 WHERE order_id = $1")
+                .bind(order_id)
+                .execute(&mut *conn)
+                .await?;
+            HoldStep::Held(Pending { held: true, ..p })
+        }
+        Hold::Wait => {
+            sqlx::query("UPDATE payments SET lease_until_us = $1 WHERE order_id = $2")
+                .bind(now_micros() + wait_us)
+                .bind(order_id)
+                .execute(&mut *conn)
+                .await?;
+            HoldStep::Waiting
+        }
+        Hold::Refuse(reason) => {
+            finish(conn, source, &p, Err(reason)).await?;
+            HoldStep::Refused(reason)
+        }
+    })
 }
 
 /// Claim up to `limit` pending payments whose lease has expired, leasing them for `lease_us`.
@@ -403,28 +524,81 @@ pub async fn claim_pending(
     Ok(ids)
 }
 
-/// Settle a pending payment in the caller's transaction: capture (balance down, announce success)
-/// or fail (announce the reason). A payment no longer pending (voided meanwhile) is left alone.
+/// How settling went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settled {
+    /// Captured or failed with a reason; `None` if it was no longer pending.
+    pub outcome: Option<Result<(), FailReason>>,
+    /// What the provider is owed now (recorded, due at once).
+    pub owed: Option<FollowUp>,
+}
+
+/// Settle a held payment in the caller's transaction, given the provider's answer: capture
+/// (balance down, announce success) or fail (announce the reason); either way its hold is
+/// released and the provider is owed a capture or a void if it approved. A payment no longer
+/// pending (voided meanwhile) is left as it is, but an authorization the provider gave it is owed
+/// a void.
 pub async fn settle(
     conn: &mut AnyConnection,
     source: &str,
     order_id: &str,
-    outcome: impl FnOnce(Option<(i64, &str)>, &Pending) -> Result<(), FailReason>,
-) -> Result<Option<Result<(), FailReason>>, sqlx::Error> {
-    if status_locked(conn, order_id).await? != Some(PaymentStatus::Pending) {
-        return Ok(None);
+    answer: ProviderAnswer,
+    follow_up_lease_us: i64,
+) -> Result<Settled, sqlx::Error> {
+    let status = status_locked(conn, order_id).await?;
+    // The caller calls the provider at once; the lease keeps a sweep from doing it meanwhile.
+    let due_at = now_micros() + follow_up_lease_us;
+    if status != Some(PaymentStatus::Pending) {
+        // Captured by another processor that took over: that one owes the capture.
+        let owed = match status {
+            Some(PaymentStatus::Failed) => follow_up(PaymentStatus::Failed, answer),
+            _ => None,
+        };
+        if let Some(what) = owed {
+            owe(conn, order_id, what, due_at).await?;
+        }
+        return Ok(Settled {
+            outcome: None,
+            owed,
+        });
     }
     let p = load(conn, order_id).await?;
-    let balance = balance_locked(conn, &p.customer_id).await?;
-    let result = outcome(balance.as_ref().map(|(b, c)| (*b, c.as_str())), &p);
+    // Re-checked against the locked balance: it may have been lowered meanwhile.
+    let account = account_locked(conn, &p.customer_id).await?;
+    let result = crate::domain::settle(
+        account.as_ref().map(|(b, _, c)| (*b, c.as_str())),
+        p.amount_minor,
+        &p.currency,
+        answer,
+    );
+    let captured = if result.is_ok() { p.amount_minor } else { 0 };
+    release_hold(conn, &p, captured).await?;
+    finish(conn, source, &p, result).await?;
+    let after = if result.is_ok() {
+        PaymentStatus::Captured
+    } else {
+        PaymentStatus::Failed
+    };
+    let owed = follow_up(after, answer);
+    if let Some(what) = owed {
+        owe(conn, order_id, what, due_at).await?;
+    }
+    Ok(Settled {
+        outcome: Some(result),
+        owed,
+    })
+}
+
+/// Set the payment's final status and announce it.
+async fn finish(
+    conn: &mut AnyConnection,
+    source: &str,
+    p: &Pending,
+    result: Result<(), FailReason>,
+) -> Result<(), sqlx::Error> {
+    let order_id = p.order_id.as_str();
     let mut event = match result {
         Ok(()) => {
-            sqlx::query("UPDATE accounts SET balance_minor = balance_minor - $1, updated_at_us = $2 WHERE customer_id = $3")
-                .bind(p.amount_minor)
-                .bind(now_micros())
-                .bind(&p.customer_id)
-                .execute(&mut *conn)
-                .await?;
             set_status(conn, order_id, PaymentStatus::Captured, None).await?;
             (
                 PaymentSucceeded::SUBJECT,
@@ -471,7 +645,106 @@ pub async fn settle(
         }
     }
     enqueue(conn, event.0, &event.1).await?;
-    Ok(Some(result))
+    Ok(())
+}
+
+/// A capture or void owed to the provider.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Owed {
+    /// The payment's order (the provider's key).
+    pub order_id: String,
+    /// Capture or void.
+    pub what: FollowUp,
+    /// Tries so far.
+    pub attempts: i64,
+}
+
+/// Claim up to `limit` captures and voids owed to the provider and due, leasing them for
+/// `lease_us` so that no other sweep sends them meanwhile.
+pub async fn claim_owed(
+    db: &Database,
+    limit: i64,
+    lease_us: i64,
+) -> Result<Vec<Owed>, sqlx::Error> {
+    let now = now_micros();
+    let mut tx = db.begin().await?;
+    let skip = if db.backend() == Backend::Postgres {
+        " FOR UPDATE SKIP LOCKED"
+    } else {
+        ""
+    };
+    let sql = format!(
+        "SELECT order_id, provider_due, provider_attempts FROM payments \
+         WHERE provider_due IS NOT NULL AND provider_retry_at_us <= $1 \
+         ORDER BY provider_retry_at_us LIMIT $2{skip}"
+    );
+    let rows = sqlx::query(&sql)
+        .bind(now)
+        .bind(limit)
+        .fetch_all(&mut *tx)
+        .await?;
+    let mut owed = Vec::with_capacity(rows.len());
+    for r in &rows {
+        let due: String = r.try_get(1)?;
+        let Some(what) = FollowUp::parse(&due) else {
+            continue;
+        };
+        owed.push(Owed {
+            order_id: r.try_get(0)?,
+            what,
+            attempts: r.try_get(2)?,
+        });
+    }
+    for o in &owed {
+        sqlx::query("UPDATE payments SET provider_retry_at_us = $1 WHERE order_id = $2")
+            .bind(now + lease_us)
+            .bind(&o.order_id)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(owed)
+}
+
+/// The provider answered a capture or void: `done` is what became of it (`captured`, `voided`,
+/// `refused`). Leaves the row alone if something else is owed by now.
+pub async fn owed_done(
+    db: &Database,
+    order_id: &str,
+    what: FollowUp,
+    done: &str,
+) -> Result<(), sqlx::Error> {
+    let mut tx = db.begin().await?;
+    sqlx::query(
+        "UPDATE payments SET provider_due = NULL, provider_done = $1, provider_retry_at_us = 0 \
+         WHERE order_id = $2 AND provider_due = $3",
+    )
+    .bind(done)
+    .bind(order_id)
+    .bind(what.as_str())
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await
+}
+
+/// The provider did not answer a capture or void: try again after `retry_in_us`.
+pub async fn owed_later(
+    db: &Database,
+    order_id: &str,
+    what: FollowUp,
+    retry_in_us: i64,
+) -> Result<(), sqlx::Error> {
+    let mut tx = db.begin().await?;
+    sqlx::query(
+        "UPDATE payments SET provider_attempts = provider_attempts + 1, provider_retry_at_us = $1 \
+         WHERE order_id = $2 AND provider_due = $3",
+    )
+    .bind(now_micros() + retry_in_us)
+    .bind(order_id)
+    .bind(what.as_str())
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await
 }
 
 /// Money conservation: per account, balance + captured (not refunded) = deposited. Accounts that break it.
