@@ -149,7 +149,9 @@ async fn lost_answers_are_reconciled_by_key_and_every_approval_is_captured_or_vo
         (3, 1, 2, 3),
         "{l}"
     );
-    assert!(count(&l, "status_queries") >= 3, "{l}");
+    // alice's and dan's charges are asked about by key; bob's may be voided without asking when
+    // his cancellation lands before the question.
+    assert!(count(&l, "status_queries") >= 2, "{l}");
     assert_eq!(s.balance("alice").await, 400);
     assert_eq!(s.balance("bob").await, 1000);
     assert_eq!(s.balance("dan").await, 100);
