@@ -42,8 +42,10 @@ impl Gateway {
     /// Build from settings.
     pub fn new(config: &Config) -> Self {
         let http = reqwest::Client::builder()
+            // Upstreams close connections idle past their header timeout (5 s by default): never
+            // reuse one that old, or a request can meet the close.
+            .pool_idle_timeout(Duration::from_secs(2))
             .connect_timeout(Duration::from_secs(2))
-            .pool_idle_timeout(Duration::from_secs(30))
             // Upstream redirects are the client's business: pass them on.
             .redirect(reqwest::redirect::Policy::none())
             .build()

@@ -251,6 +251,9 @@ impl System {
             nats,
             client,
             http: reqwest::Client::builder()
+                // The services close a connection idle past their header timeout (5 s by default):
+                // never reuse one that old, or a request can meet the close.
+                .pool_idle_timeout(std::time::Duration::from_secs(2))
                 .timeout(Duration::from_secs(20))
                 .default_headers(
                     [(
