@@ -521,3 +521,19 @@ macro_rules! on_both_backends {
         }
     };
 }
+
+/// Like [`on_both_backends!`], with a list per backend, for suites where some scenarios run on one
+/// backend only: `on_backends! { sqlite: [a, b], postgres: [a] }`.
+#[macro_export]
+macro_rules! on_backends {
+    ($($backend:ident: [$($name:ident),* $(,)?]),* $(,)?) => {
+        $(mod $backend {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                super::$name($crate::on_backends!(@b $backend)).await
+            })*
+        })*
+    };
+    (@b sqlite) => { $crate::Backend::Sqlite };
+    (@b postgres) => { $crate::Backend::Postgres };
+}

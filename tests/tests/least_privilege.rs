@@ -11,18 +11,7 @@ use saga_e2e::invariants::{check, wait_quiet};
 use saga_e2e::{wait_for_mirrors, Service, System, SystemConfig, WAIT};
 use serde_json::json;
 
-macro_rules! on_backends {
-    ($($backend:ident: [$($name:ident),* $(,)?]),* $(,)?) => {
-        $(mod $backend {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() {
-                super::$name(on_backends!(@b $backend)).await
-            })*
-        })*
-    };
-    (@b sqlite) => { event_toolkit::Backend::Sqlite };
-    (@b postgres) => { event_toolkit::Backend::Postgres };
-}
+use event_toolkit::on_backends;
 
 on_backends! {
     sqlite: [

@@ -23,18 +23,7 @@ async fn assert_invariants(s: &System) {
     assert!(assert_wire_events_match_catalogue(s).await > 0);
 }
 
-macro_rules! on_backends {
-    ($($backend:ident: [$($name:ident),* $(,)?]),* $(,)?) => {
-        $(mod $backend {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() {
-                super::$name(on_backends!(@b $backend)).await
-            })*
-        })*
-    };
-    (@b sqlite) => { event_toolkit::Backend::Sqlite };
-    (@b postgres) => { event_toolkit::Backend::Postgres };
-}
+use event_toolkit::on_backends;
 
 on_backends! {
     sqlite: [
