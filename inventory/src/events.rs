@@ -1,7 +1,7 @@
 //! The inventory service's event catalogue: what it announces (owned here) and its reading of what
 //! it consumes (only the fields it needs). Documented in `docs/asyncapi.yaml`.
 
-use event_toolkit::{event_payload, StreamSpec};
+use event_toolkit::{event_payload, EventPayload, StreamSpec};
 use serde::{Deserialize, Serialize};
 
 /// The stream of inventory events.
@@ -22,6 +22,14 @@ pub struct StockLine {
 }
 
 // ---- announced ----
+
+/// The event types this service announces.
+pub const PUBLISHES: [&str; 4] = [
+    StockReserved::TYPE,
+    StockRejected::TYPE,
+    StockReleased::TYPE,
+    StockCommitted::TYPE,
+];
 
 /// `inventory.reserved.v1`: stock held; carries what payment needs to charge.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

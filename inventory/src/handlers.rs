@@ -1,60 +1,89 @@
-//! Saga event handler: decode, validate, hand over to the store.
+//! What the inventory service consumes, declared by payload type: order events (reserve, commit,
+//! release) and payment failures (release).
 
-use event_toolkit::{DecodeError, Envelope, EventPayload, Handler, HandlerError};
+use event_toolkit::{Context, HandlerError, On, Subscription};
 use sqlx::AnyConnection;
 
 use crate::domain::{valid_sku, Happening, MAX_LINES, MAX_QUANTITY};
 use crate::events::{OrderCancelled, OrderConfirmed, OrderPlaced, PaymentFailed};
 use crate::store;
 
-/// Reacts to order and payment events.
-#[derive(Debug, Clone)]
-pub struct SagaEvents {
-    /// CloudEvents source of what this service announces.
-    pub source: String,
+/// The service's durables.
+pub fn subscriptions() -> Vec<Subscription> {
+    vec![
+        Subscription::new("inventory-from-orders", "ORDERS")
+            .on::<OrderPlaced>(Saga)
+            .on::<OrderConfirmed>(Saga)
+            .on::<OrderCancelled>(Saga),
+        Subscription::new("inventory-from-payments", "PAYMENTS").on::<PaymentFailed>(Saga),
+    ]
 }
 
-impl Handler for SagaEvents {
-    async fn handle(&self, conn: &mut AnyConnection, event: &Envelope) -> Result<(), HandlerError> {
-        let (order_id, happening, placed) = match event.event_type.as_str() {
-            OrderPlaced::TYPE => {
-                let p: OrderPlaced = event.payload()?;
-                validate(&p)?;
-                (p.order_id.clone(), Happening::Placed, Some(p))
-            }
-            OrderConfirmed::TYPE => (
-                event.payload::<OrderConfirmed>()?.order_id,
-                Happening::Confirmed,
-                None,
-            ),
-            OrderCancelled::TYPE => (
-                event.payload::<OrderCancelled>()?.order_id,
-                Happening::Cancelled,
-                None,
-            ),
-            PaymentFailed::TYPE => (
-                event.payload::<PaymentFailed>()?.order_id,
-                Happening::Cancelled,
-                None,
-            ),
-            other => return Err(DecodeError::UnknownType(other.to_owned()).into()),
-        };
+/// Reacts to order and payment events.
+#[derive(Debug, Clone, Copy)]
+pub struct Saga;
+
+impl Saga {
+    async fn apply(
+        conn: &mut AnyConnection,
+        ctx: &Context,
+        order_id: &str,
+        happening: Happening,
+        placed: Option<&OrderPlaced>,
+    ) -> Result<(), HandlerError> {
         if order_id.is_empty() || order_id.len() > 64 {
             return Err(HandlerError::Permanent(
                 "order_id must be 1-64 characters".into(),
             ));
         }
-        let outcome = store::apply(
-            conn,
-            &self.source,
-            &order_id,
-            happening,
-            placed.as_ref(),
-            event,
-        )
-        .await?;
+        let outcome = store::apply(conn, ctx, order_id, happening, placed).await?;
         tracing::info!(%order_id, ?outcome, "inventory applied");
         Ok(())
+    }
+}
+
+impl On<OrderPlaced> for Saga {
+    async fn on(
+        &self,
+        conn: &mut AnyConnection,
+        ctx: &Context,
+        p: OrderPlaced,
+    ) -> Result<(), HandlerError> {
+        validate(&p)?;
+        Self::apply(conn, ctx, &p.order_id, Happening::Placed, Some(&p)).await
+    }
+}
+
+impl On<OrderConfirmed> for Saga {
+    async fn on(
+        &self,
+        conn: &mut AnyConnection,
+        ctx: &Context,
+        e: OrderConfirmed,
+    ) -> Result<(), HandlerError> {
+        Self::apply(conn, ctx, &e.order_id, Happening::Confirmed, None).await
+    }
+}
+
+impl On<OrderCancelled> for Saga {
+    async fn on(
+        &self,
+        conn: &mut AnyConnection,
+        ctx: &Context,
+        e: OrderCancelled,
+    ) -> Result<(), HandlerError> {
+        Self::apply(conn, ctx, &e.order_id, Happening::Cancelled, None).await
+    }
+}
+
+impl On<PaymentFailed> for Saga {
+    async fn on(
+        &self,
+        conn: &mut AnyConnection,
+        ctx: &Context,
+        e: PaymentFailed,
+    ) -> Result<(), HandlerError> {
+        Self::apply(conn, ctx, &e.order_id, Happening::Cancelled, None).await
     }
 }
 

@@ -7,3 +7,14 @@ pub mod handlers;
 pub mod routes;
 pub mod startup;
 pub mod store;
+
+/// How this service is wired to NATS (streams, durables, what it announces), as data.
+pub fn wiring() -> event_toolkit::Wiring {
+    event_toolkit::Wiring::new(
+        startup::NAME,
+        "inventory",
+        events::streams(),
+        &handlers::subscriptions(),
+        &events::PUBLISHES,
+    )
+}

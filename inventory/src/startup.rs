@@ -2,10 +2,8 @@
 
 use event_toolkit::http::App;
 use event_toolkit::service::{Runtime, ServiceConfig, StartError};
-use event_toolkit::ConsumerSpec;
 
 use crate::events;
-use crate::handlers::SagaEvents;
 use crate::routes::router;
 
 /// Service name.
@@ -26,29 +24,9 @@ impl Application {
             &events::streams(),
         )
         .await?;
-        let saga = SagaEvents {
-            source: runtime.source(),
-        };
-        runtime.spawn_consumer(
-            ConsumerSpec::new(
-                "inventory-from-orders",
-                "ORDERS",
-                &[
-                    "orders.placed.v1",
-                    "orders.confirmed.v1",
-                    "orders.cancelled.v1",
-                ],
-            ),
-            saga.clone(),
-        );
-        runtime.spawn_consumer(
-            ConsumerSpec::new(
-                "inventory-from-payments",
-                "PAYMENTS",
-                &["payments.failed.v1"],
-            ),
-            saga,
-        );
+        for subscription in crate::handlers::subscriptions() {
+            runtime.subscribe(subscription);
+        }
         let routes = router(runtime.db.clone(), &runtime.admin);
         App::new(runtime, routes, &config.http_addr).await
     }

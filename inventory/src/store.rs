@@ -4,8 +4,7 @@
 use std::collections::BTreeMap;
 
 use event_toolkit::db::{lock_clause, now_micros};
-use event_toolkit::outbox::enqueue;
-use event_toolkit::{Envelope, EventPayload};
+use event_toolkit::{emit, Context};
 use serde::Serialize;
 use sqlx::{AnyConnection, AnyPool, Row};
 
@@ -195,11 +194,10 @@ pub enum Outcome {
 /// placement's lines when `happening` is [`Happening::Placed`].
 pub async fn apply(
     conn: &mut AnyConnection,
-    source: &str,
+    ctx: &Context,
     order_id: &str,
     happening: Happening,
     placed: Option<&OrderPlaced>,
-    cause: &Envelope,
 ) -> Result<Outcome, sqlx::Error> {
     let state = order_state(conn, order_id).await?;
     match decide(state, happening) {
@@ -209,33 +207,27 @@ pub async fn apply(
             Ok(Outcome::Remembered)
         }
         Action::TryReserve => match placed {
-            Some(p) => try_reserve(conn, source, p, cause).await,
+            Some(p) => try_reserve(conn, ctx, p).await,
             None => Ok(Outcome::Nothing),
         },
         Action::Commit => {
             let lines = move_reserved(conn, order_id, "sold", "COMMITTED").await?;
             set_state(conn, order_id, OrderState::Committed).await?;
-            let e = cause.caused(
-                source,
-                &StockCommitted {
-                    order_id: order_id.to_owned(),
-                    items: lines,
-                },
-            );
-            enqueue(conn, StockCommitted::SUBJECT, &e).await?;
+            let committed = StockCommitted {
+                order_id: order_id.to_owned(),
+                items: lines,
+            };
+            emit(conn, ctx, &committed).await?;
             Ok(Outcome::Committed)
         }
         Action::Release => {
             let lines = move_reserved(conn, order_id, "available", "RELEASED").await?;
             set_state(conn, order_id, OrderState::Released).await?;
-            let e = cause.caused(
-                source,
-                &StockReleased {
-                    order_id: order_id.to_owned(),
-                    items: lines,
-                },
-            );
-            enqueue(conn, StockReleased::SUBJECT, &e).await?;
+            let released = StockReleased {
+                order_id: order_id.to_owned(),
+                items: lines,
+            };
+            emit(conn, ctx, &released).await?;
             Ok(Outcome::Released)
         }
     }
@@ -243,9 +235,8 @@ pub async fn apply(
 
 async fn try_reserve(
     conn: &mut AnyConnection,
-    source: &str,
+    ctx: &Context,
     placed: &OrderPlaced,
-    cause: &Envelope,
 ) -> Result<Outcome, sqlx::Error> {
     let lines: Vec<(String, i64)> = placed
         .items
@@ -300,12 +291,7 @@ async fn try_reserve(
                     .map(|(sku, quantity)| StockLine { sku, quantity })
                     .collect(),
             };
-            enqueue(
-                conn,
-                StockReserved::SUBJECT,
-                &cause.caused(source, &payload),
-            )
-            .await?;
+            emit(conn, ctx, &payload).await?;
             Ok(Outcome::Reserved)
         }
         Err(rejection) => {
@@ -315,12 +301,7 @@ async fn try_reserve(
                 reason: rejection.reason().to_owned(),
                 sku: rejection.sku().to_owned(),
             };
-            enqueue(
-                conn,
-                StockRejected::SUBJECT,
-                &cause.caused(source, &payload),
-            )
-            .await?;
+            emit(conn, ctx, &payload).await?;
             Ok(Outcome::Rejected)
         }
     }

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use event_toolkit::{Database, OutboxWaker};
+use event_toolkit::{Context, Database, OutboxWaker};
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::Happening;
@@ -43,7 +43,13 @@ pub async fn sweep(db: &Database, waker: &OutboxWaker, source: &str) -> Result<u
     let mut tx = db.begin().await?;
     let (applied, effects) = event_toolkit::deferred::collect(async {
         for id in &ids {
-            store::apply(&mut tx, source, id, Happening::DeadlinePassed, None).await?;
+            store::apply(
+                &mut tx,
+                &Context::request(source),
+                id,
+                Happening::DeadlinePassed,
+            )
+            .await?;
         }
         Ok::<_, sqlx::Error>(())
     })

@@ -23,6 +23,13 @@ pub fn streams() -> Vec<StreamSpec> {
 
 // ---- announced ----
 
+/// The event types this service announces.
+pub const PUBLISHES: [&str; 3] = [
+    OrderPlaced::TYPE,
+    OrderConfirmed::TYPE,
+    OrderCancelled::TYPE,
+];
+
 /// `orders.placed.v1`: a new saga starts.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct OrderPlaced {

@@ -1,51 +1,53 @@
-//! Event and command handlers: decode, then hand over to the store's `apply`/`place`.
+//! What the order service consumes, declared by payload type: inventory and payment outcomes,
+//! commands people send, and every saga event for the timeline.
 
 use std::time::Duration;
 
-use event_toolkit::{DecodeError, Envelope, EventPayload, Handler, HandlerError};
+use event_toolkit::{Context, HandlerError, On, Subscription};
 use sqlx::AnyConnection;
 use uuid::Uuid;
 
 use crate::domain::{CancelReason, Happening, NewOrder};
 use crate::events::{
     CancelOrder, PaymentFailed, PaymentSucceeded, PlaceOrder, StockRejected, StockReserved,
+    COMMAND_STREAM,
 };
 use crate::store::{self, Applied, Placed, Placement};
+use crate::timeline;
 
-/// Reacts to inventory and payment outcomes.
-#[derive(Debug, Clone)]
-pub struct SagaEvents {
-    /// CloudEvents source of what this service announces.
-    pub source: String,
+/// The service's durables. `deadline` is given to orders placed by command.
+pub fn subscriptions(deadline: Duration) -> Vec<Subscription> {
+    let mut all = vec![
+        Subscription::new("order-from-inventory", "INVENTORY")
+            .on::<StockReserved>(Saga)
+            .on::<StockRejected>(Saga),
+        Subscription::new("order-from-payments", "PAYMENTS")
+            .on::<PaymentSucceeded>(Saga)
+            .on::<PaymentFailed>(Saga),
+        Subscription::new("order-commands", COMMAND_STREAM)
+            .on::<PlaceOrder>(Commands { deadline })
+            .on::<CancelOrder>(Commands { deadline })
+            // A mistyped command is dead-lettered where an operator sees it.
+            .widen("cmd.orders.>"),
+    ];
+    all.extend(timeline::subscriptions());
+    all
 }
 
-impl Handler for SagaEvents {
-    async fn handle(&self, conn: &mut AnyConnection, event: &Envelope) -> Result<(), HandlerError> {
-        let (order_id, happening) = match event.event_type.as_str() {
-            StockReserved::TYPE => {
-                let e: StockReserved = event.payload()?;
-                (e.order_id, Happening::StockReserved)
-            }
-            StockRejected::TYPE => {
-                let e: StockRejected = event.payload()?;
-                let r = CancelReason::from_inventory(&e.reason);
-                (e.order_id, Happening::StockRejected(r))
-            }
-            PaymentSucceeded::TYPE => {
-                let e: PaymentSucceeded = event.payload()?;
-                (e.order_id, Happening::PaymentSucceeded)
-            }
-            PaymentFailed::TYPE => {
-                let e: PaymentFailed = event.payload()?;
-                let r = CancelReason::from_payment(&e.reason);
-                (e.order_id, Happening::PaymentFailed(r))
-            }
-            other => return Err(DecodeError::UnknownType(other.to_owned()).into()),
-        };
-        match store::apply(conn, &self.source, &order_id, happening, Some(event)).await? {
+/// Reacts to inventory and payment outcomes.
+#[derive(Debug, Clone, Copy)]
+pub struct Saga;
+
+impl Saga {
+    async fn apply(
+        conn: &mut AnyConnection,
+        ctx: &Context,
+        order_id: &str,
+        happening: Happening,
+    ) -> Result<(), HandlerError> {
+        match store::apply(conn, ctx, order_id, happening).await? {
             Applied::NotFound => Err(HandlerError::Permanent(format!(
-                "no order {order_id:?} for {}",
-                event.event_type
+                "no order {order_id:?} for {happening:?}"
             ))),
             Applied::Decided(decision, order) => {
                 tracing::info!(order_id = %order.id, ?decision, status = order.status.as_str(), "order updated");
@@ -55,67 +57,98 @@ impl Handler for SagaEvents {
     }
 }
 
+impl On<StockReserved> for Saga {
+    async fn on(
+        &self,
+        conn: &mut AnyConnection,
+        ctx: &Context,
+        e: StockReserved,
+    ) -> Result<(), HandlerError> {
+        Self::apply(conn, ctx, &e.order_id, Happening::StockReserved).await
+    }
+}
+
+impl On<StockRejected> for Saga {
+    async fn on(
+        &self,
+        conn: &mut AnyConnection,
+        ctx: &Context,
+        e: StockRejected,
+    ) -> Result<(), HandlerError> {
+        let reason = CancelReason::from_inventory(&e.reason);
+        Self::apply(conn, ctx, &e.order_id, Happening::StockRejected(reason)).await
+    }
+}
+
+impl On<PaymentSucceeded> for Saga {
+    async fn on(
+        &self,
+        conn: &mut AnyConnection,
+        ctx: &Context,
+        e: PaymentSucceeded,
+    ) -> Result<(), HandlerError> {
+        Self::apply(conn, ctx, &e.order_id, Happening::PaymentSucceeded).await
+    }
+}
+
+impl On<PaymentFailed> for Saga {
+    async fn on(
+        &self,
+        conn: &mut AnyConnection,
+        ctx: &Context,
+        e: PaymentFailed,
+    ) -> Result<(), HandlerError> {
+        let reason = CancelReason::from_payment(&e.reason);
+        Self::apply(conn, ctx, &e.order_id, Happening::PaymentFailed(reason)).await
+    }
+}
+
 /// Commands sent by people with the nats CLI.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy)]
 pub struct Commands {
-    /// CloudEvents source of what this service announces.
-    pub source: String,
     /// Saga deadline for new orders.
     pub deadline: Duration,
 }
 
-impl Handler for Commands {
-    async fn handle(&self, conn: &mut AnyConnection, event: &Envelope) -> Result<(), HandlerError> {
-        match event.event_type.as_str() {
-            PlaceOrder::TYPE => {
-                let cmd: PlaceOrder = event.payload()?;
-                let order = NewOrder::parse(&cmd.customer_id, &cmd.currency, &cmd.items)
-                    .map_err(|e| HandlerError::Permanent(format!("invalid order: {e}")))?;
-                let order_id = match &cmd.order_id {
-                    Some(id) => Uuid::parse_str(id)
-                        .map_err(|e| HandlerError::Permanent(format!("invalid order_id: {e}")))?
-                        .to_string(),
-                    None => Uuid::now_v7().to_string(),
-                };
-                let fingerprint = serde_json::to_string(&cmd.items).unwrap_or_default();
-                let placement = Placement {
-                    order_id: &order_id,
-                    idempotency_key: None,
-                    fingerprint: &fingerprint,
-                    deadline: self.deadline,
-                    id_may_exist: true,
-                };
-                match store::place(conn, &self.source, &order, placement, Some(event)).await? {
-                    Placed::Created(o) => {
-                        tracing::info!(order_id = %o.id, "order placed by command")
-                    }
-                    Placed::Existing(o) => tracing::info!(order_id = %o.id, "order already placed"),
-                    Placed::KeyReused => {}
-                }
-                Ok(())
-            }
-            CancelOrder::TYPE => {
-                let cmd: CancelOrder = event.payload()?;
-                match store::apply(
-                    conn,
-                    &self.source,
-                    &cmd.order_id,
-                    Happening::CustomerCancelled,
-                    Some(event),
-                )
-                .await?
-                {
-                    Applied::NotFound => Err(HandlerError::Permanent(format!(
-                        "no order {:?}",
-                        cmd.order_id
-                    ))),
-                    Applied::Decided(decision, o) => {
-                        tracing::info!(order_id = %o.id, ?decision, "cancel command applied");
-                        Ok(())
-                    }
-                }
-            }
-            other => Err(DecodeError::UnknownType(other.to_owned()).into()),
+impl On<PlaceOrder> for Commands {
+    async fn on(
+        &self,
+        conn: &mut AnyConnection,
+        ctx: &Context,
+        cmd: PlaceOrder,
+    ) -> Result<(), HandlerError> {
+        let order = NewOrder::parse(&cmd.customer_id, &cmd.currency, &cmd.items)
+            .map_err(|e| HandlerError::Permanent(format!("invalid order: {e}")))?;
+        let order_id = match &cmd.order_id {
+            Some(id) => Uuid::parse_str(id)
+                .map_err(|e| HandlerError::Permanent(format!("invalid order_id: {e}")))?
+                .to_string(),
+            None => Uuid::now_v7().to_string(),
+        };
+        let fingerprint = serde_json::to_string(&cmd.items).unwrap_or_default();
+        let placement = Placement {
+            order_id: &order_id,
+            idempotency_key: None,
+            fingerprint: &fingerprint,
+            deadline: self.deadline,
+            id_may_exist: true,
+        };
+        match store::place(conn, ctx, &order, placement).await? {
+            Placed::Created(o) => tracing::info!(order_id = %o.id, "order placed by command"),
+            Placed::Existing(o) => tracing::info!(order_id = %o.id, "order already placed"),
+            Placed::KeyReused => {}
         }
+        Ok(())
+    }
+}
+
+impl On<CancelOrder> for Commands {
+    async fn on(
+        &self,
+        conn: &mut AnyConnection,
+        ctx: &Context,
+        cmd: CancelOrder,
+    ) -> Result<(), HandlerError> {
+        Saga::apply(conn, ctx, &cmd.order_id, Happening::CustomerCancelled).await
     }
 }

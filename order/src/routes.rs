@@ -10,7 +10,7 @@ use axum::{Json, Router};
 use event_toolkit::http::{
     bad_cursor, ApiJson, ApiPath, ApiQuery, Page, PageQuery, Problem, PROBLEM_JSON,
 };
-use event_toolkit::{Database, OutboxWaker};
+use event_toolkit::{Context, Database, OutboxWaker};
 use serde::{Deserialize, Serialize};
 use utoipa::OpenApi;
 use uuid::Uuid;
@@ -111,7 +111,14 @@ async fn place_order_traced(
             deadline: state.deadline,
             id_may_exist: false,
         };
-        match store::place(&mut tx, &state.source, &order, placement, None).await {
+        match store::place(
+            &mut tx,
+            &Context::request(state.source.as_str()),
+            &order,
+            placement,
+        )
+        .await
+        {
             Ok(placed) => break (tx, placed),
             Err(sqlx::Error::Database(e)) if e.is_unique_violation() && attempts < 2 => {
                 tx.rollback().await?;
@@ -234,10 +241,9 @@ async fn cancel_order(
     let mut tx = state.db.begin().await?;
     match store::apply(
         &mut tx,
-        &state.source,
+        &Context::request(state.source.as_str()),
         &id,
         Happening::CustomerCancelled,
-        None,
     )
     .await?
     {

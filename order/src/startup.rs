@@ -5,10 +5,8 @@ use std::time::Duration;
 use event_toolkit::http::App;
 use event_toolkit::retention::{env_duration, PruneRule};
 use event_toolkit::service::{env_u64, Runtime, ServiceConfig, StartError};
-use event_toolkit::ConsumerSpec;
 
-use crate::events::{self, COMMAND_STREAM};
-use crate::handlers::{Commands, SagaEvents};
+use crate::events;
 use crate::routes::{router, AppState};
 
 /// Service name.
@@ -81,64 +79,8 @@ impl Application {
             settings.service.retention.sweep_every,
         );
         let source = runtime.source();
-        let saga = SagaEvents {
-            source: source.clone(),
-        };
-        runtime.spawn_consumer(
-            ConsumerSpec::new(
-                "order-from-inventory",
-                "INVENTORY",
-                &["inventory.reserved.v1", "inventory.rejected.v1"],
-            ),
-            saga.clone(),
-        );
-        runtime.spawn_consumer(
-            ConsumerSpec::new(
-                "order-from-payments",
-                "PAYMENTS",
-                &["payments.succeeded.v1", "payments.failed.v1"],
-            ),
-            saga,
-        );
-        runtime.spawn_consumer(
-            ConsumerSpec::new("order-commands", COMMAND_STREAM, &["cmd.orders.>"]),
-            Commands {
-                source: source.clone(),
-                deadline: settings.deadline,
-            },
-        );
-        // The timeline read model: every saga event of the three streams (a durable per stream).
-        for spec in [
-            ConsumerSpec::new(
-                "order-timeline-orders",
-                "ORDERS",
-                &[
-                    "orders.placed.v1",
-                    "orders.confirmed.v1",
-                    "orders.cancelled.v1",
-                ],
-            ),
-            ConsumerSpec::new(
-                "order-timeline-inventory",
-                "INVENTORY",
-                &[
-                    "inventory.reserved.v1",
-                    "inventory.rejected.v1",
-                    "inventory.released.v1",
-                    "inventory.committed.v1",
-                ],
-            ),
-            ConsumerSpec::new(
-                "order-timeline-payments",
-                "PAYMENTS",
-                &[
-                    "payments.succeeded.v1",
-                    "payments.failed.v1",
-                    "payments.refunded.v1",
-                ],
-            ),
-        ] {
-            runtime.spawn_consumer(spec, crate::timeline::Projection);
+        for subscription in crate::handlers::subscriptions(settings.deadline) {
+            runtime.subscribe(subscription);
         }
         runtime.spawn_worker(crate::deadline::run(
             runtime.db.clone(),

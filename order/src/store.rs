@@ -3,8 +3,7 @@
 
 use chrono::{DateTime, Duration as ChronoDuration, Utc};
 use event_toolkit::db::{lock_clause, micros_to_datetime, now_micros};
-use event_toolkit::outbox::enqueue;
-use event_toolkit::{Envelope, EventPayload};
+use event_toolkit::{emit, Context};
 use serde::Serialize;
 use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, AnyPool, Row};
@@ -152,10 +151,9 @@ pub struct Placement<'a> {
 /// Insert the order and enqueue `orders.placed.v1`, in the caller's transaction.
 pub async fn place(
     conn: &mut AnyConnection,
-    source: &str,
+    ctx: &Context,
     order: &NewOrder,
     placement: Placement<'_>,
-    cause: Option<&Envelope>,
 ) -> Result<Placed, sqlx::Error> {
     if let Some(key) = placement.idempotency_key {
         let found =
@@ -209,9 +207,9 @@ pub async fn place(
         items: order.lines.clone(),
         deadline_at,
     };
-    let event =
-        Envelope::new(source, &payload, Some(placement.order_id.to_owned())).caused_by(cause);
-    enqueue(conn, OrderPlaced::SUBJECT, &event).await?;
+    // The order id names the saga it starts.
+    let ctx = ctx.clone().correlated(placement.order_id);
+    emit(conn, &ctx, &payload).await?;
     let now = micros_to_datetime(now);
     Ok(Placed::Created(Order {
         id: placement.order_id.to_owned(),
@@ -239,10 +237,9 @@ pub enum Applied {
 /// Load the order, decide, persist and announce — all in the caller's transaction.
 pub async fn apply(
     conn: &mut AnyConnection,
-    source: &str,
+    ctx: &Context,
     order_id: &str,
     happening: Happening,
-    cause: Option<&Envelope>,
 ) -> Result<Applied, sqlx::Error> {
     let Some(order) = load_locked(conn, order_id).await? else {
         return Ok(Applied::NotFound);
@@ -261,22 +258,20 @@ pub async fn apply(
         .bind(order_id)
         .execute(&mut *conn)
         .await?;
-    let correlation = Some(order_id.to_owned());
+    let ctx = ctx.clone().correlated(order_id);
     match decision {
         Decision::Confirm => {
             let p = OrderConfirmed {
                 order_id: order_id.to_owned(),
             };
-            let e = Envelope::new(source, &p, correlation).caused_by(cause);
-            enqueue(conn, OrderConfirmed::SUBJECT, &e).await?;
+            emit(conn, &ctx, &p).await?;
         }
         Decision::Cancel(r) => {
             let p = OrderCancelled {
                 order_id: order_id.to_owned(),
                 reason: r.as_str().to_owned(),
             };
-            let e = Envelope::new(source, &p, correlation).caused_by(cause);
-            enqueue(conn, OrderCancelled::SUBJECT, &e).await?;
+            emit(conn, &ctx, &p).await?;
         }
         _ => {}
     }

@@ -15,7 +15,7 @@ use axum::Json;
 use chrono::{DateTime, Utc};
 use event_toolkit::db::micros_to_datetime;
 use event_toolkit::http::{ApiPath, Problem, PROBLEM_JSON};
-use event_toolkit::{DecodeError, Envelope, Handler, HandlerError};
+use event_toolkit::{DecodeError, Envelope, HandlerError, OnEnvelope, Subscription};
 use serde::{Deserialize, Serialize};
 use sqlx::{AnyConnection, AnyPool, Row};
 use uuid::Uuid;
@@ -42,8 +42,31 @@ pub const SAGA_EVENT_TYPES: [&str; 10] = [
 #[derive(Debug, Clone, Default)]
 pub struct Projection;
 
-impl Handler for Projection {
-    async fn handle(&self, conn: &mut AnyConnection, event: &Envelope) -> Result<(), HandlerError> {
+/// The projection's durables: one per stream, receiving that stream's saga event types.
+pub fn subscriptions() -> Vec<Subscription> {
+    [
+        ("order-timeline-orders", "ORDERS", "orders."),
+        ("order-timeline-inventory", "INVENTORY", "inventory."),
+        ("order-timeline-payments", "PAYMENTS", "payments."),
+    ]
+    .into_iter()
+    .map(|(durable, stream, prefix)| {
+        SAGA_EVENT_TYPES
+            .iter()
+            .filter(|t| t.starts_with(prefix))
+            .fold(Subscription::new(durable, stream), |s, t| {
+                s.on_envelope(t, Projection)
+            })
+    })
+    .collect()
+}
+
+impl OnEnvelope for Projection {
+    async fn on_envelope(
+        &self,
+        conn: &mut AnyConnection,
+        event: &Envelope,
+    ) -> Result<(), HandlerError> {
         let step = Recorded::of(event)?;
         // The runner's inbox already makes this once per event; the key keeps it so regardless.
         sqlx::query(

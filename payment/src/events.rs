@@ -1,7 +1,7 @@
 //! The payment service's event catalogue: what it announces (owned here) and its reading of what
 //! it consumes (only the fields it needs). Documented in `docs/asyncapi.yaml`.
 
-use event_toolkit::{event_payload, StreamSpec};
+use event_toolkit::{event_payload, EventPayload, StreamSpec};
 use serde::{Deserialize, Serialize};
 
 /// The stream of payment events.
@@ -13,6 +13,13 @@ pub fn streams() -> Vec<StreamSpec> {
 }
 
 // ---- announced ----
+
+/// The event types this service announces.
+pub const PUBLISHES: [&str; 3] = [
+    PaymentSucceeded::TYPE,
+    PaymentFailed::TYPE,
+    PaymentRefunded::TYPE,
+];
 
 /// `payments.succeeded.v1`: the order's total was captured.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -9,3 +9,14 @@ pub mod processor;
 pub mod routes;
 pub mod startup;
 pub mod store;
+
+/// How this service is wired to NATS (streams, durables, what it announces), as data.
+pub fn wiring() -> event_toolkit::Wiring {
+    event_toolkit::Wiring::new(
+        startup::NAME,
+        "payment",
+        events::streams(),
+        &handlers::subscriptions(&event_toolkit::OutboxWaker::default()),
+        &events::PUBLISHES,
+    )
+}

@@ -5,11 +5,10 @@ use std::time::Duration;
 
 use event_toolkit::http::App;
 use event_toolkit::service::{env_u64, Runtime, ServiceConfig, StartError};
-use event_toolkit::{ConsumerSpec, OutboxWaker};
+use event_toolkit::OutboxWaker;
 
 use crate::events;
 use crate::gateway::{ResilienceConfig, ResilientGateway, SimulatedGateway};
-use crate::handlers::SagaEvents;
 use crate::processor::Processor;
 use crate::routes::{router, AppState};
 
@@ -69,22 +68,9 @@ impl Application {
         let concurrency = resilience.max_concurrent;
         let gateway = Arc::new(ResilientGateway::new(simulated.clone(), resilience));
         let processor_wake = OutboxWaker::default();
-        let saga = SagaEvents {
-            source: runtime.source(),
-        };
-        runtime.spawn_consumer_waking(
-            ConsumerSpec::new(
-                "payment-from-inventory",
-                "INVENTORY",
-                &["inventory.reserved.v1"],
-            ),
-            saga.clone(),
-            Some(processor_wake.clone()),
-        );
-        runtime.spawn_consumer(
-            ConsumerSpec::new("payment-from-orders", "ORDERS", &["orders.cancelled.v1"]),
-            saga,
-        );
+        for subscription in crate::handlers::subscriptions(&processor_wake) {
+            runtime.subscribe(subscription);
+        }
         let processor = Processor {
             db: runtime.db.clone(),
             gateway,

@@ -2,8 +2,7 @@
 //! decisions and announcing them in the same transaction.
 
 use event_toolkit::db::{lock_clause, micros_to_datetime, now_micros};
-use event_toolkit::outbox::enqueue;
-use event_toolkit::{Backend, Database, Envelope, EventPayload};
+use event_toolkit::{emit, Backend, Context, Database};
 use serde::Serialize;
 use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, AnyPool, Row};
@@ -203,8 +202,8 @@ async fn lock_order(conn: &mut AnyConnection, order_id: &str) -> Result<bool, sq
 /// Returns whether a payment was created.
 pub async fn on_stock_reserved(
     conn: &mut AnyConnection,
+    ctx: &Context,
     reserved: &StockReserved,
-    cause: &Envelope,
 ) -> Result<bool, sqlx::Error> {
     let cancelled = lock_order(conn, &reserved.order_id).await?;
     let existing = status_locked(conn, &reserved.order_id).await?;
@@ -214,9 +213,7 @@ pub async fn on_stock_reserved(
     let now = now_micros();
     // The processor settles later, outside this consumer span: it keeps the span's context so
     // the outcome it announces stays in the saga's trace.
-    let traceparent = event_toolkit::trace::TraceContext::current()
-        .map(|t| t.traceparent)
-        .or_else(|| cause.traceparent.clone());
+    let traceparent = ctx.traceparent_to_keep();
     sqlx::query(
         "INSERT INTO payments (order_id, payment_id, customer_id, amount_minor, currency, status, reason, \
          lease_until_us, correlation_id, cause_event_id, traceparent, created_at_us, updated_at_us) \
@@ -227,8 +224,8 @@ pub async fn on_stock_reserved(
     .bind(&reserved.customer_id)
     .bind(reserved.total_minor)
     .bind(&reserved.currency)
-    .bind(cause.correlationid.as_deref())
-    .bind(&cause.id)
+    .bind(ctx.correlation())
+    .bind(ctx.causation())
     .bind(traceparent.as_deref())
     .bind(now)
     .execute(conn)
@@ -239,9 +236,8 @@ pub async fn on_stock_reserved(
 /// On `orders.cancelled`: remember it; refund a capture, or void a pending charge.
 pub async fn on_order_cancelled(
     conn: &mut AnyConnection,
-    source: &str,
+    ctx: &Context,
     order_id: &str,
-    cause: &Envelope,
 ) -> Result<OnCancelled, sqlx::Error> {
     let now = now_micros();
     lock_order(conn, order_id).await?;
@@ -279,16 +275,13 @@ pub async fn on_order_cancelled(
                 .execute(&mut *conn)
                 .await?;
             set_status(conn, order_id, PaymentStatus::Refunded, None).await?;
-            let e = cause.caused(
-                source,
-                &PaymentRefunded {
-                    order_id: order_id.to_owned(),
-                    payment_id: p.payment_id,
-                    amount_minor: p.amount_minor,
-                    currency: p.currency,
-                },
-            );
-            enqueue(conn, PaymentRefunded::SUBJECT, &e).await?;
+            let refunded = PaymentRefunded {
+                order_id: order_id.to_owned(),
+                payment_id: p.payment_id,
+                amount_minor: p.amount_minor,
+                currency: p.currency,
+            };
+            emit(conn, ctx, &refunded).await?;
         }
     }
     Ok(decision)
@@ -597,54 +590,35 @@ async fn finish(
     result: Result<(), FailReason>,
 ) -> Result<(), sqlx::Error> {
     let order_id = p.order_id.as_str();
-    let mut event = match result {
+    // Settled outside the consumer: what the payment stored when its reservation arrived says
+    // which saga and trace the outcome belongs to.
+    let ctx = Context::resumed(
+        source,
+        p.correlation_id.clone(),
+        p.cause_event_id.clone(),
+        p.traceparent.clone(),
+    );
+    match result {
         Ok(()) => {
             set_status(conn, order_id, PaymentStatus::Captured, None).await?;
-            (
-                PaymentSucceeded::SUBJECT,
-                Envelope::new(
-                    source,
-                    &PaymentSucceeded {
-                        order_id: p.order_id.clone(),
-                        payment_id: p.payment_id.clone(),
-                        customer_id: p.customer_id.clone(),
-                        amount_minor: p.amount_minor,
-                        currency: p.currency.clone(),
-                    },
-                    p.correlation_id.clone(),
-                ),
-            )
+            let succeeded = PaymentSucceeded {
+                order_id: p.order_id.clone(),
+                payment_id: p.payment_id.clone(),
+                customer_id: p.customer_id.clone(),
+                amount_minor: p.amount_minor,
+                currency: p.currency.clone(),
+            };
+            emit(conn, &ctx, &succeeded).await?;
         }
         Err(reason) => {
             set_status(conn, order_id, PaymentStatus::Failed, Some(reason)).await?;
-            (
-                PaymentFailed::SUBJECT,
-                Envelope::new(
-                    source,
-                    &PaymentFailed {
-                        order_id: p.order_id.clone(),
-                        reason: reason.as_str().to_owned(),
-                    },
-                    p.correlation_id.clone(),
-                ),
-            )
-        }
-    };
-    event.1.causationid = p.cause_event_id.clone();
-    // The stored context wins over the current one unless that one continues the same trace
-    // (a processor span made its child).
-    if let Some(stored) = &p.traceparent {
-        let continues = event
-            .1
-            .traceparent
-            .as_deref()
-            .is_some_and(|current| event_toolkit::trace::same_trace(current, stored));
-        if !continues {
-            event.1.traceparent = Some(stored.clone());
-            event.1.tracestate = None;
+            let failed = PaymentFailed {
+                order_id: p.order_id.clone(),
+                reason: reason.as_str().to_owned(),
+            };
+            emit(conn, &ctx, &failed).await?;
         }
     }
-    enqueue(conn, event.0, &event.1).await?;
     Ok(())
 }
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use event_toolkit::testing::{eventually, TestDb};
-use event_toolkit::{Backend, Database, Envelope, OutboxWaker};
+use event_toolkit::{Backend, Context, Database, Envelope, OutboxWaker};
 use payment_service::events::StockReserved;
 use payment_service::gateway::{
     GatewayMode, ProviderLedger, ResilienceConfig, ResilientGateway, SimulatedGateway,
@@ -78,9 +78,11 @@ async fn pending(db: &Database, order_id: &str, customer: &str, amount: i64) {
     };
     let event = Envelope::new("/inventory-service", &reserved, Some(order_id.into()));
     let mut tx = db.begin().await.unwrap();
-    assert!(store::on_stock_reserved(&mut tx, &reserved, &event)
-        .await
-        .unwrap());
+    assert!(
+        store::on_stock_reserved(&mut tx, &Context::event("/test", &event), &reserved)
+            .await
+            .unwrap()
+    );
     tx.commit().await.unwrap();
 }
 
@@ -226,9 +228,13 @@ async fn lost_answers_are_reconciled_by_key_then_captured_or_voided(b: Backend) 
         Some("o-bob".into()),
     );
     let mut tx = db.begin().await.unwrap();
-    store::on_order_cancelled(&mut tx, "/payment-service", "o-bob", &cancel)
-        .await
-        .unwrap();
+    store::on_order_cancelled(
+        &mut tx,
+        &Context::event("/payment-service", &cancel),
+        "o-bob",
+    )
+    .await
+    .unwrap();
     tx.commit().await.unwrap();
     account(&db, "dan", 100).await;
     in_flight.await.unwrap().unwrap();

@@ -11,7 +11,7 @@
 use std::time::Duration;
 
 use event_toolkit::testing::{eventually, TestDb};
-use event_toolkit::{Backend, Database, Envelope};
+use event_toolkit::{Backend, Context, Database, Envelope};
 use payment_service::events::{OrderCancelled, StockReserved};
 use payment_service::store;
 use sqlx::Row;
@@ -47,18 +47,21 @@ async fn reservation_and_cancellation_side_by_side(backend: Backend) {
 
     // The reservation's transaction is open when the cancellation starts.
     let mut first = db.begin().await.unwrap();
-    assert!(
-        store::on_stock_reserved(&mut first, &reserved, &reserved_event)
-            .await
-            .unwrap()
-    );
+    assert!(store::on_stock_reserved(
+        &mut first,
+        &Context::event("/test", &reserved_event),
+        &reserved
+    )
+    .await
+    .unwrap());
     let begun = db.transactions();
     let db2 = db.clone();
     let second = tokio::spawn(async move {
         let mut tx = db2.begin().await.unwrap();
-        let decision = store::on_order_cancelled(&mut tx, "/test", "o-1", &cancelled_event)
-            .await
-            .unwrap();
+        let decision =
+            store::on_order_cancelled(&mut tx, &Context::event("/test", &cancelled_event), "o-1")
+                .await
+                .unwrap();
         tx.commit().await.unwrap();
         decision
     });

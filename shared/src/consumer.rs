@@ -51,7 +51,8 @@ impl From<DecodeError> for HandlerError {
 }
 
 /// Applies one event to the service's state, inside the consumer's transaction. Events it causes
-/// are written with [`crate::outbox::enqueue`] on the same connection.
+/// are written with [`crate::emit`] on the same connection. Services declare their handlers per
+/// payload type with [`crate::Subscription`], which implements this trait.
 pub trait Handler: Send + Sync + 'static {
     /// Apply `event`. Return an error to roll this event's effects back.
     fn handle(
@@ -70,6 +71,8 @@ pub struct ConsumerSpec {
     pub stream: String,
     /// Subjects it receives.
     pub filter_subjects: Vec<String>,
+    /// The event types it handles by name (metric labels); empty: the exact filter subjects.
+    pub event_types: Vec<String>,
     /// Deliveries failing transiently before a message is given up and dead-lettered (enforced by
     /// the runner; the server redelivers without limit so nothing is dropped while the database is
     /// unreachable).
@@ -91,6 +94,7 @@ impl ConsumerSpec {
             durable: durable.to_owned(),
             stream: stream.to_owned(),
             filter_subjects: filter_subjects.iter().map(|s| (*s).to_owned()).collect(),
+            event_types: Vec::new(),
             max_deliver: 10,
             ack_wait: Duration::from_secs(10),
             batch_size: 128,
@@ -262,8 +266,12 @@ impl<H: Handler> ConsumerRunner<H> {
         waker: OutboxWaker,
     ) -> Self {
         let durable_label: &'static str = Box::leak(spec.durable.clone().into_boxed_str());
-        let type_labels = spec
-            .filter_subjects
+        let named = if spec.event_types.is_empty() {
+            &spec.filter_subjects
+        } else {
+            &spec.event_types
+        };
+        let type_labels = named
             .iter()
             .filter(|s| !s.contains(['*', '>']))
             .map(|s| &*Box::leak(s.clone().into_boxed_str()))

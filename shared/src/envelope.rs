@@ -164,32 +164,6 @@ impl Envelope {
         }
     }
 
-    /// An event caused by `self`: same correlation and trace, causation = `self.id`.
-    pub fn caused<P: EventPayload>(&self, source: &str, payload: &P) -> Self {
-        Self::new(source, payload, None).caused_by(Some(self))
-    }
-
-    /// Record `cause` (when there is one) as the cause of this event: causation = its id and, if
-    /// this event has none, correlation and trace context inherited. Without a correlation from
-    /// anywhere, the event's own subject (the entity id) correlates.
-    pub fn caused_by(mut self, cause: Option<&Envelope>) -> Self {
-        if let Some(c) = cause {
-            self.causationid = Some(c.id.clone());
-            // No span of ours to continue from (no tracing layer): stay in the cause's trace.
-            if self.traceparent.is_none() {
-                self.traceparent = c.traceparent.clone();
-                self.tracestate = c.tracestate.clone();
-            }
-            if self.correlationid.is_none() {
-                self.correlationid = c.correlationid.clone();
-            }
-        }
-        if self.correlationid.is_none() {
-            self.correlationid = self.subject.clone();
-        }
-        self
-    }
-
     /// Decode the `data` into the payload type `P`, checking that the declared type matches.
     pub fn payload<P: EventPayload>(&self) -> Result<P, DecodeError> {
         if self.event_type != P::TYPE {
@@ -318,28 +292,6 @@ mod tests {
     }
 
     #[test]
-    fn caused_event_carries_correlation_and_causation() {
-        let first = Envelope::new(
-            "/a",
-            &Thing {
-                thing_id: "t".into(),
-                n: 1,
-            },
-            Some("c".into()),
-        );
-        let next = first.caused(
-            "/b",
-            &Thing {
-                thing_id: "t".into(),
-                n: 2,
-            },
-        );
-        assert_eq!(next.correlationid.as_deref(), Some("c"));
-        assert_eq!(next.causationid.as_deref(), Some(first.id.as_str()));
-        assert_ne!(next.id, first.id);
-    }
-
-    #[test]
     fn trace_context_is_kept_when_valid_and_dropped_when_not() {
         let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
         let mut env = Envelope::new(
@@ -356,13 +308,10 @@ mod tests {
         assert_eq!(back.traceparent.as_deref(), Some(tp));
         assert_eq!(back.tracestate.as_deref(), Some("congo=t61rcWkgMzE"));
         // Without a tracing layer, a caused event stays in its cause's trace.
-        let next = back.caused(
-            "/b",
-            &Thing {
-                thing_id: "t1".into(),
-                n: 4,
-            },
-        );
+        let next = crate::Context::event("/b", &back).envelope(&Thing {
+            thing_id: "t1".into(),
+            n: 4,
+        });
         assert_eq!(next.traceparent.as_deref(), Some(tp));
         assert_eq!(next.tracestate.as_deref(), Some("congo=t61rcWkgMzE"));
 

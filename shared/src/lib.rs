@@ -5,6 +5,7 @@
 //! - [`db`]: one code path over SQLite and Postgres.
 //! - [`outbox`]: transactional outbox and the relay that publishes it.
 //! - [`consumer`]: idempotent, batching consumer with inbox, dead letters and bounded redelivery.
+//! - [`subscription`]: durables declared by the payload types they handle, `emit`, wiring as data.
 //! - [`nats`]: connecting (server ≥ 2.10) and provisioning streams.
 //! - `auth` (feature `service`): admin routes behind a bearer token.
 //! - `service` and `http` (feature `service`): the shell of a running service and its HTTP edge.
@@ -31,6 +32,7 @@ pub mod redrive;
 pub mod retention;
 #[cfg(feature = "service")]
 pub mod service;
+pub mod subscription;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod trace;
@@ -40,3 +42,4 @@ pub use db::{Backend, Database, DbOptions};
 pub use envelope::{DecodeError, Envelope, EventPayload};
 pub use nats::{NatsSettings, StreamSpec};
 pub use outbox::{OutboxRelay, OutboxWaker, RelayConfig};
+pub use subscription::{emit, Context, Durable, On, OnEnvelope, Subscription, Wiring};

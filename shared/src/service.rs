@@ -22,6 +22,7 @@ use crate::nats::{
 use crate::outbox::{OutboxRelay, OutboxWaker, RelayConfig, RelayHealth};
 use crate::redrive::Redrive;
 use crate::retention::{PruneRule, RetentionConfig};
+use crate::subscription::Subscription;
 
 /// Start-up failures.
 #[derive(Debug, thiserror::Error)]
@@ -213,6 +214,14 @@ impl Runtime {
     /// The CloudEvents `source` of this service's events.
     pub fn source(&self) -> String {
         format!("/{}", self.name)
+    }
+
+    /// Run `subscription` (its handlers emitting as this service) until shutdown.
+    pub fn subscribe(&mut self, subscription: Subscription) {
+        let subscription = subscription.with_source(&self.source());
+        let spec = subscription.spec().clone();
+        let worker = subscription.woken_worker();
+        self.spawn_consumer_waking(spec, subscription, worker);
     }
 
     /// Provision (retrying until its stream exists) and run a consumer until shutdown.

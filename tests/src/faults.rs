@@ -20,7 +20,7 @@ use sqlx::Row;
 use tokio::sync::RwLock;
 use tokio::task::JoinHandle;
 
-use crate::invariants::{check, pool, wait_quiet, CONSUMERS};
+use crate::invariants::{check, consumers, pool, wait_quiet};
 use crate::{Service, System, SystemConfig};
 
 /// Size and pace of a run.
@@ -333,15 +333,17 @@ pub async fn run(config: FaultConfig) -> FaultReport {
     ));
 
     // Poison: about 1 % of sagas per consumed subject, at least one of each kind per subject.
-    let subjects: BTreeSet<&str> = CONSUMERS
+    let subjects: BTreeSet<&str> = consumers()
         .iter()
-        .flat_map(|(_, _, _, f)| f.iter().copied())
-        .map(|f| {
-            if f == "cmd.orders." {
-                "cmd.orders.place.v1"
-            } else {
-                f
-            }
+        .flat_map(|c| c.event_types.iter().copied())
+        .collect();
+    // A version no consumer knows yet (a producer deployed ahead of them): seen and dead-lettered
+    // by every durable of its type, never left unread.
+    let next_versions: BTreeSet<String> = subjects
+        .iter()
+        .filter_map(|t| {
+            t.rsplit_once('.')
+                .map(|(family, _)| format!("{family}.v99"))
         })
         .collect();
     let poison_each = (config.sagas / 100).max(4);
@@ -351,6 +353,10 @@ pub async fn run(config: FaultConfig) -> FaultReport {
             let at = (k * config.sagas / poison_each + si) % config.sagas.max(1);
             poison_plan.push((at, s, k % 4));
         }
+    }
+    for (vi, s) in next_versions.iter().enumerate() {
+        let at = (vi * 7 + 3) % config.sagas.max(1);
+        poison_plan.push((at, s.as_str(), 4));
     }
     let mut poison: Vec<(String, u64)> = Vec::new();
     let mut failures: Vec<String> = Vec::new();
@@ -814,7 +820,10 @@ async fn publish_poison(
             "type": "orders.exploded.v9", "time": "2026-01-01T00:00:00Z", "data": {}
         }))
         .expect("json"),
-        _ => vec![b' '; 100 * 1024],
+        3 => vec![b' '; 100 * 1024],
+        // Well formed, but a version nobody consumes yet.
+        _ => serde_json::to_vec(&json!({"order_id": uuid::Uuid::new_v4().to_string()}))
+            .expect("json"),
     };
     let msg_id = uuid::Uuid::now_v7().to_string();
     let start = Instant::now();
@@ -851,12 +860,12 @@ async fn publish_poison(
 async fn check_dead_letters(system: &System, poison: &[(String, u64)]) -> (Vec<String>, usize) {
     let mut expected: BTreeMap<(String, u64), BTreeSet<(String, u64)>> = BTreeMap::new();
     for (subject, seq) in poison {
-        for (_, durable, _, filters) in CONSUMERS {
-            if filters.iter().any(|f| subject.starts_with(f)) {
+        for c in consumers() {
+            if c.receives(subject) {
                 expected
                     .entry((subject.clone(), *seq))
                     .or_default()
-                    .insert((durable.to_string(), *seq));
+                    .insert((c.durable.to_owned(), *seq));
             }
         }
     }

@@ -10,7 +10,7 @@
 //! 5. Per customer: balance + captured = the money the test deposited = the service's own
 //!    `deposited`; captured = the totals of CONFIRMED orders; no balance negative.
 //! 6. No event lost: each consumed message is in its consumer's inbox or in its dead letters, every
-//!    stream is read in full, the durables on the server are exactly [`CONSUMERS`], and no outbox
+//!    stream is read in full, the durables on the server are exactly [`consumers`], and no outbox
 //!    row is left unpublished.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -25,86 +25,66 @@ use sqlx::{AnyPool, Row};
 
 use crate::{Service, System};
 
-/// Durable consumers: (service, durable, stream, filter subjects).
-pub const CONSUMERS: &[(Service, &str, &str, &[&str])] = &[
-    (
-        Service::Order,
-        "order-from-inventory",
-        "INVENTORY",
-        &["inventory.reserved.v1", "inventory.rejected.v1"],
-    ),
-    (
-        Service::Order,
-        "order-from-payments",
-        "PAYMENTS",
-        &["payments.succeeded.v1", "payments.failed.v1"],
-    ),
-    (
-        Service::Order,
-        "order-commands",
-        "ORDER_COMMANDS",
-        &["cmd.orders."],
-    ),
-    (
-        Service::Order,
-        "order-timeline-orders",
-        "ORDERS",
-        &[
-            "orders.placed.v1",
-            "orders.confirmed.v1",
-            "orders.cancelled.v1",
-        ],
-    ),
-    (
-        Service::Order,
-        "order-timeline-inventory",
-        "INVENTORY",
-        &[
-            "inventory.reserved.v1",
-            "inventory.rejected.v1",
-            "inventory.released.v1",
-            "inventory.committed.v1",
-        ],
-    ),
-    (
-        Service::Order,
-        "order-timeline-payments",
-        "PAYMENTS",
-        &[
-            "payments.succeeded.v1",
-            "payments.failed.v1",
-            "payments.refunded.v1",
-        ],
-    ),
-    (
-        Service::Inventory,
-        "inventory-from-orders",
-        "ORDERS",
-        &[
-            "orders.placed.v1",
-            "orders.confirmed.v1",
-            "orders.cancelled.v1",
-        ],
-    ),
-    (
-        Service::Inventory,
-        "inventory-from-payments",
-        "PAYMENTS",
-        &["payments.failed.v1"],
-    ),
-    (
-        Service::Payment,
-        "payment-from-inventory",
-        "INVENTORY",
-        &["inventory.reserved.v1"],
-    ),
-    (
-        Service::Payment,
-        "payment-from-orders",
-        "ORDERS",
-        &["orders.cancelled.v1"],
-    ),
-];
+/// One durable consumer of a service, as its service declares it.
+#[derive(Debug, Clone)]
+pub struct Consumer {
+    /// Whose durable.
+    pub service: Service,
+    /// Durable name.
+    pub durable: &'static str,
+    /// Stream it reads.
+    pub stream: &'static str,
+    /// Event types it handles.
+    pub event_types: Vec<&'static str>,
+    /// What the server delivers to it (every version of each type, or a wider wildcard).
+    pub filters: Vec<String>,
+}
+
+impl Consumer {
+    /// Whether the server delivers a message on `subject` to this durable.
+    pub fn receives(&self, subject: &str) -> bool {
+        self.filters.iter().any(|f| subject_matches(f, subject))
+    }
+}
+
+/// NATS subject matching: `*` is one token, a trailing `>` one or more.
+pub fn subject_matches(filter: &str, subject: &str) -> bool {
+    let mut f = filter.split('.');
+    let mut s = subject.split('.');
+    loop {
+        match (f.next(), s.next()) {
+            (Some(">"), Some(_)) => return true,
+            (Some("*"), Some(_)) => {}
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+/// Every durable of the three services, read from each service's own wiring.
+pub fn consumers() -> &'static [Consumer] {
+    static ALL: std::sync::OnceLock<Vec<Consumer>> = std::sync::OnceLock::new();
+    ALL.get_or_init(|| {
+        let leak = |s: &str| -> &'static str { Box::leak(s.to_owned().into_boxed_str()) };
+        [
+            (Service::Order, order_service::wiring()),
+            (Service::Inventory, inventory_service::wiring()),
+            (Service::Payment, payment_service::wiring()),
+        ]
+        .into_iter()
+        .flat_map(|(service, wiring)| {
+            wiring.durables.into_iter().map(move |d| Consumer {
+                service,
+                durable: leak(&d.name),
+                stream: leak(&d.stream),
+                event_types: d.event_types,
+                filters: d.filter_subjects,
+            })
+        })
+        .collect()
+    })
+}
 
 /// What a test put in and what the order service accepted, recorded as the test goes.
 #[derive(Debug, Default)]
@@ -242,10 +222,11 @@ pub async fn wait_quiet(system: &System, deadline: Duration) -> Duration {
     // What is still busy, so a timeout says why instead of only that it timed out.
     let busy = || async {
         let mut busy = Vec::new();
-        for (_, durable, stream, _) in CONSUMERS {
+        for c in consumers() {
+            let (durable, stream) = (c.durable, c.stream);
             let info = match js
                 .get_consumer_from_stream::<async_nats::jetstream::consumer::pull::Config, _, _>(
-                    *durable, *stream,
+                    durable, stream,
                 )
                 .await
             {
@@ -596,20 +577,21 @@ async fn check_with(system: &System, allow_no_orders: bool) -> Report {
     }
     v.extend(consumer_table_violations(system).await);
     let mut streams = HashMap::new();
-    for (_, _, stream, _) in CONSUMERS {
-        if !streams.contains_key(stream) {
-            streams.insert(*stream, system.stream_messages(stream).await);
+    for c in consumers() {
+        if !streams.contains_key(c.stream) {
+            streams.insert(c.stream, system.stream_messages(c.stream).await);
         }
     }
-    for (s, durable, stream, filters) in CONSUMERS {
+    for c in consumers() {
+        let (s, durable, stream) = (c.service, c.durable, c.stream);
         let db = dbs
             .iter()
-            .find(|(x, _)| x == s)
+            .find(|(x, _)| *x == s)
             .map(|(_, d)| *d)
             .expect("db");
         let mut inbox = HashSet::new();
         for r in sqlx::query("SELECT event_id FROM inbox WHERE consumer = $1")
-            .bind(*durable)
+            .bind(durable)
             .fetch_all(db)
             .await
             .expect("inbox")
@@ -618,7 +600,7 @@ async fn check_with(system: &System, allow_no_orders: bool) -> Report {
         }
         let mut dead = HashSet::new();
         for r in sqlx::query("SELECT stream_sequence FROM dead_letters WHERE consumer = $1")
-            .bind(*durable)
+            .bind(durable)
             .fetch_all(db)
             .await
             .expect("dl")
@@ -626,7 +608,7 @@ async fn check_with(system: &System, allow_no_orders: bool) -> Report {
             dead.insert(r.get::<i64, _>(0));
         }
         for (seq, subject, msg_id, body) in &streams[stream] {
-            if !filters.iter().any(|f| subject.starts_with(f)) {
+            if !c.receives(subject) {
                 continue;
             }
             if dead.contains(&(*seq as i64)) {
@@ -653,7 +635,7 @@ async fn check_with(system: &System, allow_no_orders: bool) -> Report {
     report
 }
 
-/// The durables on the live server must be exactly those of [`CONSUMERS`], on the same streams:
+/// The durables on the live server must be exactly those of [`consumers`], on the same streams:
 /// one the table misses would go unchecked by invariant 6, one the server lacks checks nothing.
 async fn consumer_table_violations(system: &System) -> Vec<String> {
     // The services' account (under the project's nats.conf the test client is a person, whose own
@@ -692,18 +674,18 @@ async fn consumer_table_violations(system: &System) -> Vec<String> {
             }
         }
     }
-    let table: BTreeSet<(String, String)> = CONSUMERS
+    let table: BTreeSet<(String, String)> = consumers()
         .iter()
-        .map(|(_, d, s, _)| (d.to_string(), s.to_string()))
+        .map(|c| (c.durable.to_owned(), c.stream.to_owned()))
         .collect();
     for (d, s) in on_server.difference(&table) {
         out.push(format!(
-            "6: durable {d} on stream {s} is on the server but not in CONSUMERS, so nothing checks it"
+            "6: durable {d} on stream {s} is on the server but not in the services' wiring, so nothing checks it"
         ));
     }
     for (d, s) in table.difference(&on_server) {
         out.push(format!(
-            "6: CONSUMERS names durable {d} on stream {s}, but the server has no such consumer"
+            "6: the services' wiring names durable {d} on stream {s}, but the server has no such consumer"
         ));
     }
     out

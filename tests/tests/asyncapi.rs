@@ -1,24 +1,14 @@
-//! Keeps `docs/asyncapi.yaml` honest against the code: every event type declared in a service's
-//! `events.rs` has a channel and no channel is left over, every durable consumer started in a
-//! service's `startup.rs` is documented, and the receivers of each channel are exactly the
-//! durables whose filter subjects match it. The sources are scanned as text, not parsed as Rust:
-//! the patterns looked for are `const TYPE: &'static str = "..."`, `event_payload!(..., "...", ...)`
-//! and `ConsumerSpec::new(...)`.
+//! Keeps `docs/asyncapi.yaml` honest against the code: every event type a service announces or
+//! consumes has a channel and no channel is left over, every durable consumer is documented, and
+//! the receivers of each channel are exactly the durables whose filter subjects match it. What the
+//! code does is read from each service's own wiring (`<service>::wiring()`), the same data the
+//! services start from.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
+use saga_e2e::invariants::consumers;
 use serde_json::Value;
-
-/// The service crates whose catalogues and wiring are scanned.
-const SERVICES: [&str; 3] = ["order", "inventory", "payment"];
-
-/// What introduces an event type's value in an `events.rs`: a hand-written `EventPayload` impl,
-/// or the toolkit's `event_payload!(Struct, "type", field)` macro.
-const TYPE_MARKERS: [&str; 2] = ["const TYPE: &'static str = \"", "event_payload!("];
-
-/// What starts a durable consumer's declaration in a `startup.rs`.
-const CONSUMER_MARKER: &str = "ConsumerSpec::new(";
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -38,51 +28,26 @@ fn document() -> Value {
         .unwrap_or_else(|e| panic!("docs/asyncapi.yaml is not valid YAML: {e}"))
 }
 
-/// The contents of the double-quoted string literals in `text`, in order. The scanned code has
-/// no escaped quotes in the literals that matter here.
-fn string_literals(text: &str) -> Vec<String> {
-    text.split('"')
-        .skip(1)
-        .step_by(2)
-        .map(str::to_owned)
-        .collect()
-}
-
-/// Every event type value declared in the services' `events.rs`, with the files declaring it.
+/// Every event type the services announce or consume, with the services that do.
 fn source_types() -> BTreeMap<String, BTreeSet<String>> {
     let mut types: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-    for service in SERVICES {
-        let file = format!("{service}/src/events.rs");
-        let text = read(&file);
-        for marker in TYPE_MARKERS {
-            for (at, _) in text.match_indices(marker) {
-                let mut rest = &text[at + marker.len()..];
-                if marker.starts_with("event_payload") {
-                    // Skip to the opening quote of the type literal (after the struct name).
-                    let Some(q) = rest.find('"') else { continue };
-                    if rest[..q].contains(')') {
-                        continue; // the macro's own definition, not a use
-                    }
-                    rest = &rest[q + 1..];
-                }
-                let end = rest
-                    .find('"')
-                    .unwrap_or_else(|| panic!("unterminated TYPE literal in {file}"));
-                types
-                    .entry(rest[..end].to_owned())
-                    .or_default()
-                    .insert(file.clone());
-            }
+    for wiring in [
+        order_service::wiring(),
+        inventory_service::wiring(),
+        payment_service::wiring(),
+    ] {
+        let consumed = wiring.durables.iter().flat_map(|d| d.event_types.iter());
+        for ty in wiring.publishes.iter().chain(consumed) {
+            types
+                .entry((*ty).to_owned())
+                .or_default()
+                .insert(wiring.service.to_owned());
         }
     }
-    assert!(
-        !types.is_empty(),
-        "no {TYPE_MARKERS:?} found in the events.rs files: has the pattern changed?"
-    );
     types
 }
 
-/// A durable consumer as declared in a `startup.rs`.
+/// A durable consumer as its service declares it.
 #[derive(Debug)]
 struct Consumer {
     durable: String,
@@ -90,43 +55,15 @@ struct Consumer {
     file: String,
 }
 
-/// Every `ConsumerSpec::new(durable, stream, &[filters...])` in the services' `startup.rs`: the
-/// durable is the first string literal of the call, the filters are the literals of the slice.
 fn source_consumers() -> Vec<Consumer> {
-    let mut consumers = Vec::new();
-    for service in SERVICES {
-        let file = format!("{service}/src/startup.rs");
-        let text = read(&file);
-        for (at, _) in text.match_indices(CONSUMER_MARKER) {
-            let rest = &text[at + CONSUMER_MARKER.len()..];
-            let open = rest
-                .find('[')
-                .unwrap_or_else(|| panic!("no filter slice after {CONSUMER_MARKER} in {file}"));
-            let close = open
-                + rest[open..]
-                    .find(']')
-                    .unwrap_or_else(|| panic!("unclosed filter slice in {file}"));
-            let durable = string_literals(&rest[..open])
-                .into_iter()
-                .next()
-                .unwrap_or_else(|| panic!("no durable name literal in a consumer of {file}"));
-            let filters = string_literals(&rest[open..close]);
-            assert!(
-                !filters.is_empty(),
-                "consumer {durable:?} in {file}: no filter subject literals"
-            );
-            consumers.push(Consumer {
-                durable,
-                filters,
-                file: file.clone(),
-            });
-        }
-    }
-    assert!(
-        !consumers.is_empty(),
-        "no `{CONSUMER_MARKER}` found in the startup.rs files: has the pattern changed?"
-    );
-    consumers
+    consumers()
+        .iter()
+        .map(|c| Consumer {
+            durable: c.durable.to_owned(),
+            filters: c.filters.clone(),
+            file: format!("{}::wiring()", c.service.binary().replace('-', "_")),
+        })
+        .collect()
 }
 
 /// NATS subject matching: `*` is one token, `>` one or more trailing tokens.
@@ -266,7 +203,7 @@ fn no_channel_is_stale() {
     for (id, address) in channel_addresses(&doc) {
         if !types.contains_key(&address) {
             problems.push(format!(
-                "channel {id}: {address:?} is no TYPE in any events.rs"
+                "channel {id}: {address:?} is a type no service announces or consumes"
             ));
         }
         if !seen.insert(address.clone()) {
@@ -299,7 +236,7 @@ fn every_durable_consumer_is_documented() {
     }
     for durable in documented.difference(&durables) {
         problems.push(format!(
-            "receive operations name durable {durable:?}, which no startup.rs declares"
+            "receive operations name durable {durable:?}, which no service declares"
         ));
     }
     assert!(problems.is_empty(), "{problems:#?}");
