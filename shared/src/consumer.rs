@@ -233,6 +233,26 @@ impl Outcome {
     }
 }
 
+/// A message decoded and ready to apply, or refused before any handler sees it.
+enum Step {
+    Refused {
+        event_id: Option<String>,
+        reason: String,
+    },
+    Ready {
+        event: Envelope,
+        span: tracing::Span,
+        attempt: i64,
+    },
+}
+
+/// What a handler's outcome means for its message.
+enum Settle {
+    Commit,
+    DeadLetter(String),
+    Retry(String),
+}
+
 /// What to tell the server about one message once the batch's transaction is settled.
 #[derive(Debug, Clone, Copy)]
 enum Verdict {
@@ -468,14 +488,11 @@ impl<H: Handler> ConsumerRunner<H> {
     async fn apply(&self, batch: &[Message]) -> Result<Vec<Verdict>, sqlx::Error> {
         let attempts = self.count_attempts(batch).await?;
         if batch.len() > 1 {
-            if let Some(verdicts) = self.apply_in(batch, false, &attempts).await? {
+            if let Some(verdicts) = self.apply_optimistic(batch, &attempts).await? {
                 return Ok(verdicts);
             }
         }
-        Ok(self
-            .apply_in(batch, true, &attempts)
-            .await?
-            .unwrap_or_default())
+        self.apply_isolated(batch, &attempts).await
     }
 
     /// Count the attempts of the batch's redelivered messages, committed before anything is
@@ -539,11 +556,110 @@ impl<H: Handler> ConsumerRunner<H> {
         }
     }
 
-    /// `Ok(None)`: not isolated and a handler failed; nothing was committed.
-    async fn apply_in(
+    /// Decode a message and check its attempts: what to apply, or why it never can be.
+    fn step(&self, msg: &Message, meta: &MessageMeta, attempts: &HashMap<u64, i64>) -> Step {
+        if msg.payload.len() > self.spec.max_event_bytes {
+            return Step::Refused {
+                event_id: None,
+                reason: format!(
+                    "body of {} bytes exceeds the {} byte limit",
+                    msg.payload.len(),
+                    self.spec.max_event_bytes
+                ),
+            };
+        }
+        let event = match Envelope::decode(&msg.payload, meta.origin(msg)) {
+            Ok(e) => e,
+            Err(e) => {
+                return Step::Refused {
+                    event_id: None,
+                    reason: e.to_string(),
+                }
+            }
+        };
+        let attempt = attempts.get(&meta.stream_sequence).copied().unwrap_or(1);
+        if attempt > self.spec.max_deliver {
+            return Step::Refused {
+                reason: format!(
+                    "gave up after {} attempts: the process did not finish applying it",
+                    attempt - 1
+                ),
+                event_id: Some(event.id),
+            };
+        }
+        let span = self.span(msg, meta, &event);
+        Step::Ready {
+            event,
+            span,
+            attempt,
+        }
+    }
+
+    /// The consumer span, continuing the event's trace: the NATS headers (what the relay sent,
+    /// or what a person gave `nats pub`), else the CloudEvent's own extensions.
+    fn span(&self, msg: &Message, meta: &MessageMeta, event: &Envelope) -> tracing::Span {
+        let span = tracing::info_span!(
+            "event",
+            otel.name = %format_args!("process {}", event.event_type),
+            otel.kind = "consumer",
+            consumer = %self.spec.durable,
+            event_id = %event.id,
+            event_type = %event.event_type,
+            correlation_id = event.correlationid.as_deref().unwrap_or(""),
+            delivered = meta.delivered,
+            trace_id = tracing::field::Empty,
+        );
+        let header = |name| {
+            msg.headers
+                .as_ref()
+                .and_then(|h| h.get(name))
+                .map(|v| v.as_str())
+        };
+        let (traceparent, tracestate) = match header(crate::trace::TRACEPARENT)
+            .filter(|t| crate::trace::valid_traceparent(t))
+        {
+            Some(tp) => (Some(tp), header(crate::trace::TRACESTATE)),
+            None => (event.traceparent.as_deref(), event.tracestate.as_deref()),
+        };
+        if let Some(id) = crate::trace::adopt(&span, traceparent, tracestate) {
+            span.record("trace_id", tracing::field::display(id));
+        }
+        span
+    }
+
+    /// Dead-letter a message that can never be applied, in `tx`.
+    async fn refuse(
+        &self,
+        tx: &mut AnyConnection,
+        msg: &Message,
+        meta: &MessageMeta,
+        event_id: Option<&str>,
+        reason: &str,
+        effects: &mut Deferred,
+    ) -> Result<Verdict, sqlx::Error> {
+        tracing::warn!(consumer = %self.spec.durable, subject = %msg.subject, %reason, "dead-lettering");
+        self.dead_letter(tx, msg, meta, event_id, reason).await?;
+        self.count(effects, "other", Outcome::DeadLettered, None);
+        Ok(Verdict::Term)
+    }
+
+    /// What becomes of a message, given its handler's outcome and its attempt.
+    fn verdict(&self, outcome: Result<(), HandlerError>, attempt: i64) -> Settle {
+        match outcome {
+            Ok(()) => Settle::Commit,
+            Err(HandlerError::Permanent(reason)) => Settle::DeadLetter(reason),
+            Err(HandlerError::Transient(reason)) if attempt >= self.spec.max_deliver => {
+                Settle::DeadLetter(format!("gave up after {attempt} attempts: {reason}"))
+            }
+            Err(HandlerError::Transient(reason)) => Settle::Retry(reason),
+        }
+    }
+
+    /// The whole batch in one transaction, no savepoints. `Ok(None)`: a handler failed and
+    /// nothing was committed; the batch must be applied isolated.
+    async fn apply_optimistic(
         &self,
         batch: &[Message],
-        isolated: bool,
         attempts: &HashMap<u64, i64>,
     ) -> Result<Option<Vec<Verdict>>, sqlx::Error> {
         let mut tx = self.db.begin().await?;
@@ -552,150 +668,126 @@ impl<H: Handler> ConsumerRunner<H> {
         let mut effects = Deferred::default();
         for msg in batch {
             let meta = MessageMeta::of(msg);
-            let decoded = if msg.payload.len() > self.spec.max_event_bytes {
-                Err(HandlerError::Permanent(format!(
-                    "body of {} bytes exceeds the {} byte limit",
-                    msg.payload.len(),
-                    self.spec.max_event_bytes
-                )))
-            } else {
-                Envelope::decode(&msg.payload, meta.origin(msg)).map_err(HandlerError::from)
-            };
-            let event = match decoded {
-                Ok(e) => e,
-                Err(HandlerError::Permanent(reason) | HandlerError::Transient(reason)) => {
-                    tracing::warn!(consumer = %self.spec.durable, subject = %msg.subject, %reason, "undecodable; dead-lettering");
-                    self.dead_letter(&mut tx, msg, &meta, None, &reason).await?;
-                    self.count(&mut effects, "other", Outcome::DeadLettered, None);
-                    verdicts.push(Verdict::Term);
+            let (event, span) = match self.step(msg, &meta, attempts) {
+                Step::Refused { event_id, reason } => {
+                    let v = self
+                        .refuse(
+                            &mut tx,
+                            msg,
+                            &meta,
+                            event_id.as_deref(),
+                            &reason,
+                            &mut effects,
+                        )
+                        .await?;
+                    verdicts.push(v);
                     continue;
                 }
+                Step::Ready { event, span, .. } => (event, span),
             };
-            let attempt = attempts.get(&meta.stream_sequence).copied().unwrap_or(1);
-            if attempt > self.spec.max_deliver {
-                let reason = format!(
-                    "gave up after {} attempts: the process did not finish applying it",
-                    attempt - 1
-                );
-                tracing::error!(consumer = %self.spec.durable, event_id = %event.id, %reason, "dead-lettering");
-                self.dead_letter(&mut tx, msg, &meta, Some(&event.id), &reason)
-                    .await?;
-                self.count(&mut effects, "other", Outcome::DeadLettered, None);
-                verdicts.push(Verdict::Term);
-                continue;
-            }
-            // The consumer span continues the event's trace: the NATS headers (what the relay
-            // sent, or what a person gave `nats pub`), else the CloudEvent's own extensions.
-            let span = tracing::info_span!(
-                "event",
-                otel.name = %format_args!("process {}", event.event_type),
-                otel.kind = "consumer",
-                consumer = %self.spec.durable,
-                event_id = %event.id,
-                event_type = %event.event_type,
-                correlation_id = event.correlationid.as_deref().unwrap_or(""),
-                delivered = meta.delivered,
-                trace_id = tracing::field::Empty,
-            );
-            let header = |name| {
-                msg.headers
-                    .as_ref()
-                    .and_then(|h| h.get(name))
-                    .map(|v| v.as_str())
-            };
-            let (traceparent, tracestate) = match header(crate::trace::TRACEPARENT)
-                .filter(|t| crate::trace::valid_traceparent(t))
-            {
-                Some(tp) => (Some(tp), header(crate::trace::TRACESTATE)),
-                None => (event.traceparent.as_deref(), event.tracestate.as_deref()),
-            };
-            if let Some(id) = crate::trace::adopt(&span, traceparent, tracestate) {
-                span.record("trace_id", tracing::field::display(id));
-            }
-            let event_type = self.type_label(&event.event_type);
-            if !isolated {
-                match record_once(&mut tx, &self.spec.durable, &event).await {
-                    Ok(true) => {}
-                    Ok(false) => {
-                        self.count(&mut effects, event_type, Outcome::Duplicate, None);
-                        verdicts.push(Verdict::Ack);
-                        continue;
-                    }
-                    Err(_) => {
-                        tx.rollback().await?;
-                        return Ok(None);
-                    }
+            let label = self.type_label(&event.event_type);
+            match record_once(&mut tx, &self.spec.durable, &event).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    self.count(&mut effects, label, Outcome::Duplicate, None);
+                    verdicts.push(Verdict::Ack);
+                    continue;
                 }
-                let started = std::time::Instant::now();
-                let (outcome, deferred) =
-                    collect(self.guarded(&mut tx, &event).instrument(span.clone())).await;
-                if outcome.is_err() {
+                Err(_) => {
                     tx.rollback().await?;
                     return Ok(None);
                 }
-                effects.extend(deferred);
-                self.count(
-                    &mut effects,
-                    event_type,
-                    Outcome::Applied,
-                    Some(started.elapsed()),
-                );
-                verdicts.push(Verdict::Ack);
-                continue;
             }
+            let started = std::time::Instant::now();
+            let (outcome, deferred) = collect(self.guarded(&mut tx, &event).instrument(span)).await;
+            if outcome.is_err() {
+                tx.rollback().await?;
+                return Ok(None);
+            }
+            effects.extend(deferred);
+            let took = Some(started.elapsed());
+            self.count(&mut effects, label, Outcome::Applied, took);
+            verdicts.push(Verdict::Ack);
+        }
+        tx.commit().await?;
+        effects.run();
+        Ok(Some(verdicts))
+    }
+
+    /// Each message in its own savepoint: one that fails is rolled back (and dead-lettered or
+    /// retried) while the others commit.
+    async fn apply_isolated(
+        &self,
+        batch: &[Message],
+        attempts: &HashMap<u64, i64>,
+    ) -> Result<Vec<Verdict>, sqlx::Error> {
+        let mut tx = self.db.begin().await?;
+        let mut verdicts = Vec::with_capacity(batch.len());
+        let mut effects = Deferred::default();
+        for msg in batch {
+            let meta = MessageMeta::of(msg);
+            let (event, span, attempt) = match self.step(msg, &meta, attempts) {
+                Step::Refused { event_id, reason } => {
+                    let v = self
+                        .refuse(
+                            &mut tx,
+                            msg,
+                            &meta,
+                            event_id.as_deref(),
+                            &reason,
+                            &mut effects,
+                        )
+                        .await?;
+                    verdicts.push(v);
+                    continue;
+                }
+                Step::Ready {
+                    event,
+                    span,
+                    attempt,
+                } => (event, span, attempt),
+            };
+            let label = self.type_label(&event.event_type);
             let mut sp = sqlx::Connection::begin(&mut *tx).await?;
             let started = std::time::Instant::now();
             let (outcome, deferred) = match record_once(&mut sp, &self.spec.durable, &event).await {
                 Ok(false) => {
                     sp.commit().await?;
                     tracing::debug!(parent: &span, "duplicate; skipped");
-                    self.count(&mut effects, event_type, Outcome::Duplicate, None);
+                    self.count(&mut effects, label, Outcome::Duplicate, None);
                     verdicts.push(Verdict::Ack);
                     continue;
                 }
                 Ok(true) => collect(self.guarded(&mut sp, &event).instrument(span.clone())).await,
                 Err(e) => (Err(HandlerError::from(e)), Deferred::default()),
             };
-            match outcome {
-                Ok(()) => {
+            match self.verdict(outcome, attempt) {
+                Settle::Commit => {
                     sp.commit().await?;
                     effects.extend(deferred);
-                    self.count(
-                        &mut effects,
-                        event_type,
-                        Outcome::Applied,
-                        Some(started.elapsed()),
-                    );
+                    let took = Some(started.elapsed());
+                    self.count(&mut effects, label, Outcome::Applied, took);
                     verdicts.push(Verdict::Ack);
                 }
-                Err(HandlerError::Permanent(reason)) => {
+                Settle::DeadLetter(reason) => {
                     sp.rollback().await?;
                     tracing::warn!(parent: &span, %reason, "dead-lettering");
                     self.dead_letter(&mut tx, msg, &meta, Some(&event.id), &reason)
                         .await?;
-                    self.count(&mut effects, event_type, Outcome::DeadLettered, None);
+                    self.count(&mut effects, label, Outcome::DeadLettered, None);
                     verdicts.push(Verdict::Term);
                 }
-                Err(HandlerError::Transient(reason)) => {
+                Settle::Retry(reason) => {
                     sp.rollback().await?;
-                    if attempt >= self.spec.max_deliver {
-                        let reason = format!("gave up after {attempt} attempts: {reason}");
-                        tracing::warn!(parent: &span, %reason, "dead-lettering");
-                        self.dead_letter(&mut tx, msg, &meta, Some(&event.id), &reason)
-                            .await?;
-                        self.count(&mut effects, event_type, Outcome::DeadLettered, None);
-                        verdicts.push(Verdict::Term);
-                    } else {
-                        tracing::info!(parent: &span, %reason, "transient failure; will retry");
-                        self.count(&mut effects, event_type, Outcome::Retried, None);
-                        verdicts.push(Verdict::Nak(nak_delay(meta.delivered)));
-                    }
+                    tracing::info!(parent: &span, %reason, "transient failure; will retry");
+                    self.count(&mut effects, label, Outcome::Retried, None);
+                    verdicts.push(Verdict::Nak(nak_delay(meta.delivered)));
                 }
             }
         }
         tx.commit().await?;
         effects.run();
-        Ok(Some(verdicts))
+        Ok(verdicts)
     }
 
     /// The `event_type` label: a type this consumer subscribes to by name, else `other`, so

@@ -319,34 +319,22 @@ impl OutboxRelay {
             return Err(RelayError::Disconnected);
         }
         let now = now_micros();
-        let (claim, rows) = match self.db.backend() {
-            Backend::Postgres => {
-                // Several relays may run: each locks its own rows and skips the others'.
-                let mut tx = self.db.begin().await?;
-                let rows = sqlx::query(
-                    "SELECT id, event_id, subject, payload, attempts, created_at_us, traceparent, tracestate FROM outbox \
-                     WHERE published_at_us IS NULL AND parked_at_us IS NULL AND next_attempt_at_us <= $1 \
-                     ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED",
-                )
-                .bind(now)
-                .bind(self.config.batch_size)
-                .fetch_all(&mut *tx)
-                .await?;
-                (Some(tx), rows)
-            }
-            Backend::Sqlite => {
-                // One process owns a SQLite file; no lock is held while publishing.
-                let rows = sqlx::query(
-                    "SELECT id, event_id, subject, payload, attempts, created_at_us, traceparent, tracestate FROM outbox \
-                     WHERE published_at_us IS NULL AND parked_at_us IS NULL AND next_attempt_at_us <= $1 \
-                     ORDER BY id LIMIT $2",
-                )
-                .bind(now)
-                .bind(self.config.batch_size)
-                .fetch_all(self.db.pool())
-                .await?;
-                (None, rows)
-            }
+        // Several Postgres relays may run: each locks its own rows and skips the others', and
+        // holds the claim until the outcome is recorded. One process owns a SQLite file, so no
+        // lock is held there while publishing.
+        let (mut claim, lock) = match self.db.backend() {
+            Backend::Postgres => (Some(self.db.begin().await?), " FOR UPDATE SKIP LOCKED"),
+            Backend::Sqlite => (None, ""),
+        };
+        let sql = format!(
+            "SELECT id, event_id, subject, payload, attempts, created_at_us, traceparent, tracestate \
+             FROM outbox WHERE published_at_us IS NULL AND parked_at_us IS NULL \
+             AND next_attempt_at_us <= $1 ORDER BY id LIMIT $2{lock}"
+        );
+        let query = sqlx::query(&sql).bind(now).bind(self.config.batch_size);
+        let rows = match claim.as_mut() {
+            Some(tx) => query.fetch_all(&mut **tx).await?,
+            None => query.fetch_all(self.db.pool()).await?,
         };
         let pending = rows
             .iter()
