@@ -234,6 +234,8 @@ impl Outcome {
 }
 
 /// A message decoded and ready to apply, or refused before any handler sees it.
+// Lives for one message, on the stack: boxing the large variant would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 enum Step {
     Refused {
         event_id: Option<String>,
