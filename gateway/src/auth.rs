@@ -56,10 +56,7 @@ pub fn mint(
 
 /// A customer id as the order service accepts it.
 pub fn valid_customer(id: &str) -> bool {
-    (1..=64).contains(&id.len())
-        && id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "_.:@-".contains(c))
+    event_toolkit::ids::valid_identifier(id)
 }
 
 /// Verifies tokens and limits each customer's rate.

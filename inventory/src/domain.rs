@@ -150,10 +150,7 @@ pub const MAX_LINES: usize = 100;
 
 /// A SKU name: 1-64 characters of letters, digits and `-_.:@`.
 pub fn valid_sku(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 64
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.:@".contains(&b))
+    event_toolkit::ids::valid_identifier(s)
 }
 
 #[cfg(test)]

@@ -137,12 +137,7 @@ async fn list_reservations(
     ApiQuery(q): ApiQuery<ReservationQuery>,
     ApiQuery(page): ApiQuery<PageQuery>,
 ) -> Result<Json<Page<Reservation>>, Problem> {
-    let order_id = q
-        .order_id
-        .filter(|o| !o.is_empty() && o.len() <= 64)
-        .ok_or_else(|| {
-            Problem::bad_request("order_id query parameter (1-64 characters) is required")
-        })?;
+    let order_id = event_toolkit::http::required_param(q.order_id, "order_id")?;
     let limit = page.limit()?;
     let rows = store::reservations(db.pool(), &order_id, sku_cursor(&page)?, limit + 1).await?;
     Ok(Json(Page::from_rows(rows, limit, |r| r.sku.clone())))

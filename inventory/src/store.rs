@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use event_toolkit::db::{lock_clause, now_micros};
+use event_toolkit::db::{lock_clause, lock_entity, now_micros};
 use event_toolkit::{emit, Context};
 use serde::Serialize;
 use sqlx::{AnyConnection, AnyPool, Row};
@@ -134,26 +134,20 @@ async fn order_state(
     conn: &mut AnyConnection,
     order_id: &str,
 ) -> Result<Option<OrderState>, sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO order_states (order_id, state, updated_at_us) VALUES ($1, 'UNSEEN', $2) \
-         ON CONFLICT (order_id) DO NOTHING",
+    // The row is created UNSEEN and locked: it serializes every handler of this order.
+    let row = lock_entity(
+        conn,
+        "order_states",
+        "order_id",
+        order_id,
+        &[
+            ("state", "'UNSEEN'"),
+            ("updated_at_us", &now_micros().to_string()),
+        ],
+        "state",
     )
-    .bind(order_id)
-    .bind(now_micros())
-    .execute(&mut *conn)
     .await?;
-    let sql = format!(
-        "SELECT state FROM order_states WHERE order_id = $1{}",
-        lock_clause(conn)
-    );
-    let row = sqlx::query(&sql)
-        .bind(order_id)
-        .fetch_optional(&mut *conn)
-        .await?;
-    Ok(match row {
-        Some(r) => OrderState::parse(&r.try_get::<String, _>(0)?),
-        None => None,
-    })
+    Ok(OrderState::parse(&row.try_get::<String, _>(0)?))
 }
 
 async fn set_state(

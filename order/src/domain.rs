@@ -1,6 +1,7 @@
 //! The order's rules, free of HTTP, SQL and NATS: what a valid order is, and how its saga status
 //! moves when something happens.
 
+use event_toolkit::ids::valid_identifier;
 use serde::{Deserialize, Serialize};
 
 /// Largest quantity of one line.
@@ -179,7 +180,7 @@ pub struct Currency(String);
 impl Currency {
     /// Three ASCII capital letters.
     pub fn parse(s: &str) -> Result<Self, String> {
-        if s.len() == 3 && s.bytes().all(|b| b.is_ascii_uppercase()) {
+        if event_toolkit::ids::valid_currency(s) {
             Ok(Self(s.to_owned()))
         } else {
             Err(format!("currency must be three capital letters, got {s:?}"))
@@ -225,13 +226,6 @@ pub struct LineInput {
     pub quantity: i64,
     /// Unit price in minor units (≥ 0).
     pub unit_price_minor: i64,
-}
-
-fn valid_identifier(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 64
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.:@".contains(&b))
 }
 
 impl NewOrder {

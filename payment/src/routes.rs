@@ -57,11 +57,7 @@ pub struct SetAccount {
 }
 
 fn valid_customer(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 64
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.:@".contains(&b))
+    event_toolkit::ids::valid_identifier(id)
 }
 
 /// Set a customer's balance, creating the account.
@@ -89,7 +85,7 @@ async fn put_account(
             "balance_minor must be between 0 and 10^18",
         ));
     }
-    if body.currency.len() != 3 || !body.currency.bytes().all(|b| b.is_ascii_uppercase()) {
+    if !event_toolkit::ids::valid_currency(&body.currency) {
         return Err(Problem::unprocessable(
             "currency must be three capital letters",
         ));
@@ -147,12 +143,7 @@ async fn list_payments(
     ApiQuery(q): ApiQuery<PaymentQuery>,
     ApiQuery(page): ApiQuery<PageQuery>,
 ) -> Result<Json<Page<Payment>>, Problem> {
-    let order_id = q
-        .order_id
-        .filter(|o| !o.is_empty() && o.len() <= 64)
-        .ok_or_else(|| {
-            Problem::bad_request("order_id query parameter (1-64 characters) is required")
-        })?;
+    let order_id = event_toolkit::http::required_param(q.order_id, "order_id")?;
     let limit = page.limit()?;
     // The cursor is the last order id of a page.
     let after = match page.after() {

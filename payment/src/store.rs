@@ -1,7 +1,7 @@
 //! Accounts, payments and known cancellations in the database; the shell applying the domain's
 //! decisions and announcing them in the same transaction.
 
-use event_toolkit::db::{lock_clause, micros_to_datetime, now_micros};
+use event_toolkit::db::{lock_clause, lock_entity, micros_to_datetime, now_micros};
 use event_toolkit::{emit, Backend, Context, Database};
 use serde::Serialize;
 use sqlx::any::AnyRow;
@@ -181,20 +181,16 @@ async fn status_locked(
 /// Lock the order's row (creating it), serializing every handler of this order; returns whether
 /// the order is known cancelled.
 async fn lock_order(conn: &mut AnyConnection, order_id: &str) -> Result<bool, sqlx::Error> {
-    sqlx::query("INSERT INTO order_flags (order_id, cancelled, at_us) VALUES ($1, 0, $2) ON CONFLICT (order_id) DO NOTHING")
-        .bind(order_id)
-        .bind(now_micros())
-        .execute(&mut *conn)
-        .await?;
-    let sql = format!(
-        "SELECT cancelled FROM order_flags WHERE order_id = $1{}",
-        lock_clause(conn)
-    );
-    let cancelled: i64 = sqlx::query(&sql)
-        .bind(order_id)
-        .fetch_one(&mut *conn)
-        .await?
-        .try_get(0)?;
+    let row = lock_entity(
+        conn,
+        "order_flags",
+        "order_id",
+        order_id,
+        &[("cancelled", "0"), ("at_us", &now_micros().to_string())],
+        "cancelled",
+    )
+    .await?;
+    let cancelled: i64 = row.try_get(0)?;
     Ok(cancelled != 0)
 }
 

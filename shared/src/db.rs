@@ -265,3 +265,34 @@ pub fn lock_clause(conn: &sqlx::AnyConnection) -> &'static str {
 pub fn micros_to_datetime(us: i64) -> chrono::DateTime<chrono::Utc> {
     chrono::DateTime::from_timestamp_micros(us).unwrap_or_default()
 }
+
+/// Serialize everything that happens to one entity across concurrent transactions (two consumers
+/// of different streams handling the same order): make sure the entity's row in `table` exists —
+/// created with `defaults`, `(column, SQL literal)` pairs — then read `columns` from it under a
+/// row lock held until the caller's transaction ends (Postgres; SQLite's single writer already
+/// serializes). Table and column names come from code, never from input.
+pub async fn lock_entity(
+    conn: &mut sqlx::AnyConnection,
+    table: &str,
+    key_column: &str,
+    key: &str,
+    defaults: &[(&str, &str)],
+    columns: &str,
+) -> Result<sqlx::any::AnyRow, sqlx::Error> {
+    let names: String = defaults.iter().map(|(c, _)| format!(", {c}")).collect();
+    let values: String = defaults.iter().map(|(_, v)| format!(", {v}")).collect();
+    sqlx::query(&format!(
+        "INSERT INTO {table} ({key_column}{names}) VALUES ($1{values}) \
+         ON CONFLICT ({key_column}) DO NOTHING"
+    ))
+    .bind(key)
+    .execute(&mut *conn)
+    .await?;
+    let lock = lock_clause(conn);
+    sqlx::query(&format!(
+        "SELECT {columns} FROM {table} WHERE {key_column} = $1{lock}"
+    ))
+    .bind(key)
+    .fetch_one(&mut *conn)
+    .await
+}

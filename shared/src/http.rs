@@ -481,6 +481,17 @@ pub struct PageQuery {
     pub after: Option<String>,
 }
 
+/// A required query parameter that names an entity (`?order_id=`): 1-64 characters, else 400.
+pub fn required_param(value: Option<String>, name: &str) -> Result<String, Problem> {
+    value
+        .filter(|v| !v.is_empty() && v.len() <= 64)
+        .ok_or_else(|| {
+            Problem::bad_request(format!(
+                "{name} query parameter (1-64 characters) is required"
+            ))
+        })
+}
+
 impl PageQuery {
     /// The page size: 100 by default, else 1-1000 (400 otherwise).
     pub fn limit(&self) -> Result<i64, Problem> {
