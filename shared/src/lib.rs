@@ -20,6 +20,7 @@ pub mod deferred;
 #[cfg(feature = "service")]
 pub mod edge;
 pub mod envelope;
+pub mod ids;
 #[cfg(feature = "service")]
 pub mod http;
 pub mod nats;
