@@ -287,6 +287,10 @@ async fn apply(db: &Database, subscription: &Subscription, event: &Envelope) -> 
         Ok(()) => {
             tx.commit().await.expect("commit");
             effects.run();
+            // As the runner does: a local worker waiting for what the handlers write.
+            if let Some(worker) = subscription.woken_worker() {
+                worker.wake();
+            }
             Outcome::Applied
         }
         Err(e) => {
