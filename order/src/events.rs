@@ -21,6 +21,13 @@ pub fn streams() -> Vec<StreamSpec> {
     ]
 }
 
+/// Saga events the order service receives for its timeline only.
+pub const STOCK_RELEASED: &str = "inventory.released.v1";
+/// See [`STOCK_RELEASED`].
+pub const STOCK_COMMITTED: &str = "inventory.committed.v1";
+/// See [`STOCK_RELEASED`].
+pub const PAYMENT_REFUNDED: &str = "payments.refunded.v1";
+
 // ---- announced ----
 
 /// The event types this service announces.

@@ -3,35 +3,40 @@
 
 use std::time::Duration;
 
-use event_toolkit::{Context, HandlerError, On, Subscription};
+use event_toolkit::{Context, HandlerError, Ignore, On, Subscription};
 use sqlx::AnyConnection;
 use uuid::Uuid;
 
 use crate::domain::{CancelReason, Happening, NewOrder};
 use crate::events::{
     CancelOrder, PaymentFailed, PaymentSucceeded, PlaceOrder, StockRejected, StockReserved,
-    COMMAND_STREAM,
+    COMMAND_STREAM, PAYMENT_REFUNDED, STOCK_COMMITTED, STOCK_RELEASED,
 };
 use crate::store::{self, Applied, Placed, Placement};
-use crate::timeline;
+use crate::timeline::Projection;
 
 /// The service's durables. `deadline` is given to orders placed by command.
 pub fn subscriptions(deadline: Duration) -> Vec<Subscription> {
-    let mut all = vec![
+    vec![
+        // Every saga event of the other two services also goes to the timeline; the ones the saga
+        // itself does not act on are received for the timeline only.
         Subscription::new("order-from-inventory", "INVENTORY")
             .on::<StockReserved>(Saga)
-            .on::<StockRejected>(Saga),
+            .on::<StockRejected>(Saga)
+            .on_envelope(STOCK_RELEASED, Ignore)
+            .on_envelope(STOCK_COMMITTED, Ignore)
+            .also(Projection),
         Subscription::new("order-from-payments", "PAYMENTS")
             .on::<PaymentSucceeded>(Saga)
-            .on::<PaymentFailed>(Saga),
+            .on::<PaymentFailed>(Saga)
+            .on_envelope(PAYMENT_REFUNDED, Ignore)
+            .also(Projection),
         Subscription::new("order-commands", COMMAND_STREAM)
             .on::<PlaceOrder>(Commands { deadline })
             .on::<CancelOrder>(Commands { deadline })
             // A mistyped command is dead-lettered where an operator sees it.
             .widen("cmd.orders.>"),
-    ];
-    all.extend(timeline::subscriptions());
-    all
+    ]
 }
 
 /// Reacts to inventory and payment outcomes.

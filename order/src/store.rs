@@ -209,7 +209,8 @@ pub async fn place(
     };
     // The order id names the saga it starts.
     let ctx = ctx.clone().correlated(placement.order_id);
-    emit(conn, &ctx, &payload).await?;
+    let placed = emit(conn, &ctx, &payload).await?;
+    crate::timeline::record_own(conn, &placed).await?;
     let now = micros_to_datetime(now);
     Ok(Placed::Created(Order {
         id: placement.order_id.to_owned(),
@@ -264,14 +265,16 @@ pub async fn apply(
             let p = OrderConfirmed {
                 order_id: order_id.to_owned(),
             };
-            emit(conn, &ctx, &p).await?;
+            let e = emit(conn, &ctx, &p).await?;
+            crate::timeline::record_own(conn, &e).await?;
         }
         Decision::Cancel(r) => {
             let p = OrderCancelled {
                 order_id: order_id.to_owned(),
                 reason: r.as_str().to_owned(),
             };
-            emit(conn, &ctx, &p).await?;
+            let e = emit(conn, &ctx, &p).await?;
+            crate::timeline::record_own(conn, &e).await?;
         }
         _ => {}
     }

@@ -1,11 +1,11 @@
 //! Each order's saga as one timeline: every event of the saga from all three services, with its
 //! cause and how long the step took, served by `GET /orders/{id}/timeline`.
 //!
-//! A read model of the order service's own: durables on ORDERS, INVENTORY and PAYMENTS append one
-//! row per event ([`Projection`]), so answering reads one indexed table and never the streams.
-//! An event is kept even when its order is unknown here: the projection then does not depend on
-//! the order row or on the order in which the three durables catch up, and an event that names
-//! no order is still something that happened to that id.
+//! A read model of the order service's own, kept in the transactions that already exist: the
+//! order's own events are recorded where they are written to the outbox ([`record_own`]), and the
+//! durables on INVENTORY and PAYMENTS hand every event they accept to [`Projection`] before
+//! applying it — so the timeline costs no durable, inbox row or transaction of its own, and
+//! answering reads one indexed table, never the streams.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -15,7 +15,7 @@ use axum::Json;
 use chrono::{DateTime, Utc};
 use event_toolkit::db::micros_to_datetime;
 use event_toolkit::http::{ApiPath, Problem, PROBLEM_JSON};
-use event_toolkit::{DecodeError, Envelope, HandlerError, OnEnvelope, Subscription};
+use event_toolkit::{DecodeError, Envelope, HandlerError, OnEnvelope};
 use serde::{Deserialize, Serialize};
 use sqlx::{AnyConnection, AnyPool, Row};
 use uuid::Uuid;
@@ -42,33 +42,30 @@ pub const SAGA_EVENT_TYPES: [&str; 10] = [
 #[derive(Debug, Clone, Default)]
 pub struct Projection;
 
-/// The projection's durables: one per stream, receiving that stream's saga event types.
-pub fn subscriptions() -> Vec<Subscription> {
-    [
-        ("order-timeline-orders", "ORDERS", "orders."),
-        ("order-timeline-inventory", "INVENTORY", "inventory."),
-        ("order-timeline-payments", "PAYMENTS", "payments."),
-    ]
-    .into_iter()
-    .map(|(durable, stream, prefix)| {
-        SAGA_EVENT_TYPES
-            .iter()
-            .filter(|t| t.starts_with(prefix))
-            .fold(Subscription::new(durable, stream), |s, t| {
-                s.on_envelope(t, Projection)
-            })
-    })
-    .collect()
-}
-
 impl OnEnvelope for Projection {
     async fn on_envelope(
         &self,
         conn: &mut AnyConnection,
         event: &Envelope,
     ) -> Result<(), HandlerError> {
-        let step = Recorded::of(event)?;
-        // The runner's inbox already makes this once per event; the key keeps it so regardless.
+        Recorded::of(event)?.insert(conn).await?;
+        Ok(())
+    }
+}
+
+/// Record an event this service itself announces, in the transaction that writes it to the outbox.
+pub async fn record_own(conn: &mut AnyConnection, event: &Envelope) -> Result<(), sqlx::Error> {
+    match Recorded::of(event) {
+        Ok(step) => step.insert(conn).await,
+        // Only saga events with a UUID order id have a timeline; nothing else is shown.
+        Err(_) => Ok(()),
+    }
+}
+
+impl Recorded {
+    async fn insert(&self, conn: &mut AnyConnection) -> Result<(), sqlx::Error> {
+        let step = self;
+        // Inboxes make this once per event; the key keeps it so regardless.
         sqlx::query(
             "INSERT INTO timeline_events (order_id, event_id, event_type, source, time_us, \
              causation_id, summary) VALUES ($1, $2, $3, $4, $5, $6, $7) \

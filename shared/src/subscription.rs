@@ -201,6 +201,17 @@ where
 
 struct Whole<H>(H);
 
+/// Accepts events and does nothing with them: for a type a durable receives only for what
+/// [`Subscription::also`] does with it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Ignore;
+
+impl OnEnvelope for Ignore {
+    async fn on_envelope(&self, _: &mut AnyConnection, _: &Envelope) -> Result<(), HandlerError> {
+        Ok(())
+    }
+}
+
 impl<H: OnEnvelope> Route for Whole<H> {
     fn apply<'a>(
         &'a self,
@@ -221,6 +232,7 @@ pub struct Subscription {
     routes: BTreeMap<&'static str, Box<dyn Route>>,
     widened: Vec<String>,
     also_wake: Option<OutboxWaker>,
+    also: Option<Box<dyn Route>>,
 }
 
 impl std::fmt::Debug for Subscription {
@@ -242,6 +254,7 @@ impl Subscription {
             routes: BTreeMap::new(),
             widened: Vec::new(),
             also_wake: None,
+            also: None,
         }
     }
 
@@ -284,6 +297,14 @@ impl Subscription {
         if !covered && !self.spec.filter_subjects.contains(&filter) {
             self.spec.filter_subjects.push(filter);
         }
+        self
+    }
+
+    /// Also hand every event this durable accepts to `handler`, before its own handler and in the
+    /// same transaction: a read model kept by the consumer that already applies the event costs no
+    /// durable, inbox row or transaction of its own.
+    pub fn also(mut self, handler: impl OnEnvelope) -> Self {
+        self.also = Some(Box::new(Whole(handler)));
         self
     }
 
@@ -359,6 +380,9 @@ impl Handler for Subscription {
         let Some(route) = self.routes.get(event.event_type.as_str()) else {
             return Err(DecodeError::UnknownType(event.event_type.clone()).into());
         };
+        if let Some(also) = &self.also {
+            also.apply(conn, Context::request(""), event).await?;
+        }
         route
             .apply(conn, Context::event(self.source.clone(), event), event)
             .await
