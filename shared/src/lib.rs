@@ -20,9 +20,9 @@ pub mod deferred;
 #[cfg(feature = "service")]
 pub mod edge;
 pub mod envelope;
-pub mod ids;
 #[cfg(feature = "service")]
 pub mod http;
+pub mod ids;
 pub mod nats;
 #[cfg(feature = "service")]
 pub mod observe;
@@ -31,8 +31,6 @@ pub mod outbox;
 pub mod redrive;
 #[cfg(feature = "service")]
 pub mod retention;
-#[cfg(feature = "testing")]
-pub mod scenario;
 #[cfg(feature = "service")]
 pub mod service;
 pub mod subscription;
@@ -45,4 +43,4 @@ pub use db::{Backend, Database, DbOptions};
 pub use envelope::{DecodeError, Envelope, EventPayload};
 pub use nats::{NatsSettings, StreamSpec};
 pub use outbox::{OutboxRelay, OutboxWaker, RelayConfig};
-pub use subscription::{emit, Context, Durable, On, OnEnvelope, Subscription, Wiring};
+pub use subscription::{emit, Context, Durable, Ignore, On, OnEnvelope, Subscription, Wiring};
