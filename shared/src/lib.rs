@@ -31,6 +31,8 @@ pub mod outbox;
 pub mod redrive;
 #[cfg(feature = "service")]
 pub mod retention;
+#[cfg(feature = "testing")]
+pub mod scenario;
 #[cfg(feature = "service")]
 pub mod service;
 pub mod subscription;
