@@ -154,6 +154,10 @@ impl On<CancelOrder> for Commands {
         ctx: &Context,
         cmd: CancelOrder,
     ) -> Result<(), HandlerError> {
-        Saga::apply(conn, ctx, &cmd.order_id, Happening::CustomerCancelled).await
+        // Spelled as a placement would have stored it (any UUID form names the same order).
+        let order_id = Uuid::parse_str(&cmd.order_id)
+            .map(|u| u.to_string())
+            .unwrap_or(cmd.order_id);
+        Saga::apply(conn, ctx, &order_id, Happening::CustomerCancelled).await
     }
 }
