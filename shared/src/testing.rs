@@ -26,7 +26,9 @@
 //! client port, monitoring port and store directory are nats-server's command-line flags
 //! (`-a 127.0.0.1 -p <port> -m <port> -sd <dir>`), which take precedence over the file's `listen`
 //! and `http_port`. nats-server refuses `-sd` next to a `store_dir` in the file, so such a file
-//! must leave the store directory to the command line. [`NatsCluster`] runs N clustered nodes.
+//! must leave the store directory to the command line. [`NatsCluster`] runs N clustered nodes,
+//! from a generated configuration plus extra text (accounts, users), or from such a file: node
+//! name and routes are flags too (`-n`, `--cluster`, `--routes`, `--cluster_name`).
 
 mod cluster;
 
@@ -175,8 +177,8 @@ pub struct NatsServer {
     http_port: u16,
     dir: TempDir,
     config: ServerConfig,
-    /// `server_name` of a generated configuration; `test-<port>` if unset.
-    server_name: Option<String>,
+    /// Extra command-line flags (a cluster node's name and routes).
+    args: Vec<String>,
     /// Environment of the server process (for `$VAR` references in a configuration).
     env: Vec<(String, String)>,
     readiness: Readiness,
@@ -300,7 +302,7 @@ impl NatsServer {
             http_port: free_port(),
             dir: tempfile::tempdir().expect("temp dir"),
             config,
-            server_name: None,
+            args: Vec::new(),
             env,
             readiness,
             child: None,
@@ -344,12 +346,10 @@ impl NatsServer {
             ServerConfig::File(path) => path.clone(),
             ServerConfig::Generated { jetstream, extra } => {
                 let conf = self.dir.path().join("nats.conf");
-                let name = self
-                    .server_name
-                    .clone()
-                    .unwrap_or_else(|| format!("test-{}", self.port));
-                let text =
-                    format!("server_name: {name}\njetstream {{\n  {jetstream}\n}}\n{extra}\n");
+                let text = format!(
+                    "server_name: test-{port}\njetstream {{\n  {jetstream}\n}}\n{extra}\n",
+                    port = self.port
+                );
                 std::fs::write(&conf, text).expect("write nats.conf");
                 conf
             }
@@ -369,6 +369,7 @@ impl NatsServer {
             .args(["-m", &self.http_port.to_string()])
             .arg("-sd")
             .arg(self.store_dir())
+            .args(&self.args)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

@@ -117,3 +117,71 @@ async fn r3_stream_survives_the_leaders_node_being_killed_and_the_node_catches_u
         );
     }
 }
+
+/// Accounts and users with a password from the environment, as a project's configuration has
+/// them: the cluster runs them, from extra text or from a file, and JetStream works in the account.
+const ACCOUNTS: &str = r#"
+accounts {
+  APP {
+    jetstream: enabled
+    users: [{ user: app, password: $APP_PASSWORD }]
+  }
+}
+"#;
+
+async fn r3_stream_as_app_user(cluster: &NatsCluster) {
+    let client = async_nats::ConnectOptions::new()
+        .user_and_password("app".into(), "app-secret".into())
+        .connect(cluster.client_urls())
+        .await
+        .expect("connect as the configured user");
+    let js = jetstream::new(client);
+    js.create_stream(stream::Config {
+        name: STREAM.to_owned(),
+        subjects: vec!["events.>".to_owned()],
+        num_replicas: 3,
+        ..Default::default()
+    })
+    .await
+    .expect("create an R3 stream in the account");
+    publish(&js, 1).await;
+    let leader = eventually(FAILOVER, "the stream to have a leader", || {
+        cluster.stream_leader(&js, STREAM)
+    })
+    .await;
+    assert!(leader < cluster.len());
+    let anonymous = async_nats::connect(cluster.urls().split(',').next().unwrap_or_default()).await;
+    assert!(
+        anonymous.is_err(),
+        "the configuration refuses anonymous clients"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_runs_extra_configuration_with_accounts() {
+    let cluster = NatsCluster::builder(3)
+        .extra_config(ACCOUNTS)
+        .env("APP_PASSWORD", "app-secret")
+        .start()
+        .await;
+    r3_stream_as_app_user(&cluster).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_runs_a_configuration_file_unmodified_on_every_node() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("app.conf");
+    // A file as a project would write it for one server: its own name, ports and JetStream
+    // limits, which the node flags take precedence over.
+    std::fs::write(
+        &file,
+        format!("server_name: app\nlisten: 0.0.0.0:4222\nhttp_port: 8222\njetstream {{\n  max_file_store: 1GB\n}}\n{ACCOUNTS}"),
+    )
+    .expect("write configuration");
+    let cluster = NatsCluster::builder(3)
+        .config_file(&file)
+        .env("APP_PASSWORD", "app-secret")
+        .start()
+        .await;
+    r3_stream_as_app_user(&cluster).await;
+}

@@ -1,6 +1,7 @@
 //! An N-node cluster of real nats-server processes on loopback ports, each with its own store and
 //! `server_name`, routed to one another, JetStream enabled; any node can be stopped, killed and
-//! restarted on the same ports and store.
+//! restarted on the same ports and store. Name and routes are command-line flags, so a project's
+//! own configuration file runs on every node unmodified.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -16,6 +17,7 @@ pub struct NatsClusterBuilder {
     binary: Option<PathBuf>,
     jetstream_config: String,
     extra_config: String,
+    config_file: Option<PathBuf>,
     env: Vec<(String, String)>,
 }
 
@@ -33,9 +35,17 @@ impl NatsClusterBuilder {
     }
 
     /// Extra top-level configuration for every node, e.g. the accounts and users of a project's
-    /// configuration (`include "/abs/path/accounts.conf"` works too).
+    /// configuration (`include "/abs/path/accounts.conf"` works too). Unused with
+    /// [`NatsClusterBuilder::config_file`].
     pub fn extra_config(mut self, config: &str) -> Self {
         self.extra_config = config.to_owned();
+        self
+    }
+
+    /// Run this configuration file, unmodified, on every node instead of a generated one (e.g. a
+    /// project's accounts and users; it must enable JetStream and leave `store_dir` to the flag).
+    pub fn config_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.config_file = Some(path.into());
         self
     }
 
@@ -53,30 +63,38 @@ impl NatsClusterBuilder {
         let route_ports: Vec<u16> = (0..self.nodes).map(|_| free_port()).collect();
         let routes = route_ports
             .iter()
-            .map(|p| format!("nats-route://127.0.0.1:{p}"))
+            .map(|p| format!("nats://127.0.0.1:{p}"))
             .collect::<Vec<_>>()
-            .join(", ");
+            .join(",");
+        let config = match self.config_file {
+            Some(path) => ServerConfig::File(path),
+            None => ServerConfig::Generated {
+                jetstream: self.jetstream_config,
+                extra: self.extra_config,
+            },
+        };
         let mut nodes = Vec::with_capacity(self.nodes);
         for (i, route_port) in route_ports.iter().enumerate() {
-            // Every node lists every route, itself included: nats-server ignores the route to
-            // itself, and one list for all keeps the configuration symmetric.
-            let extra = format!(
-                "cluster {{\n  name: {CLUSTER_NAME}\n  listen: 127.0.0.1:{route_port}\n  \
-                 routes: [{routes}]\n}}\n{}\n",
-                self.extra_config
-            );
             let mut node = NatsServer::new(
                 binary.clone(),
-                ServerConfig::Generated {
-                    jetstream: self.jetstream_config.clone(),
-                    extra,
-                },
+                config.clone(),
                 self.env.clone(),
                 Readiness::Health {
                     js_enabled_only: false,
                 },
             );
-            node.server_name = Some(node_name(i));
+            // Every node lists every route, itself included: nats-server skips the route to
+            // itself, and one list keeps the nodes' flags alike.
+            node.args = vec![
+                "-n".into(),
+                node_name(i),
+                "--cluster_name".into(),
+                CLUSTER_NAME.into(),
+                "--cluster".into(),
+                format!("nats://127.0.0.1:{route_port}"),
+                "--routes".into(),
+                routes.clone(),
+            ];
             nodes.push(node);
         }
         // All first, then wait: a node is healthy only once a quorum has elected a meta leader.
@@ -109,6 +127,7 @@ impl NatsCluster {
             binary: None,
             jetstream_config: String::new(),
             extra_config: String::new(),
+            config_file: None,
             env: Vec::new(),
         }
     }
