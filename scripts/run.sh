@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Runs the whole system locally, without Docker: nats-server (>= 2.10, installed if missing) with
-# the project's nats.conf adapted to local paths, the three services on SQLite, each with its own
-# least-privilege NATS user; seeds products and accounts; runs three sample sagas and prints their
-# event timelines; then keeps running until Ctrl-C, which stops everything cleanly.
+# Runs the whole system locally, without Docker: nats-server (>= 2.14.5, installed if missing) on
+# the project's nats.conf as is, with local ports and store given as flags; the three services on
+# SQLite, each with its own least-privilege NATS user; seeds products and accounts; runs three
+# sample sagas and prints their event timelines; then keeps running until Ctrl-C, which stops
+# everything cleanly.
 # State lives in .demo/ and is reset on every run.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -43,9 +44,6 @@ export NATS_CLI_PASSWORD="${NATS_CLI_PASSWORD:-$(rand)}"
 export GATEWAY_JWT_SECRET="${GATEWAY_JWT_SECRET:-$(rand)$(rand)}"
 # Admin and seeding routes (PUT /products, PUT /accounts, /admin/*) need this bearer token.
 export ADMIN_TOKEN="${ADMIN_TOKEN:-$(rand)}"
-sed -e "s|^listen:.*|listen: 127.0.0.1:$NATS_PORT|" \
-    -e "s|^http_port:.*|http_port: $NATS_HTTP_PORT|" \
-    -e "s|^\(\s*\)store_dir:.*|\1store_dir: \"$demo/jetstream\"|" nats.conf > "$demo/nats.conf"
 
 pids=()
 cleanup() {
@@ -58,7 +56,9 @@ cleanup() {
 trap cleanup INT TERM EXIT
 
 echo "==> starting nats-server ($("$nats_server" --version))"
-"$nats_server" -c "$demo/nats.conf" >"$demo/nats.log" 2>&1 &
+# nats.conf as is; address, ports and store are flags (they take precedence over the file).
+"$nats_server" -c nats.conf -a 127.0.0.1 -p "$NATS_PORT" -m "$NATS_HTTP_PORT" -sd "$demo/jetstream" \
+  >"$demo/nats.log" 2>&1 &
 pids+=($!)
 
 wait_http() { # url what

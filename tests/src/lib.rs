@@ -82,25 +82,6 @@ fn user_passwords() -> Vec<(String, String)> {
         .collect()
 }
 
-/// The project's `nats.conf` with its listen address, store and monitoring port made per-test.
-fn project_nats_conf() -> String {
-    let text = std::fs::read_to_string(repo_root().join("nats.conf")).expect("read nats.conf");
-    text.lines()
-        .filter(|l| !l.trim_start().starts_with("http_port:"))
-        .map(|l| {
-            let t = l.trim_start();
-            if t.starts_with("listen:") {
-                "listen: 127.0.0.1:{PORT}".to_owned()
-            } else if t.starts_with("store_dir:") {
-                "  store_dir: \"{STORE}\"".to_owned()
-            } else {
-                l.to_owned()
-            }
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
 /// Where the people's user (account PEOPLE in `nats.conf`) reaches the services' account's
 /// read-only JetStream API: stream and consumer info and lists, single messages.
 pub const SERVICES_API_PREFIX: &str = "$JS.saga.API";
@@ -230,7 +211,7 @@ impl System {
     pub async fn start(config: SystemConfig) -> Self {
         let (nats, client) = if config.project_users {
             let nats =
-                NatsServer::start_from_template(&project_nats_conf(), user_passwords()).await;
+                NatsServer::from_config_file(repo_root().join("nats.conf"), user_passwords()).await;
             let client = async_nats::ConnectOptions::new()
                 .user_and_password("cli".into(), password("cli"))
                 .connect(nats.url())

@@ -5,7 +5,8 @@
 //! not by a consumer's deliver subject, not by a reply subject, not by a stream that republishes,
 //! sources or mirrors, not by a consumer on the services' streams.
 //!
-//! Each test starts its own server from `nats.conf`, rendered to free ports and a temporary store.
+//! Each test starts its own server from `nats.conf`, unmodified, on free ports and a temporary store
+//! (nats-server's own flags, through the toolkit's harness).
 //! A denial is observed twice. The server reports a permissions violation to the client (an error
 //! event on the connection), and the state the request would have changed stays the same: for
 //! the services' streams, their last sequence as their owners read it.
@@ -14,19 +15,18 @@
 //! (`git show <rev>:nats.conf > /tmp/old.conf`); the people's mirrors are provisioned only if it
 //! has the `provision` user.
 //!
-//! Needs nats-server >= 2.14.5: `.tools/bin/nats-server` (scripts/install-deps.sh) or
-//! `NATS_SERVER_BIN`; and python3, for `deploy/nats/provision.py`.
+//! Needs nats-server >= 2.15 (`NATS_SERVER_BIN`, else PATH's, else `.tools/bin/nats-server` from
+//! scripts/install-deps.sh); and python3, for `deploy/nats/provision.py`.
 
 use std::collections::BTreeSet;
-use std::fs::{self, File};
+use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer::pull, consumer::push, consumer::AckPolicy, stream};
 use async_nats::{Client, ConnectOptions, Event, HeaderMap};
 use event_toolkit::nats::ensure_stream;
-use event_toolkit::testing::{eventually, free_port};
+use event_toolkit::testing::{eventually, NatsServer};
 use event_toolkit::{ConsumerSpec, StreamSpec};
 use futures::StreamExt;
 use serde_json::{json, Value};
@@ -85,59 +85,13 @@ fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
-fn nats_server_binary() -> PathBuf {
-    if let Some(path) = std::env::var_os("NATS_SERVER_BIN") {
-        return PathBuf::from(path);
-    }
-    let pinned = repo_root().join(".tools/bin/nats-server");
-    if pinned.is_file() {
-        return pinned;
-    }
-    panic!(
-        "no nats-server: run scripts/install-deps.sh (installs nats-server >= 2.14.5 into .tools/bin) \
-         or set NATS_SERVER_BIN"
-    );
-}
-
-/// `nats.conf` with its client address, monitoring address and store directory replaced. Panics
-/// unless each of those lines appears exactly once, so that a change to the file that would break
-/// this rendering (and the demo script's) is noticed here.
-fn render_config(original: &str, port: u16, http_port: u16, store_dir: &Path) -> String {
-    let mut found = [0usize; 3];
-    let mut out = String::with_capacity(original.len() + 64);
-    for line in original.lines() {
-        let trimmed = line.trim_start();
-        let indent = &line[..line.len() - trimmed.len()];
-        let replaced = if trimmed.starts_with("listen:") {
-            found[0] += 1;
-            format!("{indent}listen: 127.0.0.1:{port}")
-        } else if trimmed.starts_with("http_port:") {
-            found[1] += 1;
-            format!("{indent}http: \"127.0.0.1:{http_port}\"")
-        } else if trimmed.starts_with("store_dir:") {
-            found[2] += 1;
-            format!("{indent}store_dir: {:?}", store_dir.display().to_string())
-        } else {
-            line.to_owned()
-        };
-        out.push_str(&replaced);
-        out.push('\n');
-    }
-    assert_eq!(
-        found,
-        [1, 1, 1],
-        "nats.conf must have exactly one `listen:`, one `http_port:` and one `store_dir:` line \
-         (found {found:?}); the tests and the demo script rewrite them"
-    );
-    out
-}
-
-/// A nats-server running the project's nats.conf. Killed on drop.
+/// A nats-server running the project's nats.conf (or `SAGA_NATS_CONF`) unmodified, with its
+/// address, ports and store given as flags by the harness. Killed on drop.
 struct ConfiguredServer {
-    child: Child,
-    dir: tempfile::TempDir,
-    port: u16,
+    server: NatsServer,
     config: String,
+    /// Holds the copy of an older configuration, if one was needed.
+    _copy: Option<tempfile::TempDir>,
 }
 
 impl ConfiguredServer {
@@ -147,54 +101,48 @@ impl ConfiguredServer {
             .unwrap_or_else(|| repo_root().join("nats.conf"));
         let original =
             fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
-        let dir = tempfile::tempdir().expect("temp dir");
-        let port = free_port();
-        let http_port = free_port();
-        let conf = dir.path().join("nats.conf");
-        fs::write(
-            &conf,
-            render_config(&original, port, http_port, &dir.path().join("jetstream")),
-        )
-        .expect("write rendered nats.conf");
-        let log = File::create(dir.path().join("nats.log")).expect("create log file");
-        let mut command = Command::new(nats_server_binary());
-        command
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::null())
-            .stderr(log);
-        for (user, variable) in USERS {
-            command.env(variable, password(user));
-        }
-        let child = command.spawn().expect("spawn nats-server");
-        let mut server = Self {
-            child,
-            dir,
-            port,
+        // Older configurations named their own store directory, which nats-server refuses next to
+        // the store flag: run those from a copy without that line.
+        let (path, copy) = if original
+            .lines()
+            .any(|l| l.trim_start().starts_with("store_dir:"))
+        {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let copy = dir.path().join("nats.conf");
+            let without_store: Vec<&str> = original
+                .lines()
+                .filter(|l| !l.trim_start().starts_with("store_dir:"))
+                .collect();
+            fs::write(&copy, without_store.join("\n")).expect("write nats.conf copy");
+            (copy, Some(dir))
+        } else {
+            (path, None)
+        };
+        let env = USERS
+            .iter()
+            .map(|(user, variable)| (variable.to_string(), password(user)))
+            .collect();
+        let server = Self {
+            server: NatsServer::from_config_file(path, env).await,
             config: original,
+            _copy: copy,
         };
         server.wait_until_ready().await;
         server
     }
 
     fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
+        self.server.url()
     }
 
     fn log(&self) -> String {
-        fs::read_to_string(self.dir.path().join("nats.log")).unwrap_or_default()
+        self.server.log()
     }
 
     /// Ready means the `order` user can connect and JetStream answers `$JS.API.INFO`.
-    async fn wait_until_ready(&mut self) {
+    async fn wait_until_ready(&self) {
         let deadline = Instant::now() + STARTUP_DEADLINE;
         loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!(
-                    "nats-server exited ({status}) before accepting connections; log:\n{}",
-                    self.log()
-                );
-            }
             let connected = ConnectOptions::new()
                 .user_and_password("order".into(), password("order"))
                 .connection_timeout(Duration::from_millis(500))
@@ -229,13 +177,6 @@ impl ConfiguredServer {
         })
         .await
         .expect("provisioning ran");
-    }
-}
-
-impl Drop for ConfiguredServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
