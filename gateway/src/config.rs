@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use event_toolkit::edge::EdgeLimits;
-use event_toolkit::service::{env_u64, StartError};
+use event_toolkit::service::StartError;
 
 /// One upstream: a name (metrics label, `GATEWAY_<NAME>_TIMEOUT_MS`) and its replicas.
 #[derive(Debug, Clone)]
@@ -78,6 +78,17 @@ fn config_error(name: &str, reason: impl Into<String>) -> StartError {
 
 fn var(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+}
+
+/// An integer setting with a default; malformed is an error, not a silent default.
+fn env_u64(name: &str, default: u64) -> Result<u64, StartError> {
+    match var(name) {
+        Some(v) => v
+            .trim()
+            .parse()
+            .map_err(|e| config_error(name, format!("{v:?}: {e}"))),
+        None => Ok(default),
+    }
 }
 
 fn millis(name: &str, default: u64) -> Result<Duration, StartError> {
@@ -208,7 +219,12 @@ impl Config {
             },
             rate_per_sec: positive("GATEWAY_RATE_PER_SEC", 20)? as u32,
             rate_burst: positive("GATEWAY_RATE_BURST", 40)? as u32,
-            edge: EdgeLimits::from_env()?,
+            edge: event_toolkit::config::from_env::<EdgeLimits>().map_err(|e| {
+                // clap's message names the variable; its first line is the whole story.
+                let message = e.to_string();
+                let first = message.lines().next().unwrap_or_default();
+                config_error("HTTP_*", first.trim_start_matches("error: "))
+            })?,
         })
     }
 }

@@ -3,6 +3,7 @@
 use event_toolkit::http::App;
 use event_toolkit::service::{Runtime, ServiceConfig, StartError};
 
+use crate::config::Settings;
 use crate::events;
 use crate::routes::router;
 
@@ -15,15 +16,7 @@ pub struct Application;
 impl Application {
     /// Connect, provision, start consumers, bind HTTP.
     pub async fn build(config: ServiceConfig) -> Result<App, StartError> {
-        let mut runtime = Runtime::start(
-            &config,
-            (
-                sqlx::migrate!("./migrations/sqlite"),
-                sqlx::migrate!("./migrations/postgres"),
-            ),
-            &events::streams(),
-        )
-        .await?;
+        let mut runtime = Runtime::start(&config, sqlx::migrate!(), &events::streams()).await?;
         for subscription in crate::handlers::subscriptions() {
             runtime.subscribe(subscription);
         }
@@ -34,7 +27,7 @@ impl Application {
 
 /// Build from the environment and run.
 pub async fn run_from_env() -> Result<(), StartError> {
-    Application::build(ServiceConfig::from_env(NAME, "127.0.0.1:8082")?)
+    Application::build(Settings::from_env()?.service)
         .await?
         .run_until_stopped()
         .await

@@ -13,13 +13,7 @@ async fn scenario(backend: Backend) -> Scenario {
     let s = Scenario::new(backend, inventory_service::handlers::subscriptions())
         .await
         .with_source("/inventory-service");
-    s.db()
-        .migrate(
-            sqlx::migrate!("./migrations/sqlite"),
-            sqlx::migrate!("./migrations/postgres"),
-        )
-        .await
-        .expect("migrate");
+    s.db().migrate(sqlx::migrate!()).await.expect("migrate");
     s
 }
 

@@ -1,5 +1,6 @@
 //! Order service: owns orders and their saga status; announces placed, confirmed and cancelled.
 
+pub mod config;
 pub mod deadline;
 pub mod domain;
 pub mod events;

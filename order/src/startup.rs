@@ -1,47 +1,15 @@
 //! Wiring: configuration, runtime, consumers, workers and HTTP.
 
-use std::time::Duration;
-
 use event_toolkit::http::App;
-use event_toolkit::retention::{env_duration, PruneRule};
-use event_toolkit::service::{env_u64, Runtime, ServiceConfig, StartError};
+use event_toolkit::retention::PruneRule;
+use event_toolkit::service::{Runtime, StartError};
 
+pub use crate::config::Settings;
 use crate::events;
 use crate::routes::{router, AppState};
 
 /// Service name.
 pub const NAME: &str = "order-service";
-
-/// Order-specific settings.
-#[derive(Debug, Clone)]
-pub struct Settings {
-    /// Shared service settings.
-    pub service: ServiceConfig,
-    /// `ORDER_DEADLINE_MS`: how long a saga may take before the order is cancelled.
-    pub deadline: Duration,
-    /// `IDEMPOTENCY_KEY_RETENTION`: how long a placement's `Idempotency-Key` is remembered.
-    pub idempotency_retention: Duration,
-    /// `TIMELINE_RETENTION`: how long saga timelines are kept.
-    pub timeline_retention: Duration,
-}
-
-impl Settings {
-    /// Read the environment.
-    pub fn from_env() -> Result<Self, StartError> {
-        Ok(Self {
-            service: ServiceConfig::from_env(NAME, "127.0.0.1:8081")?,
-            deadline: Duration::from_millis(env_u64("ORDER_DEADLINE_MS", 30_000)?),
-            idempotency_retention: env_duration(
-                "IDEMPOTENCY_KEY_RETENTION",
-                Duration::from_secs(24 * 3600),
-            )?,
-            timeline_retention: env_duration(
-                "TIMELINE_RETENTION",
-                Duration::from_secs(90 * 24 * 3600),
-            )?,
-        })
-    }
-}
 
 /// The order service: [`Application::build`] wires it and returns an [`App`] to run.
 pub struct Application;
@@ -49,15 +17,8 @@ pub struct Application;
 impl Application {
     /// Connect, provision, start consumers and workers, bind HTTP.
     pub async fn build(settings: Settings) -> Result<App, StartError> {
-        let mut runtime = Runtime::start(
-            &settings.service,
-            (
-                sqlx::migrate!("./migrations/sqlite"),
-                sqlx::migrate!("./migrations/postgres"),
-            ),
-            &events::streams(),
-        )
-        .await?;
+        let mut runtime =
+            Runtime::start(&settings.service, sqlx::migrate!(), &events::streams()).await?;
         describe_metrics();
         // A retry with the same key after this long is a new order.
         runtime.prune_also(

@@ -21,13 +21,7 @@ async fn scenario(backend: Backend) -> Scenario {
     let s = Scenario::new(backend, order_service::handlers::subscriptions(DEADLINE))
         .await
         .with_source("/order-service");
-    s.db()
-        .migrate(
-            sqlx::migrate!("./migrations/sqlite"),
-            sqlx::migrate!("./migrations/postgres"),
-        )
-        .await
-        .expect("migrate");
+    s.db().migrate(sqlx::migrate!()).await.expect("migrate");
     s
 }
 

@@ -261,14 +261,9 @@ pub struct SimulatedGateway {
 }
 
 impl SimulatedGateway {
-    /// A provider answering after `latency`, declining amounts above `decline_over_minor`, and
-    /// losing the answer to every `PAYMENT_GATEWAY_TIMEOUT_EVERY`-th approval (unset or 0: none).
-    ///
-    /// # Panics
-    /// If `PAYMENT_GATEWAY_TIMEOUT_EVERY` is not a number: a bad setting stops the start.
+    /// A provider answering after `latency` and declining amounts above `decline_over_minor`;
+    /// see [`SimulatedGateway::losing_every`] for lost answers.
     pub fn new(latency: Duration, decline_over_minor: Option<i64>) -> Self {
-        let every = event_toolkit::service::env_u64("PAYMENT_GATEWAY_TIMEOUT_EVERY", 0)
-            .unwrap_or_else(|e| panic!("{e}"));
         Self {
             mode: Arc::new(AtomicU8::new(0)),
             latency,
@@ -277,7 +272,6 @@ impl SimulatedGateway {
             book: Arc::default(),
             circuit: CircuitWatch::default(),
         }
-        .losing_every(every)
     }
 
     /// Lose the answer to every `n`-th approval (0: none): the charge is approved, but no call

@@ -1,6 +1,7 @@
 //! Payment service: owns customer accounts, payments and refunds; charges on reservation, never
 //! charges an order known cancelled, refunds one charged and then cancelled.
 
+pub mod config;
 pub mod domain;
 pub mod events;
 pub mod gateway;

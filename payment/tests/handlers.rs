@@ -17,13 +17,7 @@ async fn scenario_waking(backend: Backend, processor: &OutboxWaker) -> Scenario 
     let s = Scenario::new(backend, payment_service::handlers::subscriptions(processor))
         .await
         .with_source(SOURCE);
-    s.db()
-        .migrate(
-            sqlx::migrate!("./migrations/sqlite"),
-            sqlx::migrate!("./migrations/postgres"),
-        )
-        .await
-        .expect("migrate");
+    s.db().migrate(sqlx::migrate!()).await.expect("migrate");
     s
 }
 

@@ -19,12 +19,7 @@ use sqlx::Row;
 async fn database(backend: Backend) -> (TestDb, Database) {
     let testdb = TestDb::new(backend).await;
     let db = testdb.connect().await;
-    db.migrate(
-        sqlx::migrate!("./migrations/sqlite"),
-        sqlx::migrate!("./migrations/postgres"),
-    )
-    .await
-    .expect("migrate");
+    db.migrate(sqlx::migrate!()).await.expect("migrate");
     (testdb, db)
 }
 

@@ -1,7 +1,8 @@
 //! Storage: one code path over SQLite (embedded default) and Postgres (production), chosen by URL.
 //!
 //! Queries are written once with `$N` placeholders, which both backends accept, and run through
-//! sqlx's `Any` driver. Only DDL (migrations) and row locking differ per backend.
+//! sqlx's `Any` driver. Only row locking differs per backend, and the toolkit's own DDL (a service
+//! whose SQL suits both backends keeps one migrations folder).
 
 use std::path::Path;
 use std::str::FromStr;
@@ -45,15 +46,28 @@ pub enum DbError {
 
 /// Tuning for a [`Database`].
 #[derive(Debug, Clone)]
+#[cfg_attr(feature = "service", derive(clap::Args))]
 pub struct DbOptions {
     /// Pool size.
+    #[cfg_attr(feature = "service", arg(skip = 8u32))]
     pub max_connections: u32,
-    /// SQLite `synchronous` pragma: `NORMAL` (default; durable against process crashes, may lose the
-    /// last commits on power loss) or `FULL`.
-    pub sqlite_synchronous: String,
+    /// SQLite `synchronous` pragma: NORMAL is durable against process crashes but may lose the
+    /// last commits on power loss; FULL is durable against power loss too.
+    #[cfg_attr(
+        feature = "service",
+        arg(
+            long = "sqlite-synchronous",
+            env = "SQLITE_SYNCHRONOUS",
+            default_value = "NORMAL",
+            ignore_case = true
+        )
+    )]
+    pub sqlite_synchronous: SqliteSynchronous,
     /// How long a SQLite writer waits for the write lock before failing.
+    #[cfg_attr(feature = "service", arg(skip = Duration::from_secs(10)))]
     pub busy_timeout: Duration,
     /// How long to keep retrying the first connection (database still starting).
+    #[cfg_attr(feature = "service", arg(skip = Duration::from_secs(60)))]
     pub connect_for: Duration,
 }
 
@@ -61,10 +75,40 @@ impl Default for DbOptions {
     fn default() -> Self {
         Self {
             max_connections: 8,
-            sqlite_synchronous: std::env::var("SQLITE_SYNCHRONOUS")
-                .unwrap_or_else(|_| "NORMAL".to_owned()),
+            sqlite_synchronous: SqliteSynchronous::Normal,
             busy_timeout: Duration::from_secs(10),
             connect_for: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Values of SQLite's `synchronous` pragma.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "service", derive(clap::ValueEnum))]
+pub enum SqliteSynchronous {
+    /// No syncs at all: a power loss may corrupt the database.
+    #[cfg_attr(feature = "service", value(name = "OFF"))]
+    Off,
+    /// Sync at checkpoints (WAL): survives process crashes.
+    #[default]
+    #[cfg_attr(feature = "service", value(name = "NORMAL"))]
+    Normal,
+    /// Sync every commit: survives power loss.
+    #[cfg_attr(feature = "service", value(name = "FULL"))]
+    Full,
+    /// FULL, plus the directory after a rollback journal is deleted.
+    #[cfg_attr(feature = "service", value(name = "EXTRA"))]
+    Extra,
+}
+
+impl SqliteSynchronous {
+    /// The pragma's value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Off => "OFF",
+            Self::Normal => "NORMAL",
+            Self::Full => "FULL",
+            Self::Extra => "EXTRA",
         }
     }
 }
@@ -110,7 +154,7 @@ impl Database {
             .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(1));
         let pragmas = format!(
             "PRAGMA journal_mode = WAL; PRAGMA synchronous = {}; PRAGMA busy_timeout = {}; PRAGMA foreign_keys = ON;",
-            sanitize_sync(&options.sqlite_synchronous),
+            options.sqlite_synchronous.as_str(),
             options.busy_timeout.as_millis()
         );
         let pool_options = AnyPoolOptions::new()
@@ -150,22 +194,19 @@ impl Database {
             backend,
             transactions: Default::default(),
         };
-        // The toolkit's own tables: outbox, inbox, dead letters.
-        db.migrate(
-            sqlx::migrate!("./migrations/sqlite"),
-            sqlx::migrate!("./migrations/postgres"),
-        )
+        // The toolkit's own tables: outbox, inbox, dead letters. Their DDL differs per backend
+        // (identity columns, BLOB vs BYTEA, `ADD COLUMN IF NOT EXISTS`).
+        db.migrate(match backend {
+            Backend::Sqlite => sqlx::migrate!("./migrations/sqlite"),
+            Backend::Postgres => sqlx::migrate!("./migrations/postgres"),
+        })
         .await?;
         Ok(db)
     }
 
-    /// Run a service's migrations (one set per backend). Migrators share the `_sqlx_migrations`
-    /// table, so each set must use version numbers of its own.
-    pub async fn migrate(&self, sqlite: Migrator, postgres: Migrator) -> Result<(), DbError> {
-        let mut migrator = match self.backend {
-            Backend::Sqlite => sqlite,
-            Backend::Postgres => postgres,
-        };
+    /// Run a service's migrations, written once for both backends. Migrators share the
+    /// `_sqlx_migrations` table, so each set must use version numbers of its own.
+    pub async fn migrate(&self, mut migrator: Migrator) -> Result<(), DbError> {
         // Other migrators (toolkit vs service) have applied versions this one does not know about.
         migrator.set_ignore_missing(true);
         migrator.run(&self.writer).await?;
@@ -207,16 +248,6 @@ impl Database {
     pub async fn close(&self) {
         self.pool.close().await;
         self.writer.close().await;
-    }
-}
-
-/// Only the documented pragma values may reach the SQL string.
-fn sanitize_sync(value: &str) -> &'static str {
-    match value.to_ascii_uppercase().as_str() {
-        "OFF" => "OFF",
-        "FULL" => "FULL",
-        "EXTRA" => "EXTRA",
-        _ => "NORMAL",
     }
 }
 

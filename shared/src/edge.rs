@@ -24,19 +24,23 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceBuilder;
 
+use crate::config::{positive, positive_millis};
 use crate::http::Problem;
-use crate::service::{env_u64, StartError};
 
-/// Limits of the HTTP edge (see the module documentation).
-#[derive(Debug, Clone)]
+/// Limits of the HTTP edge (see the module documentation). Zero is refused for each.
+#[derive(Debug, Clone, clap::Args)]
 pub struct EdgeLimits {
-    /// `HTTP_HEADER_TIMEOUT_MS`: time to send a request head.
+    /// Milliseconds a client has to send a request head (and an idle connection is kept).
+    #[arg(long = "http-header-timeout-ms", env = "HTTP_HEADER_TIMEOUT_MS", default_value = "5000", value_parser = positive_millis)]
     pub header_read_timeout: Duration,
-    /// `HTTP_REQUEST_TIMEOUT_MS`: time to answer a request.
+    /// Milliseconds to answer a request before it is answered 503.
+    #[arg(long = "http-request-timeout-ms", env = "HTTP_REQUEST_TIMEOUT_MS", default_value = "15000", value_parser = positive_millis)]
     pub request_timeout: Duration,
-    /// `HTTP_MAX_IN_FLIGHT`: requests handled at once.
+    /// Requests handled at once; more are answered 503 at once.
+    #[arg(long = "http-max-in-flight", env = "HTTP_MAX_IN_FLIGHT", default_value = "128", value_parser = positive::<usize>)]
     pub max_in_flight: usize,
-    /// `HTTP_MAX_CONNECTIONS`: open connections.
+    /// Open connections at most; new ones past it are closed.
+    #[arg(long = "http-max-connections", env = "HTTP_MAX_CONNECTIONS", default_value = "4096", value_parser = positive::<usize>)]
     pub max_connections: usize,
 }
 
@@ -52,32 +56,6 @@ impl Default for EdgeLimits {
 }
 
 impl EdgeLimits {
-    /// Read the limits from the environment; a malformed or zero value is an error.
-    pub fn from_env() -> Result<Self, StartError> {
-        let d = Self::default();
-        let positive = |name: &str, default: u64| -> Result<u64, StartError> {
-            match env_u64(name, default)? {
-                0 => Err(StartError::Config {
-                    name: name.to_owned(),
-                    reason: "must be greater than zero".into(),
-                }),
-                v => Ok(v),
-            }
-        };
-        Ok(Self {
-            header_read_timeout: Duration::from_millis(positive(
-                "HTTP_HEADER_TIMEOUT_MS",
-                d.header_read_timeout.as_millis() as u64,
-            )?),
-            request_timeout: Duration::from_millis(positive(
-                "HTTP_REQUEST_TIMEOUT_MS",
-                d.request_timeout.as_millis() as u64,
-            )?),
-            max_in_flight: positive("HTTP_MAX_IN_FLIGHT", d.max_in_flight as u64)? as usize,
-            max_connections: positive("HTTP_MAX_CONNECTIONS", d.max_connections as u64)? as usize,
-        })
-    }
-
     /// `router` with load shedding and the request timeout.
     pub fn limit(&self, router: Router) -> Router {
         router.layer(

@@ -2,6 +2,7 @@
 //!
 //! - [`envelope`]: CloudEvents 1.0 envelope; decoding of structured events and of bare JSON bodies
 //!   published by hand.
+//! - [`config`]: secrets redacted in logs; with feature `service`, settings read by clap.
 //! - [`db`]: one code path over SQLite and Postgres.
 //! - [`outbox`]: transactional outbox and the relay that publishes it.
 //! - [`consumer`]: idempotent, batching consumer with inbox, dead letters and bounded redelivery.
@@ -14,6 +15,7 @@
 
 #[cfg(feature = "service")]
 pub mod auth;
+pub mod config;
 pub mod consumer;
 pub mod db;
 pub mod deferred;
@@ -41,7 +43,7 @@ pub mod testing;
 pub mod trace;
 
 pub use consumer::{ConsumerRunner, ConsumerSpec, Handler, HandlerError};
-pub use db::{Backend, Database, DbOptions};
+pub use db::{Backend, Database, DbOptions, SqliteSynchronous};
 pub use envelope::{DecodeError, Envelope, EventPayload};
 pub use nats::{NatsSettings, StreamSpec};
 pub use outbox::{OutboxRelay, OutboxWaker, RelayConfig};

@@ -6,6 +6,8 @@ use async_nats::jetstream::stream::{Config as StreamConfig, DiscardPolicy, Stora
 use async_nats::jetstream::Context;
 use backon::{ExponentialBuilder, Retryable};
 
+use crate::config::{redact_url, Secret};
+
 /// The oldest nats-server this toolkit runs against: 2.9 silently ignores `filter_subjects`.
 pub const MIN_SERVER_VERSION: (u64, u64) = (2, 10);
 
@@ -37,18 +39,46 @@ pub enum NatsError {
 }
 
 /// How to reach NATS.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
+#[cfg_attr(feature = "service", derive(clap::Args))]
 pub struct NatsSettings {
-    /// Server URL(s), comma-separated.
+    /// NATS server URL(s), comma-separated.
+    #[cfg_attr(
+        feature = "service",
+        arg(
+            long = "nats-url",
+            env = "NATS_URL",
+            default_value = "nats://127.0.0.1:4222"
+        )
+    )]
     pub url: String,
-    /// Optional user.
+    /// NATS user (with NATS_PASSWORD).
+    #[cfg_attr(feature = "service", arg(long = "nats-user", env = "NATS_USER"))]
     pub user: Option<String>,
-    /// Optional password.
-    pub password: Option<String>,
+    /// NATS password.
+    #[cfg_attr(
+        feature = "service",
+        arg(long = "nats-password", env = "NATS_PASSWORD")
+    )]
+    pub password: Option<Secret>,
     /// Client name shown in server monitoring.
+    #[cfg_attr(feature = "service", arg(skip))]
     pub name: String,
     /// How long to keep retrying the first connection.
+    #[cfg_attr(feature = "service", arg(skip = Duration::from_secs(120)))]
     pub connect_for: Duration,
+}
+
+impl std::fmt::Debug for NatsSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsSettings")
+            .field("url", &redact_url(&self.url))
+            .field("user", &self.user)
+            .field("password", &self.password)
+            .field("name", &self.name)
+            .field("connect_for", &self.connect_for)
+            .finish()
+    }
 }
 
 /// Connect with backoff (the server may still be starting) and check its version. Once connected the
@@ -60,7 +90,7 @@ pub async fn connect(settings: &NatsSettings) -> Result<async_nats::Client, Nats
             .connection_timeout(Duration::from_secs(3))
             .max_reconnects(None);
         if let (Some(user), Some(password)) = (&settings.user, &settings.password) {
-            options = options.user_and_password(user.clone(), password.clone());
+            options = options.user_and_password(user.clone(), password.expose().to_owned());
         }
         options.connect(settings.url.as_str()).await
     };

@@ -15,6 +15,7 @@ use std::time::Duration;
 use sqlx::Row;
 use tokio_util::sync::CancellationToken;
 
+use crate::config::duration;
 use crate::db::{now_micros, Backend, Database};
 use crate::service::StartError;
 
@@ -24,16 +25,21 @@ pub const BATCH: i64 = 500;
 /// Advisory-lock key of the sweeper (any constant unique to this use).
 const LEADER_LOCK: i64 = 0x5a6a_7265_7465_6e74;
 
-/// How long each kind of row is kept.
-#[derive(Debug, Clone)]
+/// How long each kind of row is kept (durations such as `1d`, `36h`, `90s`).
+#[derive(Debug, Clone, clap::Args)]
 pub struct RetentionConfig {
-    /// `OUTBOX_RETENTION`: published outbox rows.
+    /// How long published outbox rows are kept.
+    #[arg(long = "outbox-retention", env = "OUTBOX_RETENTION", default_value = "1d", value_parser = duration)]
     pub outbox: Duration,
-    /// `INBOX_RETENTION`: inbox rows (the dedup record).
+    /// How long inbox rows (the dedup record) are kept; must exceed the streams' max_age plus the
+    /// redelivery horizon.
+    #[arg(long = "inbox-retention", env = "INBOX_RETENTION", default_value = "8d", value_parser = duration)]
     pub inbox: Duration,
-    /// `DEAD_LETTER_RETENTION`: dead letters.
+    /// How long dead letters are kept.
+    #[arg(long = "dead-letter-retention", env = "DEAD_LETTER_RETENTION", default_value = "30d", value_parser = duration)]
     pub dead_letters: Duration,
-    /// `RETENTION_SWEEP_INTERVAL`: pause between sweeps.
+    /// Pause between retention sweeps.
+    #[arg(long = "retention-sweep-interval", env = "RETENTION_SWEEP_INTERVAL", default_value = "60s", value_parser = duration)]
     pub sweep_every: Duration,
 }
 
@@ -48,31 +54,7 @@ impl Default for RetentionConfig {
     }
 }
 
-/// Read a duration setting like `1d`, `36h`, `90s`; malformed is an error.
-pub fn env_duration(name: &str, default: Duration) -> Result<Duration, StartError> {
-    match std::env::var(name) {
-        Ok(v) if !v.trim().is_empty() => {
-            humantime::parse_duration(v.trim()).map_err(|e| StartError::Config {
-                name: name.to_owned(),
-                reason: format!("{v:?}: {e} (examples: 1d, 36h, 90s)"),
-            })
-        }
-        _ => Ok(default),
-    }
-}
-
 impl RetentionConfig {
-    /// Read the settings.
-    pub fn from_env() -> Result<Self, StartError> {
-        let d = Self::default();
-        Ok(Self {
-            outbox: env_duration("OUTBOX_RETENTION", d.outbox)?,
-            inbox: env_duration("INBOX_RETENTION", d.inbox)?,
-            dead_letters: env_duration("DEAD_LETTER_RETENTION", d.dead_letters)?,
-            sweep_every: env_duration("RETENTION_SWEEP_INTERVAL", d.sweep_every)?,
-        })
-    }
-
     /// Refuse an inbox retention that would let a still-deliverable message be applied twice.
     pub fn check_dedup(
         &self,

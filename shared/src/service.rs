@@ -12,8 +12,9 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::AdminAuth;
+use crate::config::{positive, redact_url, Secret};
 use crate::consumer::{ConsumerRunner, ConsumerSpec, Handler};
-use crate::db::{default_sqlite_url, Database, DbError, DbOptions};
+use crate::db::{Database, DbError, DbOptions};
 use crate::edge::EdgeLimits;
 use crate::nats::{
     connect, ensure_stream, NatsError, NatsSettings, StreamSpec, DEFAULT_STREAM_MAX_AGE,
@@ -51,74 +52,73 @@ pub enum StartError {
     },
 }
 
-/// Settings every service reads from its environment.
-#[derive(Debug, Clone)]
+/// Settings every service reads, flattened into each service's own settings (see
+/// [`crate::config::parse`], which also gives `DATABASE_URL` and `HTTP_ADDR` their defaults).
+#[derive(Clone, clap::Args)]
 pub struct ServiceConfig {
     /// Service name: NATS client name, event `source`, default SQLite file name.
+    #[arg(skip)]
     pub name: String,
     /// NATS connection.
+    #[command(flatten)]
     pub nats: NatsSettings,
-    /// `DATABASE_URL`, default `sqlite://data/<name>.db`.
+    /// Database: sqlite://<file> or postgres://…
+    #[arg(long = "database-url", env = "DATABASE_URL")]
     pub database_url: String,
-    /// `HTTP_ADDR`.
+    /// HTTP listen address.
+    #[arg(long = "http-addr", env = "HTTP_ADDR")]
     pub http_addr: String,
     /// Database tuning.
+    #[command(flatten)]
     pub db: DbOptions,
-    /// `ADMIN_TOKEN`: guards admin and seeding routes.
-    pub admin: AdminAuth,
-    /// `STREAM_MAX_BYTES`: the bound of each stream the service provisions.
+    /// Bearer token of the admin and seeding routes; unset, they answer 403.
+    #[arg(long = "admin-token", env = "ADMIN_TOKEN")]
+    pub admin_token: Option<Secret>,
+    /// Bytes each stream the service provisions may hold.
+    #[arg(
+        long = "stream-max-bytes",
+        env = "STREAM_MAX_BYTES",
+        default_value_t = DEFAULT_STREAM_MAX_BYTES,
+        value_parser = positive::<i64>
+    )]
     pub stream_max_bytes: i64,
-    /// `HTTP_*` limits of the HTTP edge.
+    /// Limits of the HTTP edge.
+    #[command(flatten, next_help_heading = "HTTP edge")]
     pub edge: EdgeLimits,
-    /// `*_RETENTION`: how long bookkeeping rows are kept.
+    /// How long bookkeeping rows are kept.
+    #[command(flatten, next_help_heading = "Retention")]
     pub retention: RetentionConfig,
 }
 
-impl ServiceConfig {
-    /// Read `NATS_URL`, `NATS_USER`, `NATS_PASSWORD`, `DATABASE_URL`, `HTTP_ADDR`, `ADMIN_TOKEN`,
-    /// `STREAM_MAX_BYTES`. A malformed number is an error, not a silent default.
-    pub fn from_env(name: &str, default_http_addr: &str) -> Result<Self, StartError> {
-        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-        let stream_max_bytes = env_u64("STREAM_MAX_BYTES", DEFAULT_STREAM_MAX_BYTES as u64)?;
-        if stream_max_bytes == 0 || stream_max_bytes > i64::MAX as u64 {
-            return Err(StartError::Config {
-                name: "STREAM_MAX_BYTES".into(),
-                reason: "must be a positive number of bytes".into(),
-            });
-        }
-        Ok(Self {
-            name: name.to_owned(),
-            nats: NatsSettings {
-                url: var("NATS_URL").unwrap_or_else(|| "nats://127.0.0.1:4222".to_owned()),
-                user: var("NATS_USER"),
-                password: var("NATS_PASSWORD"),
-                name: name.to_owned(),
-                connect_for: Duration::from_secs(120),
-            },
-            database_url: var("DATABASE_URL").unwrap_or_else(|| default_sqlite_url(name)),
-            http_addr: var("HTTP_ADDR").unwrap_or_else(|| default_http_addr.to_owned()),
-            db: DbOptions::default(),
-            admin: AdminAuth::new(var("ADMIN_TOKEN")),
-            stream_max_bytes: stream_max_bytes as i64,
-            edge: EdgeLimits::from_env()?,
-            retention: {
-                let r = RetentionConfig::from_env()?;
-                let horizon = ConsumerSpec::new("", "", &[]).redelivery_horizon();
-                r.check_dedup(DEFAULT_STREAM_MAX_AGE, horizon)?;
-                r
-            },
-        })
+impl std::fmt::Debug for ServiceConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServiceConfig")
+            .field("name", &self.name)
+            .field("nats", &self.nats)
+            .field("database_url", &redact_url(&self.database_url))
+            .field("http_addr", &self.http_addr)
+            .field("db", &self.db)
+            .field("admin_token", &self.admin_token)
+            .field("stream_max_bytes", &self.stream_max_bytes)
+            .field("edge", &self.edge)
+            .field("retention", &self.retention)
+            .finish()
     }
 }
 
-/// Read an integer setting, with a default; a malformed value is an error, not a silent default.
-pub fn env_u64(name: &str, default: u64) -> Result<u64, StartError> {
-    match std::env::var(name) {
-        Ok(v) if !v.trim().is_empty() => v.trim().parse().map_err(|e| StartError::Config {
-            name: name.to_owned(),
-            reason: format!("{v:?}: {e}"),
-        }),
-        _ => Ok(default),
+impl ServiceConfig {
+    /// Name the service (its NATS client too) and check what no single value can: that inbox
+    /// rows outlive every possible redelivery.
+    pub fn named(&mut self, name: &str) -> Result<(), StartError> {
+        self.name = name.to_owned();
+        self.nats.name = name.to_owned();
+        let horizon = ConsumerSpec::new("", "", &[]).redelivery_horizon();
+        self.retention.check_dedup(DEFAULT_STREAM_MAX_AGE, horizon)
+    }
+
+    /// The guard of the admin routes.
+    pub fn admin(&self) -> AdminAuth {
+        AdminAuth::new(self.admin_token.clone().map(Secret::into_inner))
     }
 }
 
@@ -153,11 +153,11 @@ impl Runtime {
     /// service's own streams and start its outbox relay.
     pub async fn start(
         config: &ServiceConfig,
-        migrations: (Migrator, Migrator),
+        migrations: Migrator,
         streams: &[StreamSpec],
     ) -> Result<Self, StartError> {
         let db = Database::connect(&config.database_url, config.db.clone()).await?;
-        db.migrate(migrations.0, migrations.1).await?;
+        db.migrate(migrations).await?;
         let client = connect(&config.nats).await?;
         let js = async_nats::jetstream::new(client.clone());
         let mut owned = Vec::with_capacity(streams.len());
@@ -177,7 +177,8 @@ impl Runtime {
         let relay_stop = CancellationToken::new();
         let relay_task = tokio::spawn(relay.run(relay_stop.clone()));
         crate::observe::install();
-        if !config.admin.is_configured() {
+        let admin = config.admin();
+        if !admin.is_configured() {
             tracing::warn!("ADMIN_TOKEN is not set: admin and seeding routes answer 403");
         }
         let mut tasks = JoinSet::new();
@@ -200,7 +201,7 @@ impl Runtime {
             client,
             waker,
             shutdown,
-            admin: config.admin.clone(),
+            admin,
             edge: config.edge.clone(),
             redrive,
             relay_health,

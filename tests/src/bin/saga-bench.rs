@@ -249,7 +249,7 @@ async fn database_ceiling(profile: Profile) -> f64 {
     let testdb = TestDb::new(profile.backend()).await;
     let mut options = DbOptions::default();
     if profile == Profile::Durable {
-        options.sqlite_synchronous = "FULL".into();
+        options.sqlite_synchronous = event_toolkit::SqliteSynchronous::Full;
     }
     let db = event_toolkit::Database::connect(&testdb.url, options)
         .await
