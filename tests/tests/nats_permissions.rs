@@ -27,7 +27,7 @@ use async_nats::jetstream::{self, consumer::pull, consumer::push, consumer::AckP
 use async_nats::{Client, ConnectOptions, Event, HeaderMap};
 use event_toolkit::nats::ensure_stream;
 use event_toolkit::testing::{eventually, NatsServer};
-use event_toolkit::{ConsumerSpec, StreamSpec};
+use event_toolkit::{ConsumerSpec, StreamSpec, Wiring};
 use futures::StreamExt;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
@@ -54,22 +54,36 @@ const USERS: [(&str, &str); 5] = [
     ("cli", "NATS_CLI_PASSWORD"),
 ];
 
-/// The services' streams, which people read through mirrors of the same names.
-const STREAMS: [&str; 4] = ["ORDERS", "INVENTORY", "PAYMENTS", "ORDER_COMMANDS"];
+/// How each service is wired, from its own library: its NATS user, streams, durables and events.
+fn wirings() -> Vec<Wiring> {
+    vec![
+        order_service::wiring(),
+        inventory_service::wiring(),
+        payment_service::wiring(),
+    ]
+}
 
-/// Every domain event subject, by owner.
-const EVENTS: [&str; 10] = [
-    "orders.placed.v1",
-    "orders.confirmed.v1",
-    "orders.cancelled.v1",
-    "inventory.reserved.v1",
-    "inventory.rejected.v1",
-    "inventory.released.v1",
-    "inventory.committed.v1",
-    "payments.succeeded.v1",
-    "payments.failed.v1",
-    "payments.refunded.v1",
-];
+/// The services' streams, which people read through mirrors of the same names.
+fn stream_names() -> Vec<String> {
+    wirings()
+        .into_iter()
+        .flat_map(|w| w.streams.into_iter().map(|s| s.name))
+        .collect()
+}
+
+/// Every domain event a service announces.
+fn events() -> Vec<&'static str> {
+    wirings().into_iter().flat_map(|w| w.publishes).collect()
+}
+
+/// A stream as its owning service provisions it.
+fn stream_spec(name: &str) -> StreamSpec {
+    wirings()
+        .into_iter()
+        .flat_map(|w| w.streams)
+        .find(|s| s.name == name)
+        .unwrap_or_else(|| panic!("no service provisions {name}"))
+}
 
 /// Where people reach the services' account, read-only.
 const SAGA_API: &str = "$JS.saga.API";
@@ -339,31 +353,34 @@ async fn fetch(consumer: &jetstream::consumer::PullConsumer, n: usize) -> Vec<je
 }
 
 fn orders_stream() -> StreamSpec {
-    StreamSpec::new("ORDERS", &["orders.>"])
+    stream_spec("ORDERS")
 }
 
 fn order_commands_stream() -> StreamSpec {
-    StreamSpec::new("ORDER_COMMANDS", &["cmd.orders.>"])
+    stream_spec("ORDER_COMMANDS")
 }
 
 fn inventory_stream() -> StreamSpec {
-    StreamSpec::new("INVENTORY", &["inventory.>"])
+    stream_spec("INVENTORY")
 }
 
 fn payments_stream() -> StreamSpec {
-    StreamSpec::new("PAYMENTS", &["payments.>"])
+    stream_spec("PAYMENTS")
+}
+
+/// A durable as its service declares it.
+fn durable_spec(name: &str) -> ConsumerSpec {
+    let d = wirings()
+        .into_iter()
+        .flat_map(|w| w.durables)
+        .find(|d| d.name == name)
+        .unwrap_or_else(|| panic!("no service declares durable {name}"));
+    let filters: Vec<&str> = d.filter_subjects.iter().map(String::as_str).collect();
+    ConsumerSpec::new(&d.name, &d.stream, &filters)
 }
 
 fn inventory_from_orders() -> ConsumerSpec {
-    ConsumerSpec::new(
-        "inventory-from-orders",
-        "ORDERS",
-        &[
-            "orders.placed.v1",
-            "orders.confirmed.v1",
-            "orders.cancelled.v1",
-        ],
-    )
+    durable_spec("inventory-from-orders")
 }
 
 const BODY: &str = r#"{"order_id":"test"}"#;
@@ -756,7 +773,7 @@ async fn people_user_publishes_no_domain_event() {
 
     // `nats pub <event subject> ...`: a core publish of each, the two former compensation
     // recipes (orders.cancelled.v1, payments.failed.v1) included.
-    for subject in EVENTS {
+    for subject in events() {
         cli.core_publish(subject, BODY).await;
         cli.expect_violation(subject).await;
     }
@@ -805,7 +822,7 @@ async fn people_consumers_deliver_only_into_the_people_account() {
     // consumer delivers one message (max_ack_pending 1, never acked), so that deliveries that do
     // land in a stream cannot feed one another without end.
     let mut created = 0;
-    for stream in STREAMS {
+    for stream in &stream_names() {
         for (i, target) in targets.iter().enumerate() {
             let name = format!("side-door-{}-{i}", stream.to_lowercase().replace('_', "-"));
             let config = push::Config {
@@ -849,7 +866,7 @@ async fn people_consumers_deliver_only_into_the_people_account() {
     // The consumers were real: they delivered, to the people's own subjects.
     assert_eq!(
         created,
-        STREAMS.len() * targets.len(),
+        stream_names().len() * targets.len(),
         "people may create consumers on every mirror"
     );
 }
@@ -913,7 +930,7 @@ async fn people_cannot_create_or_change_streams_that_republish_source_or_mirror(
         .map(|n| n.expect("stream name"))
         .collect()
         .await;
-    assert_eq!(names, STREAMS.iter().map(|s| s.to_string()).collect());
+    assert_eq!(names, stream_names().into_iter().collect());
     let mirror_after = cli
         .js
         .get_stream("ORDERS")
@@ -1128,7 +1145,7 @@ async fn people_read_everything_and_send_commands() {
         .map(|n| n.expect("stream name"))
         .collect()
         .await;
-    assert_eq!(names, STREAMS.iter().map(|s| s.to_string()).collect());
+    assert_eq!(names, stream_names().into_iter().collect());
 
     // `nats stream info ORDERS`: $JS.API.STREAM.INFO.ORDERS, a mirror of the services' ORDERS,
     // level with it.
@@ -1345,4 +1362,52 @@ async fn provision_user_sets_up_the_mirrors_and_nothing_else() {
     provision.client.flush().await.expect("flush");
     provision.expect_violation("orders.>").await;
     assert_eq!(saga.last_sequences().await, before);
+}
+
+/// `nats.conf` against the services' own wiring: each service's user provisions its streams,
+/// publishes every event its service announces, creates every durable its service declares (with
+/// the same filters), and may publish no event of another service.
+#[tokio::test]
+async fn each_service_user_may_do_exactly_what_its_wiring_declares() {
+    let server = ConfiguredServer::start().await;
+    let wirings = wirings();
+    let mut users = Vec::new();
+    for w in &wirings {
+        let user = connect_as(&server, w.nats_user).await;
+        for spec in &w.streams {
+            ensure_stream(&user.js, spec)
+                .await
+                .unwrap_or_else(|e| panic!("{} cannot provision {}: {e}", w.nats_user, spec.name));
+        }
+        users.push(user);
+    }
+    for (w, user) in wirings.iter().zip(users.iter_mut()) {
+        for ty in &w.publishes {
+            let ack = user.publish_acked(ty, BODY).await;
+            assert!(
+                w.streams.iter().any(|s| s.name == ack.stream),
+                "{ty} from {} landed in {}, not one of its streams",
+                w.service,
+                ack.stream
+            );
+        }
+        for d in &w.durables {
+            let spec = durable_spec(&d.name);
+            let stream = user
+                .js
+                .get_stream(&d.stream)
+                .await
+                .unwrap_or_else(|e| panic!("{} cannot read {}: {e}", w.nats_user, d.stream));
+            stream
+                .create_consumer(spec.config())
+                .await
+                .unwrap_or_else(|e| panic!("{} cannot create {}: {e}", w.nats_user, d.name));
+        }
+        for other in wirings.iter().filter(|o| o.service != w.service) {
+            for ty in &other.publishes {
+                user.core_publish(ty, BODY).await;
+                user.expect_violation(ty).await;
+            }
+        }
+    }
 }
