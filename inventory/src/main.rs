@@ -1,13 +1,5 @@
-use std::process::ExitCode;
-
 #[tokio::main]
-async fn main() -> ExitCode {
-    event_toolkit::service::init_tracing();
-    match inventory_service::startup::run_from_env().await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = %e, "inventory-service failed");
-            ExitCode::FAILURE
-        }
-    }
+async fn main() -> std::process::ExitCode {
+    let service = inventory_service::startup::run_from_env();
+    event_toolkit::service::main("inventory-service", service).await
 }

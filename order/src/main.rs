@@ -1,13 +1,5 @@
-use std::process::ExitCode;
-
 #[tokio::main]
-async fn main() -> ExitCode {
-    event_toolkit::service::init_tracing();
-    match order_service::startup::run_from_env().await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = %e, "order-service failed");
-            ExitCode::FAILURE
-        }
-    }
+async fn main() -> std::process::ExitCode {
+    let service = order_service::startup::run_from_env();
+    event_toolkit::service::main("order-service", service).await
 }

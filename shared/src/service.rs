@@ -3,6 +3,7 @@
 //! an orderly shutdown.
 
 use std::future::Future;
+use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -430,6 +431,19 @@ pub async fn termination_signal() {
     tokio::select! {
         _ = ctrl_c => {}
         _ = term => {}
+    }
+}
+
+/// The whole `main` of a service binary: set up logging, run `service` (typically reading its
+/// settings, building and running until a stop signal) and turn its outcome into the exit status.
+pub async fn main(name: &str, service: impl Future<Output = Result<(), StartError>>) -> ExitCode {
+    init_tracing();
+    match service.await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "{name} failed");
+            ExitCode::FAILURE
+        }
     }
 }
 
