@@ -147,11 +147,19 @@ pub async fn wait_for_mirrors(people: &async_nats::Client) {
     }
 }
 
+/// One process of a service: its own HTTP port and log; everything else shared with its sibling
+/// replicas.
 struct Running {
     child: Option<Child>,
     port: u16,
     env: HashMap<String, String>,
     log: PathBuf,
+}
+
+impl Running {
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
 }
 
 /// Settings of a [`System`] run.
@@ -172,6 +180,9 @@ pub struct SystemConfig {
     /// Run nats-server with the project's `nats.conf`: each service connects as its own
     /// least-privilege user and the test client as `cli`.
     pub project_users: bool,
+    /// Processes per service, all on the service's one database and the one nats-server (each with
+    /// its own HTTP port). More than one needs Postgres: a SQLite file belongs to one process.
+    pub replicas: usize,
 }
 
 impl SystemConfig {
@@ -185,6 +196,7 @@ impl SystemConfig {
             jetstream_config: String::new(),
             env: Vec::new(),
             project_users: false,
+            replicas: 1,
         }
     }
 }
@@ -198,7 +210,8 @@ pub struct System {
     /// HTTP client.
     pub http: reqwest::Client,
     dbs: HashMap<Service, TestDb>,
-    services: HashMap<Service, Running>,
+    /// Each service's replicas, in order; `url(service)` answers with the first one running.
+    services: HashMap<Service, Vec<Running>>,
     logs: tempfile::TempDir,
     /// What the test put in and what was accepted, for the invariant check.
     recorded: std::sync::Mutex<invariants::Recorded>,
@@ -209,6 +222,15 @@ pub struct System {
 impl System {
     /// Start everything and wait until all three services are ready.
     pub async fn start(config: SystemConfig) -> Self {
+        assert!(
+            config.replicas >= 1,
+            "a system needs at least one replica per service"
+        );
+        assert!(
+            config.replicas == 1 || config.backend == Backend::Postgres,
+            "{} replicas per service need Postgres: one process owns a SQLite file",
+            config.replicas
+        );
         let (nats, client) = if config.project_users {
             let nats =
                 NatsServer::from_config_file(repo_root().join("nats.conf"), user_passwords()).await;
@@ -258,8 +280,6 @@ impl System {
             env.insert("NATS_URL".to_owned(), system.nats.url());
             env.insert("ADMIN_TOKEN".to_owned(), ADMIN_TOKEN.to_owned());
             env.insert("DATABASE_URL".to_owned(), system.dbs[&s].url.clone());
-            let port = free_port();
-            env.insert("HTTP_ADDR".to_owned(), format!("127.0.0.1:{port}"));
             env.insert(
                 "RUST_LOG".to_owned(),
                 std::env::var("SERVICE_LOG").unwrap_or_else(|_| "info,sqlx=warn".to_owned()),
@@ -287,16 +307,25 @@ impl System {
                 }
                 Service::Inventory => {}
             }
-            let log = system.logs.path().join(format!("{}.log", s.binary()));
-            system.services.insert(
-                s,
-                Running {
-                    child: None,
-                    port,
-                    env,
-                    log,
-                },
-            );
+            let replicas = (0..config.replicas)
+                .map(|i| {
+                    let port = free_port();
+                    let mut env = env.clone();
+                    env.insert("HTTP_ADDR".to_owned(), format!("127.0.0.1:{port}"));
+                    // The first replica's log keeps the name it has in a one-replica system.
+                    let name = match i {
+                        0 => format!("{}.log", s.binary()),
+                        _ => format!("{}-{i}.log", s.binary()),
+                    };
+                    Running {
+                        child: None,
+                        port,
+                        env,
+                        log: system.logs.path().join(name),
+                    }
+                })
+                .collect();
+            system.services.insert(s, replicas);
         }
         for s in Service::ALL {
             system.launch(s);
@@ -328,7 +357,13 @@ impl System {
     }
 
     fn launch(&mut self, s: Service) {
-        let r = self.services.get_mut(&s).expect("service");
+        for i in 0..self.replicas() {
+            self.launch_replica(s, i);
+        }
+    }
+
+    fn launch_replica(&mut self, s: Service, i: usize) {
+        let r = self.replica_mut(s, i);
         let binary = bin_dir().join(s.binary());
         assert!(
             binary.exists(),
@@ -349,10 +384,27 @@ impl System {
         r.child = Some(child);
     }
 
-    /// Wait until `/readyz` answers 200.
+    /// Wait until `/readyz` answers 200 on every running replica of a service (on the first one
+    /// if none is running, so waiting for a dead service still fails).
     pub async fn wait_ready(&self, s: Service) {
-        let url = format!("{}/readyz", self.url(s));
-        let what = format!("{} ready", s.binary());
+        let running: Vec<usize> = (0..self.replicas())
+            .filter(|&i| self.is_replica_running(s, i))
+            .collect();
+        if running.is_empty() {
+            return self.wait_replica_ready(s, 0).await;
+        }
+        for i in running {
+            self.wait_replica_ready(s, i).await;
+        }
+    }
+
+    /// Wait until `/readyz` answers 200 on one replica of a service.
+    pub async fn wait_replica_ready(&self, s: Service, i: usize) {
+        let url = format!("{}/readyz", self.replica_url(s, i));
+        let what = match self.replicas() {
+            1 => format!("{} ready", s.binary()),
+            _ => format!("{} replica {i} ready", s.binary()),
+        };
         let http = self.http.clone();
         eventually(WAIT, &what, || {
             let url = url.clone();
@@ -365,14 +417,22 @@ impl System {
         .await;
     }
 
-    /// Process id of a running service.
+    /// Process id of a running service (of its first running replica).
     pub fn pid(&self, s: Service) -> Option<u32> {
-        self.services[&s].child.as_ref().map(|c| c.id())
+        self.services[&s]
+            .iter()
+            .find_map(|r| r.child.as_ref().map(|c| c.id()))
     }
 
-    /// `http://127.0.0.1:<port>` of a service.
+    /// `http://127.0.0.1:<port>` of a service: of its first running replica, or of the first
+    /// replica when none is running.
     pub fn url(&self, s: Service) -> String {
-        format!("http://127.0.0.1:{}", self.services[&s].port)
+        let replicas = &self.services[&s];
+        replicas
+            .iter()
+            .find(|r| r.child.is_some())
+            .unwrap_or(&replicas[0])
+            .url()
     }
 
     /// The database URL a service uses.
@@ -380,36 +440,30 @@ impl System {
         &self.dbs[&s].url
     }
 
-    /// SIGKILL a service (no shutdown at all).
+    /// SIGKILL a service, every replica of it (no shutdown at all).
     pub fn kill(&mut self, s: Service) {
-        if let Some(mut c) = self.services.get_mut(&s).and_then(|r| r.child.take()) {
-            let _ = c.kill();
-            let _ = c.wait();
+        for i in 0..self.replicas() {
+            self.kill_replica(s, i);
         }
     }
 
-    /// Send a signal (e.g. `STOP`, `CONT`, `TERM`) to a service's process.
+    /// Send a signal (e.g. `STOP`, `CONT`, `TERM`) to every process of a service.
     pub fn signal(&self, s: Service, signal: &str) {
-        if let Some(c) = self.services[&s].child.as_ref() {
-            let _ = Command::new("kill")
-                .arg(format!("-{signal}"))
-                .arg(c.id().to_string())
-                .status();
+        for i in 0..self.replicas() {
+            self.signal_replica(s, i, signal);
         }
     }
 
-    /// SIGTERM and wait for a clean exit; returns the exit status success.
+    /// SIGTERM every replica of a service and wait for clean exits; whether all exited cleanly.
     pub async fn stop(&mut self, s: Service) -> bool {
-        self.signal(s, "TERM");
-        let mut child = match self.services.get_mut(&s).and_then(|r| r.child.take()) {
-            Some(c) => c,
-            None => return true,
-        };
-        let status = tokio::task::spawn_blocking(move || child.wait()).await;
-        matches!(status, Ok(Ok(st)) if st.success())
+        let mut clean = true;
+        for i in 0..self.replicas() {
+            clean &= self.stop_replica(s, i).await;
+        }
+        clean
     }
 
-    /// Start a stopped or killed service again (same database, same port) and wait until ready.
+    /// Start a stopped or killed service again (same database, same ports) and wait until ready.
     pub async fn restart(&mut self, s: Service) {
         self.kill(s);
         self.launch(s);
@@ -422,9 +476,119 @@ impl System {
         self.launch(s);
     }
 
-    /// A service's log so far.
+    // ---- replicas ----
+
+    /// Processes per service ([`SystemConfig::replicas`]).
+    pub fn replicas(&self) -> usize {
+        self.services[&Service::Order].len()
+    }
+
+    fn replica(&self, s: Service, i: usize) -> &Running {
+        let replicas = &self.services[&s];
+        replicas.get(i).unwrap_or_else(|| {
+            panic!(
+                "{} has {} replica(s), no replica {i}",
+                s.binary(),
+                replicas.len()
+            )
+        })
+    }
+
+    fn replica_mut(&mut self, s: Service, i: usize) -> &mut Running {
+        let replicas = self.services.get_mut(&s).expect("service");
+        let n = replicas.len();
+        replicas
+            .get_mut(i)
+            .unwrap_or_else(|| panic!("{} has {n} replica(s), no replica {i}", s.binary()))
+    }
+
+    /// `http://127.0.0.1:<port>` of one replica, running or not.
+    pub fn replica_url(&self, s: Service, i: usize) -> String {
+        self.replica(s, i).url()
+    }
+
+    /// Process id of one replica while it runs.
+    pub fn replica_pid(&self, s: Service, i: usize) -> Option<u32> {
+        self.replica(s, i).child.as_ref().map(|c| c.id())
+    }
+
+    /// Whether one replica was started and not since killed or stopped.
+    pub fn is_replica_running(&self, s: Service, i: usize) -> bool {
+        self.replica(s, i).child.is_some()
+    }
+
+    /// SIGKILL one replica; the others keep running.
+    pub fn kill_replica(&mut self, s: Service, i: usize) {
+        if let Some(mut c) = self.replica_mut(s, i).child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Send a signal to one replica.
+    pub fn signal_replica(&self, s: Service, i: usize, signal: &str) {
+        if let Some(c) = self.replica(s, i).child.as_ref() {
+            let _ = Command::new("kill")
+                .arg(format!("-{signal}"))
+                .arg(c.id().to_string())
+                .status();
+        }
+    }
+
+    /// SIGTERM one replica and wait for it to exit; whether it exited cleanly.
+    pub async fn stop_replica(&mut self, s: Service, i: usize) -> bool {
+        self.signal_replica(s, i, "TERM");
+        let Some(mut child) = self.replica_mut(s, i).child.take() else {
+            return true;
+        };
+        let status = tokio::task::spawn_blocking(move || child.wait()).await;
+        matches!(status, Ok(Ok(st)) if st.success())
+    }
+
+    /// Start one replica again (same port), killing it first if it runs, without waiting for
+    /// readiness ([`System::wait_replica_ready`]).
+    pub fn start_replica(&mut self, s: Service, i: usize) {
+        self.kill_replica(s, i);
+        self.launch_replica(s, i);
+    }
+
+    /// Start one replica again (same port), killing it first if it runs, and wait until ready.
+    pub async fn restart_replica(&mut self, s: Service, i: usize) {
+        self.kill_replica(s, i);
+        self.launch_replica(s, i);
+        self.wait_replica_ready(s, i).await;
+    }
+
+    /// One replica's log so far.
+    pub fn replica_log(&self, s: Service, i: usize) -> String {
+        std::fs::read_to_string(&self.replica(s, i).log).unwrap_or_default()
+    }
+
+    /// Print the last `lines` of every process's log to stderr (for a failing test).
+    pub fn print_log_tails(&self, lines: usize) {
+        for s in Service::ALL {
+            for i in 0..self.replicas() {
+                let log = self.replica_log(s, i);
+                let tail: Vec<&str> = log.lines().rev().take(lines).collect();
+                match self.replicas() {
+                    1 => eprintln!("---- last lines of {} ----", s.binary()),
+                    _ => eprintln!("---- last lines of {} replica {i} ----", s.binary()),
+                }
+                for l in tail.into_iter().rev() {
+                    eprintln!("{l}");
+                }
+            }
+        }
+    }
+
+    /// A service's log so far; with several replicas, each one's under a heading.
     pub fn log(&self, s: Service) -> String {
-        std::fs::read_to_string(&self.services[&s].log).unwrap_or_default()
+        match self.replicas() {
+            1 => self.replica_log(s, 0),
+            n => (0..n)
+                .map(|i| format!("==== replica {i} ====\n{}", self.replica_log(s, i)))
+                .collect(),
+        }
     }
 
     // ---- HTTP helpers ----
@@ -746,14 +910,7 @@ impl Drop for System {
             self.kill(s);
         }
         if std::thread::panicking() {
-            for s in Service::ALL {
-                let log = self.log(s);
-                let tail: Vec<&str> = log.lines().rev().take(40).collect();
-                eprintln!("---- last lines of {} ----", s.binary());
-                for l in tail.into_iter().rev() {
-                    eprintln!("{l}");
-                }
-            }
+            self.print_log_tails(40);
         }
     }
 }
