@@ -8,11 +8,13 @@
 //! not longer than the stream age plus the horizon. Published outbox rows are not needed for dedup
 //! (the consumers' inboxes are), so they go sooner.
 //!
-//! With several replicas on Postgres one sweeper runs at a time, elected by an advisory lock.
+//! With several replicas on Postgres one sweeper per rule set runs at a time: each sweep first
+//! takes a session advisory lock named after its rules, and a replica that does not get it skips
+//! that sweep. On SQLite one process owns the file, so there is nothing to elect.
 
 use std::time::Duration;
 
-use sqlx::Row;
+use sqlx::{Connection, Row};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::duration;
@@ -22,8 +24,21 @@ use crate::service::StartError;
 /// Rows deleted per transaction.
 pub const BATCH: i64 = 500;
 
-/// Advisory-lock key of the sweeper (any constant unique to this use).
-const LEADER_LOCK: i64 = 0x5a6a_7265_7465_6e74;
+/// Advisory-lock key of the sweeper of `rules`. Replicas of a service run the same rules and so
+/// contend for one key, while a service's own rule set (e.g. idempotency keys) has a key of its
+/// own and never waits for the toolkit's. FNV-1a, not the std hasher: replicas of different
+/// builds during a rolling deploy must still agree.
+pub fn leader_key(rules: &[PruneRule]) -> i64 {
+    let names = rules.iter().flat_map(|r| r.what.bytes().chain([0]));
+    let hash = b"retention\0"
+        .iter()
+        .copied()
+        .chain(names)
+        .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
+    hash as i64
+}
 
 /// How long each kind of row is kept (durations such as `1d`, `36h`, `90s`).
 #[derive(Debug, Clone, clap::Args)]
@@ -146,22 +161,28 @@ pub async fn run(
     }
 }
 
-/// One sweep over every rule; `None` when another replica holds the sweeper lock.
+/// One sweep over every rule; `None` when another replica is sweeping the same rules.
 pub async fn sweep(
     db: &Database,
     rules: &[PruneRule],
     shutdown: &CancellationToken,
 ) -> Result<Option<u64>, sqlx::Error> {
-    // Postgres: one sweeper among replicas. The lock is held by this session for the sweep.
-    let mut leader = match db.backend() {
+    let key = leader_key(rules);
+    // Postgres: the lock is held by a session taken out of the pool for this sweep. Were it a
+    // pooled one, a sweep dropped midway (shutdown, a panic) or a failed unlock would hand the
+    // lock on to the connection's next user and keep every replica from sweeping again; a
+    // detached connection releases it by closing, however the sweep ends.
+    let leader = match db.backend() {
         Backend::Postgres => {
-            let mut conn = db.pool().acquire().await?;
+            let mut conn = db.pool().acquire().await?.detach();
             let got: bool = sqlx::query("SELECT pg_try_advisory_lock($1)")
-                .bind(LEADER_LOCK)
-                .fetch_one(&mut *conn)
+                .bind(key)
+                .fetch_one(&mut conn)
                 .await?
                 .try_get(0)?;
             if !got {
+                tracing::debug!(key, "another replica is sweeping; skipped");
+                let _ = conn.close().await;
                 return Ok(None);
             }
             Some(conn)
@@ -169,11 +190,12 @@ pub async fn sweep(
         Backend::Sqlite => None,
     };
     let result = prune_all(db, rules, shutdown).await;
-    if let Some(conn) = leader.as_mut() {
+    if let Some(mut conn) = leader {
         let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
-            .bind(LEADER_LOCK)
-            .execute(&mut **conn)
+            .bind(key)
+            .execute(&mut conn)
             .await;
+        let _ = conn.close().await;
     }
     result.map(Some)
 }
@@ -210,6 +232,20 @@ async fn prune_all(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_leader_key_names_the_rule_set() {
+        let config = RetentionConfig::default();
+        let toolkit = toolkit_rules(&config);
+        let own = vec![PruneRule {
+            what: "idempotency_keys",
+            sql: String::new(),
+            keep: config.outbox,
+        }];
+        // Stable across builds and processes: replicas compute it apart.
+        assert_eq!(leader_key(&toolkit), leader_key(&toolkit_rules(&config)));
+        assert_ne!(leader_key(&toolkit), leader_key(&own));
+    }
 
     #[test]
     fn inbox_retention_must_outlive_the_stream_and_the_redeliveries() {
