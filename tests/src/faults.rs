@@ -5,7 +5,9 @@
 //! overselling or overdrawing would show. Afterwards: wait for quiet, check the six invariants,
 //! check each saga's outcome against its kind, and check that the dead letters are exactly the
 //! injected poison. Everything found goes into [`FaultReport::failures`] or
-//! [`FaultReport::violations`]; a run passes only if both are empty.
+//! [`FaultReport::violations`]; a run passes only if both are empty. With
+//! [`FaultConfig::replicas`] > 1 (Postgres) each service runs that many processes and a SIGKILL
+//! takes down one of them at a time.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -36,6 +38,9 @@ pub struct FaultConfig {
     pub deadline_ms: u64,
     /// Seconds between faults.
     pub fault_every: Duration,
+    /// Processes per service ([`SystemConfig::replicas`]; more than one needs Postgres). With
+    /// several, a SIGKILL fault kills one replica while the others keep running.
+    pub replicas: usize,
 }
 
 impl FaultConfig {
@@ -54,6 +59,7 @@ impl FaultConfig {
             rate: var("FAULT_RATE", 30.0),
             deadline_ms: 3000,
             fault_every: Duration::from_millis(var("FAULT_EVERY_MS", 700.0) as u64),
+            replicas: 1,
         }
     }
 
@@ -169,14 +175,21 @@ fn allowed(kind: Kind, cancel: CancelAnswer) -> &'static [&'static str] {
     }
 }
 
-/// The five kinds of fault; each must be injected at least once.
-const FAULT_KINDS: [&str; 5] = [
-    "SIGKILL + restart order-service",
-    "SIGKILL + restart inventory-service",
-    "SIGKILL + restart payment-service",
-    "nats-server stopped + restarted",
-    "payment-service stalled past deadline",
-];
+/// The five kinds of fault; each must be injected at least once. With several replicas a SIGKILL
+/// takes down one replica of the service, and the sagas carry on through the others.
+fn fault_kinds(replicas: usize) -> [String; 5] {
+    let kill = |s: Service| match replicas {
+        1 => format!("SIGKILL + restart {}", s.binary()),
+        _ => format!("SIGKILL + restart one {} replica", s.binary()),
+    };
+    [
+        kill(Service::Order),
+        kill(Service::Inventory),
+        kill(Service::Payment),
+        "nats-server stopped + restarted".into(),
+        "payment-service stalled past deadline".into(),
+    ]
+}
 const REPUBLISHED: &str = "event re-published (new Nats-Msg-Id)";
 
 /// What a run did and found.
@@ -308,6 +321,7 @@ pub async fn run(config: FaultConfig) -> FaultReport {
     let mut sc = SystemConfig::new(config.backend);
     sc.deadline_ms = config.deadline_ms;
     sc.decline_over_minor = Some(DECLINE_OVER);
+    sc.replicas = config.replicas;
     let system = System::start(sc).await;
     system.set_stock("WIDGET", 1_000_000_000).await;
     system.set_stock("GADGET", 5).await;
@@ -445,8 +459,8 @@ pub async fn run(config: FaultConfig) -> FaultReport {
             report.accepted, report.planned
         ));
     }
-    for kind in FAULT_KINDS {
-        if report.faults.get(kind).copied().unwrap_or(0) == 0 {
+    for kind in fault_kinds(config.replicas) {
+        if report.faults.get(&kind).copied().unwrap_or(0) == 0 {
             report
                 .failures
                 .push(format!("fault never injected: {kind}"));
@@ -464,14 +478,7 @@ pub async fn run(config: FaultConfig) -> FaultReport {
         ));
     }
     if !report.failures.is_empty() || !report.violations.is_empty() {
-        for s in Service::ALL {
-            let log = system.log(s);
-            let tail: Vec<&str> = log.lines().rev().take(40).collect();
-            eprintln!("---- last lines of {} ----", s.binary());
-            for l in tail.into_iter().rev() {
-                eprintln!("{l}");
-            }
-        }
+        system.print_log_tails(40);
     }
     report
 }
@@ -692,9 +699,10 @@ async fn inject_faults(
     faults: Arc<Mutex<BTreeMap<String, usize>>>,
     stop: tokio_util::sync::CancellationToken,
 ) {
+    let kinds = fault_kinds(config.replicas);
     let mut n = 0usize;
     loop {
-        if n < FAULT_KINDS.len() {
+        if n < kinds.len() {
             tokio::time::sleep(config.fault_every).await;
         } else {
             tokio::select! {
@@ -718,12 +726,29 @@ async fn inject_faults(
         };
         n += 1;
         let label = match choice {
+            0..=5 if config.replicas > 1 => {
+                // Only the victim is held: placements, cancels and the other replicas go on.
+                let i = rand::rng().random_range(0..config.replicas);
+                system.write().await.kill_replica(victim, i);
+                tokio::time::sleep(Duration::from_millis(pause_ms)).await;
+                system.write().await.start_replica(victim, i);
+                system.read().await.wait_replica_ready(victim, i).await;
+                kinds[Service::ALL
+                    .iter()
+                    .position(|s| *s == victim)
+                    .expect("a service")]
+                .clone()
+            }
             0..=5 => {
                 let mut s = system.write().await;
                 s.kill(victim);
                 tokio::time::sleep(Duration::from_millis(pause_ms)).await;
                 s.restart(victim).await;
-                format!("SIGKILL + restart {}", victim.binary())
+                kinds[Service::ALL
+                    .iter()
+                    .position(|s| *s == victim)
+                    .expect("a service")]
+                .clone()
             }
             6 | 7 => {
                 let mut s = system.write().await;
@@ -737,7 +762,7 @@ async fn inject_faults(
                 for svc in Service::ALL {
                     s.wait_ready(svc).await;
                 }
-                FAULT_KINDS[3].to_owned()
+                kinds[3].clone()
             }
             _ => {
                 // A stall longer than the deadline: orders in flight hit it.
@@ -745,7 +770,7 @@ async fn inject_faults(
                 s.signal(Service::Payment, "STOP");
                 tokio::time::sleep(Duration::from_millis(config.deadline_ms + 500)).await;
                 s.signal(Service::Payment, "CONT");
-                FAULT_KINDS[4].to_owned()
+                kinds[4].clone()
             }
         };
         *faults.lock().expect("lock").entry(label).or_default() += 1;
