@@ -403,3 +403,11 @@ async fn two_replicas_of_each_service_split_the_work_and_survive_a_sigkill_of_on
         );
     }
 }
+
+#[tokio::test]
+#[should_panic(expected = "2 replicas per service need Postgres: one process owns a SQLite file")]
+async fn replicas_on_sqlite_are_refused() {
+    let mut config = SystemConfig::new(Backend::Sqlite);
+    config.replicas = 2;
+    System::start(config).await;
+}
