@@ -638,6 +638,17 @@ pub async fn run_until_stopped(
             shutdown.cancel();
         }
     });
+    serve_until_cancelled(runtime, listener, app).await
+}
+
+/// Serve until the runtime's shutdown token is cancelled (by whoever holds it), then stop in
+/// order: intake first, then consumers and workers, then the outbox flush.
+async fn serve_until_cancelled(
+    runtime: crate::service::Runtime,
+    listener: tokio::net::TcpListener,
+    app: Router,
+) -> Result<(), StartError> {
+    let shutdown = runtime.shutdown.clone();
     let addr = listener
         .local_addr()
         .map(|a| a.to_string())
@@ -686,5 +697,22 @@ impl App {
     /// Serve until SIGTERM/SIGINT, then shut down in order.
     pub async fn run_until_stopped(self) -> Result<(), StartError> {
         run_until_stopped(self.runtime, self.listener, self.router).await
+    }
+
+    /// The token that stops this service when cancelled: for a service embedded in another
+    /// program or a test, which stops it itself (see [`App::run_until_cancelled`]).
+    pub fn stopper(&self) -> tokio_util::sync::CancellationToken {
+        self.runtime.shutdown.clone()
+    }
+
+    /// The service's database.
+    pub fn db(&self) -> &crate::Database {
+        &self.runtime.db
+    }
+
+    /// Serve until [`App::stopper`] is cancelled, without listening for process signals; then
+    /// shut down in order like [`App::run_until_stopped`].
+    pub async fn run_until_cancelled(self) -> Result<(), StartError> {
+        serve_until_cancelled(self.runtime, self.listener, self.router).await
     }
 }
