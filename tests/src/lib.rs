@@ -6,6 +6,7 @@ pub mod faults;
 pub mod gateway;
 pub mod invariants;
 
+pub use order_service::domain::{CancelReason, OrderStatus};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -920,10 +921,10 @@ impl Drop for System {
 pub struct OrderView {
     /// Order id.
     pub id: String,
-    /// PENDING, RESERVED, CONFIRMED or CANCELLED.
-    pub status: String,
+    /// Where its saga stands.
+    pub status: OrderStatus,
     /// Why it was cancelled.
-    pub reason: Option<String>,
+    pub reason: Option<CancelReason>,
     /// Sum of the lines.
     pub total_minor: i64,
     /// When the saga gives up.
@@ -933,7 +934,7 @@ pub struct OrderView {
 impl OrderView {
     /// CONFIRMED or CANCELLED.
     pub fn is_terminal(&self) -> bool {
-        matches!(self.status.as_str(), "CONFIRMED" | "CANCELLED")
+        matches!(self.status, OrderStatus::Confirmed | OrderStatus::Cancelled)
     }
 }
 

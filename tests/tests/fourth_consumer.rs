@@ -34,6 +34,7 @@ use sqlx::{AnyConnection, Row};
 use tokio_util::sync::CancellationToken;
 
 use event_toolkit::on_both_backends as on_backends;
+use saga_e2e::OrderStatus;
 
 on_backends!(
     a_confirmed_order_is_scheduled_once_even_when_its_confirmation_comes_again,
@@ -374,7 +375,10 @@ async fn system(b: Backend) -> System {
 /// Place an order and wait until it is CONFIRMED.
 async fn confirmed_order(s: &System, customer: &str) -> String {
     let id = s.place_order(customer, &[("WIDGET", 1, 250)]).await;
-    assert_eq!(s.wait_terminal_view(&id).await.status, "CONFIRMED");
+    assert_eq!(
+        s.wait_terminal_view(&id).await.status,
+        OrderStatus::Confirmed
+    );
     id
 }
 
@@ -436,7 +440,10 @@ async fn a_cancelled_order_schedules_nothing_and_a_scheduled_one_is_called_off(b
 
     // More than the stock: the saga cancels it.
     let short = s.place_order("alice", &[("WIDGET", 50, 100)]).await;
-    assert_eq!(s.wait_terminal_view(&short).await.status, "CANCELLED");
+    assert_eq!(
+        s.wait_terminal_view(&short).await.status,
+        OrderStatus::Cancelled
+    );
     order_event(&s, &short, "orders.cancelled.v1").await;
     shipping.settle(&s).await;
     assert!(shipping_events(&s, &short).await.is_empty());

@@ -12,6 +12,7 @@ use saga_e2e::{wait_for, Service, System, SystemConfig, WAIT};
 use sqlx::{AnyPool, Row};
 
 use event_toolkit::on_backends;
+use saga_e2e::{CancelReason, OrderStatus};
 
 on_backends! {
     sqlite: [
@@ -112,7 +113,7 @@ async fn each_service_killed_while_its_step_is_in_flight_completes(b: Backend) {
     s.signal(Service::Inventory, "STOP");
     let batch = place_five(&s).await;
     for id in &batch {
-        assert_eq!(s.order_view(id).await.status, "PENDING", "{id}");
+        assert_eq!(s.order_view(id).await.status, OrderStatus::Pending, "{id}");
     }
     s.kill(Service::Inventory);
     s.restart(Service::Inventory).await;
@@ -151,7 +152,7 @@ async fn each_service_killed_while_its_step_is_in_flight_completes(b: Backend) {
 
     for id in &ids {
         let o = s.wait_terminal_view(id).await;
-        assert_eq!(o.status, "CONFIRMED", "{o:?}");
+        assert_eq!(o.status, OrderStatus::Confirmed, "{o:?}");
     }
     order_db.close().await;
     wait_quiet(&s, WAIT).await;
@@ -199,7 +200,10 @@ async fn sigterm_finishes_the_charge_in_flight_and_publishes_it_before_exiting(b
         types.iter().any(|t| t == "payments.succeeded.v1"),
         "{types:?}"
     );
-    assert_eq!(s.wait_terminal_view(&id).await.status, "CONFIRMED");
+    assert_eq!(
+        s.wait_terminal_view(&id).await.status,
+        OrderStatus::Confirmed
+    );
     payment_db.close().await;
 
     s.restart(Service::Payment).await;
@@ -233,7 +237,7 @@ async fn payment_killed_during_a_slow_provider_call_is_taken_over_and_charged_on
         assert_eq!((status.as_str(), lease), ("PENDING", first_lease));
     }
     let o = s.wait_terminal_view(&id).await;
-    assert_eq!(o.status, "CONFIRMED", "{o:?}");
+    assert_eq!(o.status, OrderStatus::Confirmed, "{o:?}");
     let (_, lease) = stored_payment(&payment_db, &id).await.expect("payment");
     assert!(lease > first_lease, "taken over under a new lease");
     payment_db.close().await;
@@ -255,7 +259,7 @@ async fn the_circuit_closes_again_once_the_provider_recovers(b: Backend) {
     s.set_gateway("outage").await;
     let down = s.place_order("alice", &[("WIDGET", 1, 100)]).await;
     let o = s.wait_terminal_view(&down).await;
-    assert_eq!(o.reason.as_deref(), Some("payment_unavailable"), "{o:?}");
+    assert_eq!(o.reason, Some(CancelReason::PaymentUnavailable), "{o:?}");
     assert_eq!(s.gateway().await.circuit, "open");
 
     s.set_gateway("ok").await;
@@ -265,10 +269,13 @@ async fn the_circuit_closes_again_once_the_provider_recovers(b: Backend) {
     .await;
     let trial = s.place_order("alice", &[("WIDGET", 1, 100)]).await;
     let o = s.wait_terminal_view(&trial).await;
-    assert_eq!(o.status, "CONFIRMED", "{o:?}");
+    assert_eq!(o.status, OrderStatus::Confirmed, "{o:?}");
     assert_eq!(s.gateway().await.circuit, "closed", "the trial closed it");
     let after = s.place_order("alice", &[("WIDGET", 1, 100)]).await;
-    assert_eq!(s.wait_terminal_view(&after).await.status, "CONFIRMED");
+    assert_eq!(
+        s.wait_terminal_view(&after).await.status,
+        OrderStatus::Confirmed
+    );
 
     wait_quiet(&s, WAIT).await;
     assert_eq!(s.balance("alice").await, 10_000 - 200);
@@ -335,12 +342,12 @@ async fn transient_failures_past_max_deliver_end_in_a_gave_up_dead_letter(b: Bac
     inventory_db.close().await;
 
     // Nothing was reserved; the order never hears from inventory, so the customer cancels.
-    assert_eq!(s.order_view(&id).await.status, "PENDING");
+    assert_eq!(s.order_view(&id).await.status, OrderStatus::Pending);
     assert!(s.reservations(&id).await.is_empty());
     let (code, _) = s.cancel(&id).await;
     assert_eq!(code, 202);
     let o = s.wait_terminal_view(&id).await;
-    assert_eq!(o.reason.as_deref(), Some("customer_cancelled"), "{o:?}");
+    assert_eq!(o.reason, Some(CancelReason::CustomerCancelled), "{o:?}");
     wait_quiet(&s, WAIT).await;
     assert_eq!(s.product("WIDGET").await["available"], 10);
     assert_eq!(s.dead_letters(Service::Inventory).await.len(), 1);
@@ -408,6 +415,9 @@ async fn readyz_is_not_ready_while_nats_or_the_database_is_down(b: Backend) {
     }
 
     let id = s.place_order("alice", &[("WIDGET", 1, 100)]).await;
-    assert_eq!(s.wait_terminal_view(&id).await.status, "CONFIRMED");
+    assert_eq!(
+        s.wait_terminal_view(&id).await.status,
+        OrderStatus::Confirmed
+    );
     assert_invariants(&s).await;
 }

@@ -6,6 +6,7 @@
 use event_toolkit::Backend;
 use saga_e2e::invariants::{check, wait_quiet};
 use saga_e2e::{wait_for, Service, System, SystemConfig, WAIT};
+use saga_e2e::{CancelReason, OrderStatus};
 use serde_json::Value;
 
 macro_rules! on_backends {
@@ -75,18 +76,12 @@ async fn concurrent_orders_of_one_customer_get_one_approval_when_the_balance_cov
     }
     outcomes.sort();
     let poor = (
-        "CANCELLED".to_owned(),
-        Some("insufficient_funds".to_owned()),
+        OrderStatus::Cancelled,
+        Some(CancelReason::InsufficientFunds),
     );
     assert_eq!(
         outcomes,
-        vec![
-            poor.clone(),
-            poor.clone(),
-            poor.clone(),
-            poor,
-            ("CONFIRMED".to_owned(), None),
-        ]
+        vec![(OrderStatus::Confirmed, None), poor, poor, poor, poor]
     );
     wait_quiet(&s, WAIT).await;
 
@@ -131,11 +126,15 @@ async fn lost_answers_are_reconciled_by_key_and_every_approval_is_captured_or_vo
     s.set_balance("dan", 100).await;
 
     let o = s.wait_terminal_view(&paid).await;
-    assert_eq!(o.status, "CONFIRMED", "an approval is no failure: {o:?}");
+    assert_eq!(
+        o.status,
+        OrderStatus::Confirmed,
+        "an approval is no failure: {o:?}"
+    );
     let o = s.wait_terminal_view(&cancelled).await;
-    assert_eq!(o.reason.as_deref(), Some("customer_cancelled"), "{o:?}");
+    assert_eq!(o.reason, Some(CancelReason::CustomerCancelled), "{o:?}");
     let o = s.wait_terminal_view(&short).await;
-    assert_eq!(o.reason.as_deref(), Some("insufficient_funds"), "{o:?}");
+    assert_eq!(o.reason, Some(CancelReason::InsufficientFunds), "{o:?}");
     wait_quiet(&s, WAIT).await;
 
     let l = settled_ledger(&s).await;

@@ -24,6 +24,7 @@ async fn assert_invariants(s: &System) {
 }
 
 use event_toolkit::on_backends;
+use saga_e2e::{CancelReason, OrderStatus};
 
 on_backends! {
     sqlite: [
@@ -63,12 +64,8 @@ async fn happy_path_confirms_with_exact_stock_and_money_and_linked_events(b: Bac
         .await;
     let order = s.wait_terminal_view(&id).await;
     assert_eq!(
-        (
-            order.status.as_str(),
-            order.total_minor,
-            order.reason.as_deref()
-        ),
-        ("CONFIRMED", 1750, None),
+        (order.status, order.total_minor, order.reason),
+        (OrderStatus::Confirmed, 1750, None),
         "{order:?}"
     );
 
@@ -134,7 +131,7 @@ async fn short_stock_and_unknown_sku_cancel_without_charging(b: Backend) {
     for (id, reason) in [(&short, "insufficient_stock"), (&unknown, "unknown_sku")] {
         let o = s.wait_terminal_view(id).await;
         assert_eq!(
-            (o.status.as_str(), o.reason.as_deref()),
+            (o.status.as_str(), o.reason.map(CancelReason::as_str)),
             ("CANCELLED", Some(reason)),
             "{o:?}"
         );
@@ -154,18 +151,18 @@ async fn insufficient_funds_decline_and_outage_cancel_and_release(b: Backend) {
     s.set_balance("bob", 100).await;
     let poor = s.place_order("bob", &[("WIDGET", 1, 500)]).await;
     let o = s.wait_terminal_view(&poor).await;
-    assert_eq!(o.reason.as_deref(), Some("insufficient_funds"), "{o:?}");
+    assert_eq!(o.reason, Some(CancelReason::InsufficientFunds), "{o:?}");
 
     s.set_gateway("decline").await;
     let declined = s.place_order("alice", &[("WIDGET", 2, 100)]).await;
     let o = s.wait_terminal_view(&declined).await;
-    assert_eq!(o.reason.as_deref(), Some("payment_declined"), "{o:?}");
+    assert_eq!(o.reason, Some(CancelReason::PaymentDeclined), "{o:?}");
     assert_eq!(s.gateway().await.circuit, "closed", "declines are answers");
 
     s.set_gateway("outage").await;
     let down = s.place_order("alice", &[("WIDGET", 1, 100)]).await;
     let o = s.wait_terminal_view(&down).await;
-    assert_eq!(o.reason.as_deref(), Some("payment_unavailable"), "{o:?}");
+    assert_eq!(o.reason, Some(CancelReason::PaymentUnavailable), "{o:?}");
     // Retries exhausted opened the circuit: a charge while it is open fails fast even with the
     // provider back. Whether the charge below came while it was open is read off the breaker,
     // not assumed from how fast the saga ran.
@@ -176,8 +173,8 @@ async fn insufficient_funds_decline_and_outage_cancel_and_release(b: Backend) {
     let fast_fail_paid = match s.gateway().await.circuit.as_str() {
         "open" => {
             assert_eq!(
-                o.reason.as_deref(),
-                Some("payment_unavailable"),
+                o.reason,
+                Some(CancelReason::PaymentUnavailable),
                 "circuit open: {o:?}"
             );
             false
@@ -185,7 +182,8 @@ async fn insufficient_funds_decline_and_outage_cancel_and_release(b: Backend) {
         // The open window ended first: the charge was the trial call, which closes the circuit.
         _ => {
             assert_eq!(
-                o.status, "CONFIRMED",
+                o.status,
+                OrderStatus::Confirmed,
                 "trial call with the provider back: {o:?}"
             );
             assert_eq!(s.gateway().await.circuit, "closed");
@@ -251,7 +249,7 @@ async fn customer_cancels_while_pending_reserved_and_after_the_charge(b: Backend
         (p.first()?["status"] == "CAPTURED").then_some(())
     })
     .await;
-    assert_eq!(s.order_view(&charged).await.status, "RESERVED");
+    assert_eq!(s.order_view(&charged).await.status, OrderStatus::Reserved);
     let (code, _) = s.cancel(&charged).await;
     assert_eq!(code, 202);
     saga_e2e::wait_for(WAIT, "the refund", || async {
@@ -264,7 +262,10 @@ async fn customer_cancels_while_pending_reserved_and_after_the_charge(b: Backend
     // Cancelling again is a no-op; cancelling a confirmed order is refused.
     assert_eq!(s.cancel(&charged).await.0, 200);
     let done = s.place_order("alice", &[("WIDGET", 1, 100)]).await;
-    assert_eq!(s.wait_terminal_view(&done).await.status, "CONFIRMED");
+    assert_eq!(
+        s.wait_terminal_view(&done).await.status,
+        OrderStatus::Confirmed
+    );
     let (code, problem) = s.cancel(&done).await;
     assert_eq!(code, 409, "{problem}");
 
@@ -272,7 +273,7 @@ async fn customer_cancels_while_pending_reserved_and_after_the_charge(b: Backend
     for id in [&pending, &reserved, &charged] {
         let o = s.order_view(id).await;
         assert_eq!(
-            (o.status.as_str(), o.reason.as_deref()),
+            (o.status.as_str(), o.reason.map(CancelReason::as_str)),
             ("CANCELLED", Some("customer_cancelled")),
             "{o:?}"
         );
@@ -284,7 +285,7 @@ async fn customer_cancels_while_pending_reserved_and_after_the_charge(b: Backend
     }
     assert_eq!(
         s.order_view(&charged).await.status,
-        "CANCELLED",
+        OrderStatus::Cancelled,
         "late success did not revive it"
     );
     assert_eq!(
@@ -317,7 +318,7 @@ async fn deadline_passes_while_payment_is_down_and_survives_an_order_restart(b: 
     s.restart(Service::Order).await;
     let o = s.wait_terminal_view(&id).await;
     assert_eq!(
-        (o.status.as_str(), o.reason.as_deref()),
+        (o.status.as_str(), o.reason.map(CancelReason::as_str)),
         ("CANCELLED", Some("deadline_exceeded"))
     );
     saga_e2e::wait_for(WAIT, "stock released", || async {
@@ -401,8 +402,8 @@ async fn every_event_republished_with_a_new_msg_id_takes_effect_once(b: Backend)
         s.balance("alice").await,
     );
     assert_eq!(before, after, "duplicates changed nothing");
-    assert_eq!(s.order_view(&ok).await.status, "CONFIRMED");
-    assert_eq!(s.order_view(&short).await.status, "CANCELLED");
+    assert_eq!(s.order_view(&ok).await.status, OrderStatus::Confirmed);
+    assert_eq!(s.order_view(&short).await.status, OrderStatus::Cancelled);
     assert_eq!(s.payments(&ok).await.len(), 1);
     assert_invariants(&s).await;
 }
@@ -653,10 +654,15 @@ async fn concurrent_orders_for_the_last_unit_confirm_exactly_one(b: Backend) {
         let o = s.wait_terminal_view(id).await;
         outcomes.push((o.status, o.reason));
     }
-    let confirmed = outcomes.iter().filter(|(st, _)| st == "CONFIRMED").count();
+    let confirmed = outcomes
+        .iter()
+        .filter(|(st, _)| *st == OrderStatus::Confirmed)
+        .count();
     let short = outcomes
         .iter()
-        .filter(|(st, r)| st == "CANCELLED" && r.as_deref() == Some("insufficient_stock"))
+        .filter(|(st, r)| {
+            *st == OrderStatus::Cancelled && *r == Some(CancelReason::InsufficientStock)
+        })
         .count();
     assert_eq!((confirmed, short), (1, 7), "{outcomes:?}");
     wait_quiet(&s, WAIT).await;
@@ -695,10 +701,15 @@ async fn a_balance_for_one_of_several_concurrent_orders_is_captured_once(b: Back
             .filter(|p| p["status"] == "CAPTURED")
             .count();
     }
-    let confirmed = outcomes.iter().filter(|(st, _)| st == "CONFIRMED").count();
+    let confirmed = outcomes
+        .iter()
+        .filter(|(st, _)| *st == OrderStatus::Confirmed)
+        .count();
     let poor = outcomes
         .iter()
-        .filter(|(st, r)| st == "CANCELLED" && r.as_deref() == Some("insufficient_funds"))
+        .filter(|(st, r)| {
+            *st == OrderStatus::Cancelled && *r == Some(CancelReason::InsufficientFunds)
+        })
         .count();
     assert_eq!((confirmed, poor, captured), (1, 5, 1), "{outcomes:?}");
     wait_quiet(&s, WAIT).await;
