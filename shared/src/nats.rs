@@ -81,9 +81,35 @@ impl std::fmt::Debug for NatsSettings {
     }
 }
 
-/// Connect with backoff (the server may still be starting) and check its version. Once connected the
-/// client reconnects forever on its own.
+/// The servers of a `NATS_URL`: one URL or a comma-separated list of a cluster's nodes (blanks
+/// around commas ignored). Refused up front, so a typo is not retried for `connect_for`.
+pub fn server_addrs(urls: &str) -> Result<Vec<async_nats::ServerAddr>, NatsError> {
+    let addrs = urls
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(|u| {
+            u.parse::<async_nats::ServerAddr>()
+                .map_err(|e| NatsError::Connect {
+                    url: redact_url(u),
+                    reason: format!("not a NATS URL: {e}"),
+                })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if addrs.is_empty() {
+        return Err(NatsError::Connect {
+            url: urls.to_owned(),
+            reason: "no server URL given".to_owned(),
+        });
+    }
+    Ok(addrs)
+}
+
+/// Connect with backoff (the server may still be starting) and check its version. Given several
+/// servers, the client tries them in random order, first and on every reconnect, and learns the
+/// rest of a cluster from the one it reaches. Once connected it reconnects forever on its own.
 pub async fn connect(settings: &NatsSettings) -> Result<async_nats::Client, NatsError> {
+    let addrs = server_addrs(&settings.url)?;
     let attempt = || async {
         let mut options = async_nats::ConnectOptions::new()
             .name(&settings.name)
@@ -92,7 +118,7 @@ pub async fn connect(settings: &NatsSettings) -> Result<async_nats::Client, Nats
         if let (Some(user), Some(password)) = (&settings.user, &settings.password) {
             options = options.user_and_password(user.clone(), password.expose().to_owned());
         }
-        options.connect(settings.url.as_str()).await
+        options.connect(addrs.as_slice()).await
     };
     let client = attempt
         .retry(
@@ -105,7 +131,7 @@ pub async fn connect(settings: &NatsSettings) -> Result<async_nats::Client, Nats
         .notify(|e, d| tracing::warn!(error = %e, retry_in = ?d, "NATS not reachable yet"))
         .await
         .map_err(|e| NatsError::Connect {
-            url: settings.url.clone(),
+            url: redact_url(&settings.url),
             reason: e.to_string(),
         })?;
     check_server_version(&client.server_info().version)?;
@@ -151,6 +177,9 @@ pub struct StreamSpec {
     /// ones dropped: an event not yet consumed must not vanish. Publishers wait until `max_age`
     /// (or an operator) frees space.
     pub max_bytes: i64,
+    /// Copies of the stream in a cluster (`STREAM_REPLICAS`): 1 on a single server, 3 on a
+    /// three-node cluster so an acknowledged event survives the loss of a node.
+    pub num_replicas: usize,
 }
 
 /// How long streams keep events by default.
@@ -170,6 +199,7 @@ impl StreamSpec {
             duplicate_window: Duration::from_secs(120),
             max_msg_size: 1024 * 1024,
             max_bytes: DEFAULT_STREAM_MAX_BYTES,
+            num_replicas: 1,
         }
     }
 
@@ -183,6 +213,7 @@ impl StreamSpec {
             max_bytes: self.max_bytes,
             storage: StorageType::File,
             discard: DiscardPolicy::New,
+            num_replicas: self.num_replicas,
             ..Default::default()
         }
     }
@@ -205,6 +236,8 @@ pub async fn ensure_stream(js: &Context, spec: &StreamSpec) -> Result<(), NatsEr
                 || current.max_message_size != wanted.max_message_size
                 || current.max_bytes != wanted.max_bytes
                 || current.discard != wanted.discard
+                // The server moves an existing stream to more or fewer replicas in place.
+                || current.num_replicas != wanted.num_replicas
             {
                 js.update_stream(wanted).await.map_err(|e| err(&e))?;
                 tracing::info!(stream = %spec.name, "stream updated");
@@ -232,5 +265,22 @@ mod tests {
         assert!(check_server_version("3.0.0-beta").is_ok());
         assert!(!server_version_at_least("2.10.29", (2, 11)));
         assert!(server_version_at_least("v2.11.0", (2, 11)));
+    }
+
+    #[test]
+    fn a_comma_separated_url_list_names_every_node() {
+        let addrs = server_addrs("nats://a:4222, nats://b:4223,nats://c:4224").unwrap();
+        let hosts: Vec<(String, u16)> = addrs
+            .iter()
+            .map(|a| (a.host().to_owned(), a.port()))
+            .collect();
+        assert_eq!(
+            hosts,
+            [("a".into(), 4222), ("b".into(), 4223), ("c".into(), 4224)]
+        );
+        assert_eq!(server_addrs("nats://127.0.0.1:4222").unwrap().len(), 1);
+        assert!(server_addrs("").is_err());
+        assert!(server_addrs(" , ").is_err());
+        assert!(server_addrs("nats://a:4222,nats://b:notaport").is_err());
     }
 }

@@ -83,6 +83,15 @@ pub struct ServiceConfig {
         value_parser = positive::<i64>
     )]
     pub stream_max_bytes: i64,
+    /// Replicas of each stream the service provisions: 1 on one nats-server, 3 on a three-node
+    /// cluster (at most the cluster's size; the server refuses more).
+    #[arg(
+        long = "stream-replicas",
+        env = "STREAM_REPLICAS",
+        default_value_t = 1,
+        value_parser = positive::<usize>
+    )]
+    pub stream_replicas: usize,
     /// Limits of the HTTP edge.
     #[command(flatten, next_help_heading = "HTTP edge")]
     pub edge: EdgeLimits,
@@ -101,6 +110,7 @@ impl std::fmt::Debug for ServiceConfig {
             .field("db", &self.db)
             .field("admin_token", &self.admin_token)
             .field("stream_max_bytes", &self.stream_max_bytes)
+            .field("stream_replicas", &self.stream_replicas)
             .field("edge", &self.edge)
             .field("retention", &self.retention)
             .finish()
@@ -165,6 +175,7 @@ impl Runtime {
         for spec in streams {
             let mut spec = spec.clone();
             spec.max_bytes = config.stream_max_bytes;
+            spec.num_replicas = config.stream_replicas;
             // The server refuses a stream whose message limit exceeds its byte limit.
             spec.max_msg_size = spec
                 .max_msg_size

@@ -27,7 +27,7 @@ const APP_SERVICES: [(&str, u16, &[&str]); 3] = [
 ];
 
 /// Environment variables every service reads.
-const COMMON_ENV: [&str; 20] = [
+const COMMON_ENV: [&str; 21] = [
     "NATS_URL",
     "NATS_USER",
     "NATS_PASSWORD",
@@ -38,6 +38,7 @@ const COMMON_ENV: [&str; 20] = [
     "SQLITE_SYNCHRONOUS",
     "ADMIN_TOKEN",
     "STREAM_MAX_BYTES",
+    "STREAM_REPLICAS",
     "HTTP_HEADER_TIMEOUT_MS",
     "HTTP_REQUEST_TIMEOUT_MS",
     "HTTP_MAX_IN_FLIGHT",
@@ -674,5 +675,166 @@ fn compose_cli_validates_the_file() {
             "no compose CLI found (docker-compose on PATH or in .tools/bin, or `docker compose`): \
              run scripts/install-deps.sh, or set SAGA_SKIP_COMPOSE_CLI=1 to skip this check"
         );
+    }
+}
+
+fn in_cluster_profile(svc: &Value) -> bool {
+    let mut profiles = Vec::new();
+    strings(svc.get("profiles").unwrap_or(&Value::Null), &mut profiles);
+    profiles.iter().any(|p| p == "cluster")
+}
+
+/// The `cluster` profile: three NATS nodes, each running its `deploy/cluster` file (which includes
+/// the one `nats.conf` and adds a name and the routes), and two replicas of each service on R3
+/// streams, reaching all three nodes.
+#[test]
+fn cluster_profile_runs_three_nats_nodes_and_two_replicas_of_each_service() {
+    let doc = compose();
+    let nodes: Vec<String> = services(&doc)
+        .iter()
+        .filter(|(_, svc)| in_cluster_profile(svc))
+        .filter(|(_, svc)| {
+            svc.get("image")
+                .and_then(scalar)
+                .is_some_and(|i| i.starts_with("nats:"))
+        })
+        .filter_map(|(name, _)| scalar(name))
+        .collect();
+    assert_eq!(nodes, ["nats-1", "nats-2", "nats-3"], "the cluster's nodes");
+    let routes: Vec<String> = nodes.iter().map(|n| format!("nats://{n}:6222")).collect();
+    for node in &nodes {
+        let svc = service(&doc, node);
+        let file = format!("deploy/cluster/{node}.conf");
+        let mut words = Vec::new();
+        strings(&svc["command"], &mut words);
+        assert!(
+            words.contains(&format!("/etc/nats/{file}")),
+            "{node} runs {file}: {words:?}"
+        );
+        let mut mounts = Vec::new();
+        strings(svc.get("volumes").unwrap_or(&Value::Null), &mut mounts);
+        for mount in [
+            format!("./{file}:/etc/nats/{file}:ro"),
+            "./nats.conf:/etc/nats/nats.conf:ro".to_owned(),
+        ] {
+            assert!(mounts.contains(&mount), "{node} mounts {mount}: {mounts:?}");
+        }
+        let conf = read(&file);
+        assert!(
+            conf.contains("include \"../../nats.conf\""),
+            "{file} includes the one nats.conf rather than copying its users"
+        );
+        assert!(
+            !conf
+                .lines()
+                .filter(|l| !l.trim_start().starts_with('#'))
+                .any(|l| l.contains("users") || l.contains("accounts")),
+            "{file} defines users of its own; they belong in nats.conf"
+        );
+        assert!(
+            conf.contains(&format!("server_name: {node}")),
+            "{file} name"
+        );
+        for route in &routes {
+            assert!(conf.contains(route.as_str()), "{file} routes to {route}");
+        }
+        assert!(
+            !healthcheck_urls(svc).is_empty(),
+            "{node} has a healthcheck"
+        );
+        // nats-server itself reads the file, its include and the passwords it references.
+        let mut check = Command::new(event_toolkit::testing::nats_server_binary());
+        check.arg("-c").arg(repo_root().join(&file)).arg("-t");
+        for user in ["ORDER", "INVENTORY", "PAYMENT", "PROVISION", "CLI"] {
+            check.env(format!("NATS_{user}_PASSWORD"), "placeholder");
+        }
+        let out = check.output().expect("run nats-server -t");
+        assert!(
+            out.status.success(),
+            "nats-server -t {file}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    let node_urls = nodes
+        .iter()
+        .map(|n| format!("nats://{n}:4222"))
+        .collect::<Vec<_>>()
+        .join(",");
+    for (name, port, extra) in APP_SERVICES {
+        let replicated = format!("{name}-cluster");
+        let svc = service(&doc, &replicated);
+        assert!(
+            in_cluster_profile(svc),
+            "{replicated} is in the cluster profile"
+        );
+        assert_eq!(
+            svc["deploy"]["replicas"].as_u64(),
+            Some(2),
+            "{replicated} runs two replicas"
+        );
+        assert!(
+            published_ports(svc).is_empty(),
+            "{replicated}: two replicas cannot publish one host port"
+        );
+        assert_eq!(svc["command"], service(&doc, name)["command"]);
+        let env = environment(svc);
+        let allowed: BTreeSet<&str> = COMMON_ENV.iter().chain(extra.iter()).copied().collect();
+        assert!(
+            env.keys().all(|k| allowed.contains(k.as_str())),
+            "{replicated} sets variables outside the contract: {:?}",
+            env.keys()
+        );
+        let get = |k: &str| env.get(k).cloned().flatten().unwrap_or_default();
+        assert_eq!(
+            get("NATS_URL"),
+            node_urls,
+            "{replicated} reaches every node"
+        );
+        assert_eq!(
+            get("STREAM_REPLICAS"),
+            "3",
+            "{replicated} streams on three nodes"
+        );
+        assert_eq!(get("NATS_USER"), name);
+        assert_eq!(get("HTTP_ADDR"), format!("0.0.0.0:{port}"));
+        assert_eq!(
+            get("DATABASE_URL"),
+            environment(service(&doc, name))["DATABASE_URL"]
+                .clone()
+                .unwrap_or_default()
+        );
+        let deps = svc["depends_on"].as_mapping().cloned().unwrap_or_default();
+        for needed in nodes.iter().map(String::as_str).chain(["postgres"]) {
+            assert!(deps.contains_key(needed), "{replicated} waits for {needed}");
+        }
+    }
+
+    // A compose CLI, where there is one, reads the profile too.
+    let root = repo_root();
+    let installed = root.join(".tools/bin/docker-compose");
+    for program in ["docker-compose", installed.to_str().expect("UTF-8 path")] {
+        let Ok(out) = Command::new(program)
+            .args(["--env-file", ".env.example", "-f", "compose.yaml"])
+            .args(["--profile", "cluster", "config", "--services"])
+            .current_dir(&root)
+            .output()
+        else {
+            continue;
+        };
+        assert!(
+            out.status.success(),
+            "{program} --profile cluster config: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let listed = String::from_utf8_lossy(&out.stdout);
+        for name in nodes
+            .iter()
+            .cloned()
+            .chain(APP_SERVICES.iter().map(|(n, _, _)| format!("{n}-cluster")))
+        {
+            assert!(listed.lines().any(|l| l == name), "{program} lists {name}");
+        }
     }
 }
