@@ -199,57 +199,36 @@ pub struct ListQuery {
     after: Option<String>,
 }
 
-/// Upstream pages read at most for one page of a customer's orders.
-const MAX_SCANNED_PAGES: usize = 20;
-
-/// `GET /api/orders?status=&limit=&after=`: the customer's orders, newest first. The order
-/// service lists everyone's, so this reads its pages, keeping the customer's, asking each time
-/// for no more than are still missing, so `next` is always the upstream's own cursor. A page can
-/// hold fewer than `limit` orders while `next` is not null; stop at `null`.
+/// `GET /api/orders?status=&limit=&after=`: the customer's orders, newest first, one page of the
+/// order service's own list filtered by customer (its cursor is passed through as it is).
 pub async fn list(
     State(gw): State<Arc<Gateway>>,
     Customer(customer): Customer,
     headers: HeaderMap,
     ApiQuery(q): ApiQuery<ListQuery>,
 ) -> Response {
-    let limit = match parse_limit(q.limit.as_deref()) {
-        Ok(l) => l as usize,
-        Err(p) => return p.into_response(),
-    };
-    let mut items = Vec::new();
-    let mut after = q.after.filter(|a| !a.is_empty());
-    for _ in 0..MAX_SCANNED_PAGES {
-        let mut url = reqwest::Url::parse("http://upstream/orders").expect("static URL");
-        {
-            let mut qp = url.query_pairs_mut();
-            qp.append_pair("limit", &(limit - items.len()).to_string());
-            if let Some(s) = q.status.as_deref().filter(|s| !s.is_empty()) {
-                qp.append_pair("status", s);
+    if let Err(p) = parse_limit(q.limit.as_deref()) {
+        return p.into_response();
+    }
+    let mut url = reqwest::Url::parse("http://upstream/orders").expect("static URL");
+    {
+        let mut qp = url.query_pairs_mut();
+        qp.append_pair("customer_id", &customer);
+        for (name, value) in [
+            ("status", &q.status),
+            ("limit", &q.limit),
+            ("after", &q.after),
+        ] {
+            if let Some(v) = value.as_deref().filter(|v| !v.is_empty()) {
+                qp.append_pair(name, v);
             }
-            if let Some(a) = &after {
-                qp.append_pair("after", a);
-            }
-        }
-        let path = format!("{}?{}", url.path(), url.query().unwrap_or(""));
-        let answer = match gw.order.send(&Call::get(path, api_headers(&headers))).await {
-            Ok(a) => a,
-            Err(e) => return call_problem(&gw.order, e),
-        };
-        if answer.status != StatusCode::OK {
-            return pass_on(answer, None);
-        }
-        let page = answer.json().unwrap_or(Value::Null);
-        for o in page["items"].as_array().into_iter().flatten() {
-            if o["customer_id"].as_str() == Some(customer.as_str()) {
-                items.push(o.clone());
-            }
-        }
-        after = page["next"].as_str().map(str::to_owned);
-        if after.is_none() || items.len() >= limit {
-            break;
         }
     }
-    Json(json!({"items": items, "next": after})).into_response()
+    let path = format!("{}?{}", url.path(), url.query().unwrap_or(""));
+    match gw.order.send(&Call::get(path, api_headers(&headers))).await {
+        Ok(answer) => pass_on(answer, None),
+        Err(e) => call_problem(&gw.order, e),
+    }
 }
 
 /// A part of the aggregated view: the upstream's JSON (`pick` of it), or `{"unavailable": true}`.
@@ -423,26 +402,35 @@ pub async fn proxy(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
     }
 }
 
-/// `GET /openapi.json`.
+/// `GET /openapi.json`: every answer of the gateway, its own and those it passes on.
 pub async fn openapi() -> Json<Value> {
-    let problem = json!({"description": "Problem", "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}});
-    let auth_errors = json!({
-        "401": {"description": "Missing, invalid or expired token", "content": problem["content"]},
-        "429": {"description": "Rate limited; retry after `Retry-After` seconds", "content": problem["content"]},
-        "502": {"description": "The upstream could not be reached", "content": problem["content"]},
-        "503": {"description": "Circuit open, bulkhead full or overloaded; retry after `Retry-After`", "content": problem["content"]},
-        "504": {"description": "The upstream did not answer in time", "content": problem["content"]},
+    let problem = |description: &str| {
+        json!({"description": description,
+            "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}})
+    };
+    let json_of = |description: &str, schema: &str| {
+        json!({"description": description,
+            "content": {"application/json": {"schema": {"$ref": format!("#/components/schemas/{schema}")}}}})
+    };
+    // Every customer route: the token, the rate limit, and the upstream's resilience.
+    let customer_errors = json!({
+        "401": problem("Missing, invalid or expired token"),
+        "429": problem("Rate limited; retry after `Retry-After` seconds"),
+        "502": problem("The order service could not be reached"),
+        "503": problem("Circuit open, bulkhead full, or the order service overloaded; retry after `Retry-After`"),
+        "504": problem("The order service did not answer in time"),
     });
     let with = |extra: Value| {
-        let mut r = auth_errors.clone();
+        let mut r = customer_errors.clone();
         if let (Some(r), Some(e)) = (r.as_object_mut(), extra.as_object()) {
             r.extend(e.clone());
         }
         r
     };
-    let id = json!({"name": "id", "in": "path", "required": true, "schema": {"type": "string"}});
-    let any =
-        json!({"description": "As the order service answers", "content": {"application/json": {}}});
+    let id = json!({"name": "id", "in": "path", "required": true,
+        "description": "Order id (UUID)", "schema": {"type": "string"}});
+    let order_list = json!({"type": "array", "items": {"type": "object"}});
+    let unavailable = json!({"$ref": "#/components/schemas/Unavailable"});
     Json(json!({
         "openapi": "3.1.0",
         "info": {"title": "api-gateway", "version": env!("CARGO_PKG_VERSION"),
@@ -450,34 +438,83 @@ pub async fn openapi() -> Json<Value> {
         "components": {
             "securitySchemes": {"customer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT",
                 "description": "HS256; `sub` is the customer id"}},
-            "schemas": {"Problem": {"type": "object", "required": ["type", "title", "status"],
-                "properties": {"type": {"type": "string"}, "title": {"type": "string"},
-                    "status": {"type": "integer"}, "detail": {"type": "string"}}}}
+            "schemas": {
+                "Problem": {"type": "object", "required": ["type", "title", "status"],
+                    "properties": {"type": {"type": "string"}, "title": {"type": "string"},
+                        "status": {"type": "integer"}, "detail": {"type": "string"}}},
+                "Order": {"type": "object", "required": ["id", "customer_id", "status"],
+                    "description": "As the order service serves it",
+                    "properties": {"id": {"type": "string"}, "customer_id": {"type": "string"},
+                        "status": {"type": "string", "enum": ["PENDING", "RESERVED", "CONFIRMED", "CANCELLED"]}}},
+                "OrderPage": {"type": "object", "required": ["items", "next"],
+                    "properties": {"items": {"type": "array", "items": {"$ref": "#/components/schemas/Order"}},
+                        "next": {"type": ["string", "null"], "description": "Cursor of the next page (`after`)"}}},
+                "Unavailable": {"type": "object", "required": ["unavailable"],
+                    "description": "This part's service failed or timed out",
+                    "properties": {"unavailable": {"const": true}}},
+                "OrderView": {"type": "object", "required": ["order", "reservations", "payments", "timeline"],
+                    "properties": {
+                        "order": {"$ref": "#/components/schemas/Order"},
+                        "reservations": {"oneOf": [order_list, unavailable]},
+                        "payments": {"oneOf": [order_list, unavailable]},
+                        "timeline": {"type": "object", "description": "The order's timeline, or `{\"unavailable\": true}`"}}},
+                "PlaceOrder": {"type": "object", "required": ["currency", "items"],
+                    "properties": {
+                        "customer_id": {"type": "string", "description": "The token's customer, or absent"},
+                        "currency": {"type": "string", "pattern": "^[A-Z]{3}$"},
+                        "items": {"type": "array", "minItems": 1, "maxItems": 100, "items": {"type": "object",
+                            "required": ["sku", "quantity", "unit_price_minor"],
+                            "properties": {"sku": {"type": "string"}, "quantity": {"type": "integer"},
+                                "unit_price_minor": {"type": "integer"}}}}}}
+            }
         },
         "security": [{"customer": []}],
         "paths": {
             "/api/orders": {
                 "post": {"summary": "Place an order for the authenticated customer",
-                    "parameters": [{"name": "Idempotency-Key", "in": "header", "schema": {"type": "string"}}],
-                    "requestBody": {"required": true, "content": {"application/json": {"schema": {"type": "object"}}}},
-                    "responses": with(json!({"202": any, "403": {"description": "customer_id is another customer", "content": problem["content"]}, "422": any}))},
-                "get": {"summary": "The customer's orders, newest first",
+                    "parameters": [{"name": "Idempotency-Key", "in": "header", "schema": {"type": "string"},
+                        "description": "Makes retries safe (1-200 visible ASCII characters)"}],
+                    "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/PlaceOrder"}}}},
+                    "responses": with(json!({
+                        "202": {"description": "Accepted: the saga runs (or ran) for this order",
+                            "headers": {"Location": {"description": "The order's URL", "schema": {"type": "string"}}},
+                            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Order"}}}},
+                        "400": problem("Malformed JSON or a bad Idempotency-Key"),
+                        "403": problem("customer_id is another customer"),
+                        "413": problem("Body larger than 64 KiB"),
+                        "415": problem("Content-Type is not application/json"),
+                        "422": problem("Invalid order, or the Idempotency-Key was used with another body")}))},
+                "get": {"summary": "The customer's orders, newest first, a page at a time",
                     "parameters": [
-                        {"name": "status", "in": "query", "schema": {"type": "string"}},
+                        {"name": "status", "in": "query", "schema": {"type": "string", "enum": ["PENDING", "RESERVED", "CONFIRMED", "CANCELLED"]}},
                         {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
-                        {"name": "after", "in": "query", "schema": {"type": "string"}}],
-                    "responses": with(json!({"200": {"description": "{\"items\": [...], \"next\": cursor | null}", "content": {"application/json": {}}}}))}
+                        {"name": "after", "in": "query", "description": "The `next` of the previous page", "schema": {"type": "string"}}],
+                    "responses": with(json!({
+                        "200": json_of("A page of the customer's orders", "OrderPage"),
+                        "400": problem("Bad `status`, `limit` or `after`, or a repeated parameter")}))}
             },
             "/api/orders/{id}": {"get": {"summary": "The order with its reservations, payments and timeline",
                 "parameters": [id],
-                "responses": with(json!({"200": {"description": "A part whose service failed is {\"unavailable\": true}", "content": {"application/json": {}}},
-                    "404": {"description": "No such order of this customer", "content": problem["content"]}}))}},
+                "responses": with(json!({
+                    "200": json_of("A part whose service failed is {\"unavailable\": true}", "OrderView"),
+                    "400": problem("A path segment is not valid UTF-8 once decoded"),
+                    "404": problem("No such order of this customer")}))}},
             "/api/orders/{id}/cancel": {"post": {"summary": "Cancel the customer's order",
                 "parameters": [id],
-                "responses": with(json!({"200": any, "202": any, "404": {"description": "No such order of this customer", "content": problem["content"]}, "409": any}))}},
-            "/healthz": {"get": {"security": [], "responses": {"200": {"description": "Alive"}}}},
-            "/readyz": {"get": {"security": [], "responses": {"200": {"description": "The order service is reachable; circuits and replicas of every upstream"}, "503": {"description": "Not ready"}}}},
-            "/metrics": {"get": {"security": [], "responses": {"200": {"description": "Prometheus text format"}}}}
+                "responses": with(json!({
+                    "200": json_of("Already cancelled", "Order"),
+                    "202": json_of("Cancelling: the saga releases what it holds", "Order"),
+                    "400": problem("A path segment is not valid UTF-8 once decoded"),
+                    "404": problem("No such order of this customer"),
+                    "409": problem("Confirmed: it can no longer be cancelled")}))}},
+            "/healthz": {"get": {"security": [], "responses": {"200": {"description": "Alive",
+                "content": {"application/json": {"schema": {"type": "object"}}}}}}},
+            "/readyz": {"get": {"security": [], "responses": {
+                "200": {"description": "The order service is reachable; circuits and replicas of every upstream",
+                    "content": {"application/json": {"schema": {"type": "object"}}}},
+                "503": {"description": "Not ready", "content": {"application/json": {"schema": {"type": "object"}}}}}}},
+            "/metrics": {"get": {"security": [], "responses": {"200": {"description": "Prometheus text format",
+                "content": {"text/plain": {"schema": {"type": "string"}}}}}}}
         }
     }))
 }

@@ -186,6 +186,9 @@ pub struct ListQuery {
     /// Only orders with this status.
     #[param(value_type = Option<OrderStatus>)]
     status: Option<String>,
+    /// Only this customer's orders (1-64 characters of letters, digits and `-_.:@`).
+    #[param(pattern = "^[A-Za-z0-9_.:@-]{1,64}$")]
+    customer_id: Option<String>,
 }
 
 /// The cursor of the page after `order`: its creation time (µs) and id. Opaque to clients.
@@ -200,11 +203,11 @@ fn parse_order_cursor(after: &str) -> Result<(i64, String), Problem> {
     Ok((created, id.to_string()))
 }
 
-/// Orders, newest first, a page at a time.
+/// Orders, newest first, a page at a time; all of them, or one customer's.
 #[utoipa::path(get, path = "/orders", params(ListQuery, PageQuery),
     responses(
         (status = 200, description = "A page of orders; `next` is the cursor of the following page", body = Page<Order>),
-        (status = 400, description = "Bad `status`, `limit` or `after`", body = Problem, content_type = PROBLEM_JSON),
+        (status = 400, description = "Bad `status`, `customer_id`, `limit` or `after`", body = Problem, content_type = PROBLEM_JSON),
     ))]
 async fn list_orders(
     State(state): State<AppState>,
@@ -217,10 +220,22 @@ async fn list_orders(
             Problem::bad_request("status must be PENDING, RESERVED, CONFIRMED or CANCELLED")
         })?),
     };
+    // Empty means "not given", as for `status`.
+    let customer =
+        match q.customer_id.as_deref() {
+            None | Some("") => None,
+            Some(c) if event_toolkit::ids::valid_identifier(c) => Some(c),
+            Some(_) => return Err(Problem::bad_request(
+                "customer_id must be 1-64 characters of letters, digits, '-', '_', '.', ':' or '@'",
+            )),
+        };
     let limit = page.limit()?;
     let after = page.after().map(parse_order_cursor).transpose()?;
     let after = after.as_ref().map(|(created, id)| (*created, id.as_str()));
-    let rows = store::list(state.db.pool(), status, after, limit + 1).await?;
+    let rows = match customer {
+        Some(c) => store::list_by_customer(state.db.pool(), c, status, after, limit + 1).await?,
+        None => store::list(state.db.pool(), status, after, limit + 1).await?,
+    };
     Ok(Json(Page::from_rows(rows, limit, order_cursor)))
 }
 

@@ -108,6 +108,40 @@ pub async fn list(
     rows.iter().map(from_row).collect()
 }
 
+/// One customer's orders, newest first, optionally with one status; the same keyset as [`list`]
+/// (`after` = the last order's `created_at` in microseconds and id), at most `limit`.
+pub async fn list_by_customer(
+    pool: &AnyPool,
+    customer_id: &str,
+    status: Option<OrderStatus>,
+    after: Option<(i64, &str)>,
+    limit: i64,
+) -> Result<Vec<Order>, sqlx::Error> {
+    let (created, id) = after.unwrap_or((i64::MAX, ""));
+    // The (customer_id, created_at_us, id) index bounds the scan to the customer's orders, read
+    // in page order.
+    let status_clause = if status.is_some() {
+        "AND status = $5"
+    } else {
+        ""
+    };
+    let sql = format!(
+        "SELECT {COLUMNS} FROM orders WHERE customer_id = $1 \
+         AND created_at_us <= $2 AND (created_at_us < $2 OR id < $3) {status_clause} \
+         ORDER BY created_at_us DESC, id DESC LIMIT $4"
+    );
+    let mut query = sqlx::query(&sql)
+        .bind(customer_id)
+        .bind(created)
+        .bind(id)
+        .bind(limit);
+    if let Some(s) = status {
+        query = query.bind(s.as_str());
+    }
+    let rows = query.fetch_all(pool).await?;
+    rows.iter().map(from_row).collect()
+}
+
 async fn load_locked(conn: &mut AnyConnection, id: &str) -> Result<Option<Order>, sqlx::Error> {
     let sql = format!(
         "SELECT {COLUMNS} FROM orders WHERE id = $1{}",

@@ -1,5 +1,5 @@
-//! The API says what it does: schemathesis generates requests from each service's own
-//! `/openapi.json` and checks every answer against that document (no 5xx, every status, content type
+//! The API says what it does: schemathesis generates requests from each service's and the
+//! gateway's own `/openapi.json` and checks every answer against that document (no 5xx, every status, content type
 //! and body documented). Also: every list endpoint pages with a cursor, and paging visits each item
 //! exactly once.
 //!
@@ -13,6 +13,7 @@ use std::time::Instant;
 
 use event_toolkit::testing::{eventually, repo_root};
 use event_toolkit::Backend;
+use saga_e2e::gateway::Gateway;
 use saga_e2e::{Service, System, SystemConfig, ADMIN_TOKEN, WAIT};
 use serde_json::Value;
 
@@ -49,10 +50,11 @@ fn schemathesis_bin() -> PathBuf {
     bin
 }
 
-/// Run schemathesis against `base`'s `/openapi.json`; returns its exit status and output.
-async fn schemathesis(base: &str) -> (bool, String) {
+/// Run schemathesis against `base`'s `/openapi.json`, sending `token` as the bearer; returns its
+/// exit status and output.
+async fn schemathesis(base: &str, token: &str) -> (bool, String) {
     let bin = schemathesis_bin();
-    let base = base.to_owned();
+    let (base, token) = (base.to_owned(), token.to_owned());
     tokio::task::spawn_blocking(move || {
         // Its example database and reports go to a scratch directory, not the working tree.
         let scratch = tempfile::tempdir().expect("scratch dir");
@@ -63,7 +65,7 @@ async fn schemathesis(base: &str) -> (bool, String) {
         let out = Command::new(&bin)
             .current_dir(scratch.path())
             .args(["run", &format!("{base}/openapi.json")])
-            .args(["-H", &format!("Authorization: Bearer {ADMIN_TOKEN}")])
+            .args(["-H", &format!("Authorization: Bearer {token}")])
             .args(["--checks", "all"])
             .args(if excluded.is_empty() {
                 vec![]
@@ -145,7 +147,7 @@ async fn every_answer_matches_the_openapi_document(backend: Backend) {
     let mut failed = Vec::new();
     for svc in Service::ALL {
         let started = Instant::now();
-        let (ok, output) = schemathesis(&s.url(svc)).await;
+        let (ok, output) = schemathesis(&s.url(svc), ADMIN_TOKEN).await;
         let took = started.elapsed();
         eprintln!(
             "---- schemathesis against {} ({backend:?}, {:.1} s) ----\n{output}",
@@ -159,6 +161,36 @@ async fn every_answer_matches_the_openapi_document(backend: Backend) {
     assert!(
         failed.is_empty(),
         "schemathesis found answers the OpenAPI document does not describe on {failed:?} (output above)"
+    );
+}
+
+/// The gateway against its own document, in front of the real services, as a customer: every
+/// answer (its own and those it passes on from the services) is one the document describes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_gateway_answer_matches_its_openapi_document() {
+    let s = System::start(SystemConfig::new(Backend::Sqlite)).await;
+    s.set_stock("WIDGET", 1_000).await;
+    s.set_balance("alice", 1_000_000).await;
+    let order = s.place_order("alice", &[("WIDGET", 1, 250)]).await;
+    s.wait_terminal(&order).await;
+    let gw = Gateway::start(&[
+        ("ORDER_UPSTREAMS", s.url(Service::Order)),
+        ("INVENTORY_UPSTREAMS", s.url(Service::Inventory)),
+        ("PAYMENT_UPSTREAMS", s.url(Service::Payment)),
+        // Schemathesis sends far more than a customer would; the rate limit has its own test.
+        ("GATEWAY_RATE_PER_SEC", "100000".into()),
+        ("GATEWAY_RATE_BURST", "100000".into()),
+    ])
+    .await;
+    let started = Instant::now();
+    let (ok, output) = schemathesis(&gw.url(""), &Gateway::token("alice")).await;
+    eprintln!(
+        "---- schemathesis against api-gateway ({:.1} s) ----\n{output}",
+        started.elapsed().as_secs_f64()
+    );
+    assert!(
+        ok,
+        "schemathesis found gateway answers its OpenAPI document does not describe (output above)"
     );
 }
 
@@ -245,6 +277,47 @@ async fn lists_page_with_a_cursor_visiting_each_item_once(backend: Backend) {
     assert_eq!(confirmed.len(), 25);
     assert!(confirmed.iter().all(|o| o["status"] == "CONFIRMED"));
 
+    // One customer's orders: only theirs, each once, newest first, with or without a status.
+    s.set_balance("bob", 15).await;
+    let mut bobs = Vec::new();
+    for sku in &skus[..3] {
+        bobs.push(s.place_order("bob", &[(sku, 1, 10)]).await);
+    }
+    for id in &bobs {
+        s.wait_terminal(id).await;
+    }
+    let (alices, sizes) = all_pages(&s, Service::Order, "/orders?customer_id=alice&limit=10").await;
+    assert_eq!(sizes, [10, 10, 5]);
+    assert_eq!(
+        alices
+            .iter()
+            .map(|o| o["id"].as_str().unwrap())
+            .collect::<Vec<_>>(),
+        ids,
+        "the same order as the whole list"
+    );
+    let (of_bob, sizes) = all_pages(&s, Service::Order, "/orders?customer_id=bob&limit=2").await;
+    assert_eq!(sizes, [2, 1]);
+    assert!(of_bob.iter().all(|o| o["customer_id"] == "bob"));
+    assert_eq!(
+        of_bob
+            .iter()
+            .map(|o| o["id"].as_str().unwrap())
+            .collect::<BTreeSet<_>>(),
+        bobs.iter().map(String::as_str).collect::<BTreeSet<_>>()
+    );
+    // Bob's balance pays one of his three.
+    let (bob_confirmed, _) = all_pages(
+        &s,
+        Service::Order,
+        "/orders?customer_id=bob&status=CONFIRMED&limit=1",
+    )
+    .await;
+    assert_eq!(bob_confirmed.len(), 1);
+    assert_eq!(bob_confirmed[0]["customer_id"], "bob");
+    let (nobodys, sizes) = all_pages(&s, Service::Order, "/orders?customer_id=nobody").await;
+    assert_eq!((nobodys.len(), sizes), (0, vec![0]));
+
     // Products: by SKU.
     let (products, sizes) = all_pages(&s, Service::Inventory, "/products?limit=10").await;
     assert_eq!(sizes, [10, 10, 5]);
@@ -311,6 +384,16 @@ async fn lists_page_with_a_cursor_visiting_each_item_once(backend: Backend) {
         (Service::Order, "/admin/dead-letters?after=x".to_owned()),
         (Service::Order, "/admin/dead-letters?limit=1001".to_owned()),
         (Service::Order, "/orders?limit=1&limit=2".to_owned()),
+        (Service::Order, "/orders?customer_id=bad%20id".to_owned()),
+        (Service::Order, format!("/orders?customer_id={too_long}")),
+        (
+            Service::Order,
+            "/orders?customer_id=alice&after=not-a-cursor".to_owned(),
+        ),
+        (
+            Service::Order,
+            "/orders?customer_id=alice&status=LOST".to_owned(),
+        ),
     ] {
         assert_bad_request(&s, svc, &path).await;
     }

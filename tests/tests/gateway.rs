@@ -499,6 +499,203 @@ async fn a_prefix_routes_to_another_backend_as_it_is() {
         .contains("gateway_upstream_requests_total{upstream=\"legacy\",outcome=\"ok\"}"));
 }
 
+/// Requests a replica served on the routes the aggregated view calls (`/orders/{id}` and its
+/// timeline), from its own `http_requests_total`; 0 while it does not answer.
+async fn order_reads_served(http: &reqwest::Client, replica: &str) -> u64 {
+    let Ok(r) = http.get(format!("{replica}/metrics")).send().await else {
+        return 0;
+    };
+    let text = r.text().await.unwrap_or_default();
+    text.lines()
+        .filter(|l| {
+            l.starts_with("http_requests_total{")
+                && l.contains("method=\"GET\"")
+                && (l.contains("route=\"/orders/{id}\"")
+                    || l.contains("route=\"/orders/{id}/timeline\""))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+/// Two real replicas of each service on Postgres behind the gateway: reads are spread over both
+/// order replicas; one SIGKILLed, every request still succeeds (the attempt that meets the dead
+/// replica is sent again to the live one, and the replica leaves the rotation: ejected after
+/// `GATEWAY_EJECT_FAILURES` failed attempts, and by the next `/readyz` poll); restarted, it is
+/// polled ready and gets its share again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_order_replicas_share_the_reads_and_one_killed_costs_no_request() {
+    let mut config = SystemConfig::new(event_toolkit::Backend::Postgres);
+    config.replicas = 2;
+    let mut system = System::start(config).await;
+    system.set_stock("WIDGET", 100).await;
+    system.set_balance("alice", 100_000).await;
+    let both = |svc: Service| {
+        format!(
+            "{},{}",
+            system.replica_url(svc, 0),
+            system.replica_url(svc, 1)
+        )
+    };
+    let gw = Gateway::start(&[
+        ("ORDER_UPSTREAMS", both(Service::Order)),
+        ("INVENTORY_UPSTREAMS", both(Service::Inventory)),
+        ("PAYMENT_UPSTREAMS", both(Service::Payment)),
+        ("GATEWAY_PROBE_INTERVAL_MS", "200".into()),
+        ("GATEWAY_EJECT_MS", "1000".into()),
+        ("GATEWAY_RATE_PER_SEC", "10000".into()),
+        ("GATEWAY_RATE_BURST", "10000".into()),
+    ])
+    .await;
+    let alice = Gateway::token("alice");
+    let r = gw
+        .http
+        .post(gw.url("/api/orders"))
+        .header("authorization", bearer(&alice))
+        .json(&order_body())
+        .send()
+        .await
+        .expect("place");
+    let (status, _, order) = status_and_json(r).await;
+    assert_eq!(status, 202, "{order}");
+    let id = order["id"].as_str().expect("id").to_owned();
+    system.wait_terminal(&id).await;
+
+    // Every view whole: the order and each part answered.
+    let views = |n: usize| {
+        let (gw, alice, path) = (&gw, &alice, format!("/api/orders/{id}"));
+        async move {
+            for i in 0..n {
+                let r = gw
+                    .http
+                    .get(gw.url(&path))
+                    .header("authorization", bearer(alice))
+                    .send()
+                    .await
+                    .expect("view");
+                let (status, _, view) = status_and_json(r).await;
+                assert_eq!(status, 200, "view {i}: {view}");
+                for part in ["reservations", "payments"] {
+                    assert!(view[part].is_array(), "view {i}: {part}: {view}");
+                }
+                assert!(view["timeline"]["events"].is_array(), "view {i}: {view}");
+            }
+        }
+    };
+    let urls = [
+        system.replica_url(Service::Order, 0),
+        system.replica_url(Service::Order, 1),
+    ];
+    let served = || async {
+        [
+            order_reads_served(&gw.http, &urls[0]).await,
+            order_reads_served(&gw.http, &urls[1]).await,
+        ]
+    };
+    // 20 views are 40 order reads, round robin over the two.
+    let before = served().await;
+    views(20).await;
+    let after = served().await;
+    let share = [after[0] - before[0], after[1] - before[1]];
+    assert_eq!(share[0] + share[1], 40, "{share:?}");
+    assert!(
+        share.iter().all(|&n| n >= 15),
+        "both replicas serve: {share:?}"
+    );
+
+    // One replica SIGKILLed: not one view fails, before or after the gateway notices.
+    system.kill_replica(Service::Order, 1);
+    let before = served().await[0];
+    views(20).await;
+    assert_eq!(
+        served().await[0] - before,
+        40,
+        "the live replica serves them all"
+    );
+    wait_for(WAIT, "the dead replica to leave the rotation", || async {
+        let r = gw.readyz().await;
+        let replica = &r["upstreams"]["order"]["replicas"][1];
+        (replica["ready"] == false && r["ready"] == true).then_some(())
+    })
+    .await;
+    views(10).await;
+    assert!(
+        gw.metrics()
+            .await
+            .contains("gateway_circuit_state{upstream=\"order\"} 0"),
+        "a dead replica is not a dead upstream: the circuit stays closed"
+    );
+
+    // Back: polled ready, out of its ejection, and given its share again.
+    system.restart_replica(Service::Order, 1).await;
+    wait_for(
+        WAIT,
+        "the restarted replica to rejoin the rotation",
+        || async {
+            let r = gw.readyz().await;
+            let replica = &r["upstreams"]["order"]["replicas"][1];
+            (replica["ready"] == true && replica["ejected"] == false).then_some(())
+        },
+    )
+    .await;
+    let before = served().await;
+    views(20).await;
+    let after = served().await;
+    let share = [after[0] - before[0], after[1] - before[1]];
+    assert_eq!(share[0] + share[1], 40, "{share:?}");
+    assert!(
+        share[1] >= 15,
+        "the restarted replica serves again: {share:?}"
+    );
+}
+
+/// A customer's list is one call to the order service, filtered there by the token's customer;
+/// the caller's paging is passed on and the upstream's page comes back as it is.
+#[tokio::test]
+async fn a_customers_list_is_one_filtered_call_to_the_order_service() {
+    let orders = StandIn::start("orders").await;
+    let gw = Gateway::start(&[("ORDER_UPSTREAMS", orders.url())]).await;
+    let r = gw
+        .http
+        .get(gw.url("/api/orders?limit=5&after=cursor-1&status=CONFIRMED"))
+        .header("authorization", bearer(&Gateway::token("alice")))
+        .send()
+        .await
+        .expect("list");
+    let (status, _, page) = status_and_json(r).await;
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(page["backend"], "orders");
+    let received = orders.received();
+    assert_eq!(received.len(), 1, "{received:?}");
+    let target = reqwest::Url::parse(&format!("http://x{}", received[0].target)).expect("url");
+    assert_eq!(target.path(), "/orders");
+    let query: std::collections::BTreeMap<String, String> =
+        target.query_pairs().into_owned().collect();
+    assert_eq!(
+        query,
+        [
+            ("after", "cursor-1"),
+            ("customer_id", "alice"),
+            ("limit", "5"),
+            ("status", "CONFIRMED"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect(),
+    );
+    // A customer cannot widen the filter to someone else.
+    let r = gw
+        .http
+        .get(gw.url("/api/orders?customer_id=bob"))
+        .header("authorization", bearer(&Gateway::token("alice")))
+        .send()
+        .await
+        .expect("list");
+    assert_eq!(r.status(), 200);
+    let last = orders.received().pop().expect("a call");
+    assert!(last.target.contains("customer_id=alice"), "{}", last.target);
+    assert!(!last.target.contains("bob"), "{}", last.target);
+}
+
 /// Latency added by the gateway: `cargo test -p saga-e2e --test gateway gateway_overhead -- --ignored --nocapture`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "benchmark"]
