@@ -7,7 +7,10 @@
 //! injected poison. Everything found goes into [`FaultReport::failures`] or
 //! [`FaultReport::violations`]; a run passes only if both are empty. With
 //! [`FaultConfig::replicas`] > 1 (Postgres) each service runs that many processes and a SIGKILL
-//! takes down one of them at a time.
+//! takes down one of them at a time. With [`FaultConfig::cluster`] NATS is a three-node cluster
+//! with every stream on all three: instead of restarting the one nats-server, a fault SIGKILLs the
+//! node leading a stream (from stream info) and restarts it, or stops a node for
+//! [`FaultConfig::node_outage`].
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -41,7 +44,17 @@ pub struct FaultConfig {
     /// Processes per service ([`SystemConfig::replicas`]; more than one needs Postgres). With
     /// several, a SIGKILL fault kills one replica while the others keep running.
     pub replicas: usize,
+    /// Run on a three-node NATS cluster, streams R3 ([`SystemConfig::nats_nodes`]).
+    pub cluster: bool,
+    /// How long a node-outage fault keeps a cluster node stopped.
+    pub node_outage: Duration,
 }
+
+/// Nodes of the cluster a [`FaultConfig::cluster`] run uses.
+pub const CLUSTER_NODES: usize = 3;
+
+/// The streams whose leader a leader-kill fault looks for.
+const STREAMS: [&str; 4] = ["ORDERS", "ORDER_COMMANDS", "INVENTORY", "PAYMENTS"];
 
 impl FaultConfig {
     /// From `FAULT_SAGAS` (default 150), `FAULT_RATE` (default 30/s) and `FAULT_EVERY_MS`
@@ -60,6 +73,8 @@ impl FaultConfig {
             deadline_ms: 3000,
             fault_every: Duration::from_millis(var("FAULT_EVERY_MS", 700.0) as u64),
             replicas: 1,
+            cluster: false,
+            node_outage: Duration::from_millis(var("FAULT_NODE_OUTAGE_MS", 30_000.0) as u64),
         }
     }
 
@@ -177,18 +192,28 @@ fn allowed(kind: Kind, cancel: CancelAnswer) -> &'static [&'static str] {
 
 /// The five kinds of fault; each must be injected at least once. With several replicas a SIGKILL
 /// takes down one replica of the service, and the sagas carry on through the others.
-fn fault_kinds(replicas: usize) -> [String; 5] {
-    let kill = |s: Service| match replicas {
+fn fault_kinds(config: &FaultConfig) -> Vec<String> {
+    let kill = |s: Service| match config.replicas {
         1 => format!("SIGKILL + restart {}", s.binary()),
         _ => format!("SIGKILL + restart one {} replica", s.binary()),
     };
-    [
+    let mut kinds = vec![
         kill(Service::Order),
         kill(Service::Inventory),
         kill(Service::Payment),
-        "nats-server stopped + restarted".into(),
+        match config.cluster {
+            false => "nats-server stopped + restarted".into(),
+            true => "SIGKILL + restart the NATS node leading a stream".into(),
+        },
         "payment-service stalled past deadline".into(),
-    ]
+    ];
+    if config.cluster {
+        kinds.push(format!(
+            "NATS node stopped for {:?} + restarted",
+            config.node_outage
+        ));
+    }
+    kinds
 }
 const REPUBLISHED: &str = "event re-published (new Nats-Msg-Id)";
 
@@ -322,6 +347,7 @@ pub async fn run(config: FaultConfig) -> FaultReport {
     sc.deadline_ms = config.deadline_ms;
     sc.decline_over_minor = Some(DECLINE_OVER);
     sc.replicas = config.replicas;
+    sc.nats_nodes = if config.cluster { CLUSTER_NODES } else { 1 };
     let system = System::start(sc).await;
     system.set_stock("WIDGET", 1_000_000_000).await;
     system.set_stock("GADGET", 5).await;
@@ -459,7 +485,7 @@ pub async fn run(config: FaultConfig) -> FaultReport {
             report.accepted, report.planned
         ));
     }
-    for kind in fault_kinds(config.replicas) {
+    for kind in fault_kinds(&config) {
         if report.faults.get(&kind).copied().unwrap_or(0) == 0 {
             report
                 .failures
@@ -699,7 +725,7 @@ async fn inject_faults(
     faults: Arc<Mutex<BTreeMap<String, usize>>>,
     stop: tokio_util::sync::CancellationToken,
 ) {
-    let kinds = fault_kinds(config.replicas);
+    let kinds = fault_kinds(&config);
     let mut n = 0usize;
     loop {
         if n < kinds.len() {
@@ -710,13 +736,15 @@ async fn inject_faults(
                 _ = stop.cancelled() => return,
             }
         }
-        // The first five faults cover every kind (kill each service, restart NATS, stall); then random.
+        // The first faults cover every kind (kill each service, restart NATS, stall, and on a
+        // cluster a node outage); then random.
         let (choice, victim, pause_ms) = {
             let mut rng = rand::rng();
             match n {
                 0..=2 => (0, Service::ALL[n], rng.random_range(0..800u64)),
                 3 => (6, Service::Order, rng.random_range(0..800u64)),
                 4 => (8, Service::Payment, 0),
+                5 if config.cluster => (7, Service::Order, 0),
                 _ => (
                     rng.random_range(0..10u32),
                     Service::ALL[rng.random_range(0..3)],
@@ -749,6 +777,34 @@ async fn inject_faults(
                     .position(|s| *s == victim)
                     .expect("a service")]
                 .clone()
+            }
+            6 | 7 if config.cluster => {
+                // The cluster has a lock of its own: sagas go on while a node is down.
+                let (cluster, client) = {
+                    let s = system.read().await;
+                    (s.nats.cluster().expect("a cluster run"), s.client.clone())
+                };
+                let mut cluster = cluster.lock().await;
+                if choice == 6 {
+                    let stream = STREAMS[rand::rng().random_range(0..STREAMS.len())];
+                    let js = async_nats::jetstream::new(client);
+                    // Mid-election there is no leader yet: any node then.
+                    let node = match cluster.stream_leader(&js, stream).await {
+                        Some(i) => i,
+                        None => rand::rng().random_range(0..cluster.len()),
+                    };
+                    cluster.kill(node);
+                    tokio::time::sleep(Duration::from_millis(pause_ms)).await;
+                    cluster.restart(node).await;
+                    kinds[3].clone()
+                } else {
+                    let node = rand::rng().random_range(0..cluster.len());
+                    cluster.stop(node);
+                    // The outage is the fault itself, not a wait for something.
+                    tokio::time::sleep(config.node_outage).await;
+                    cluster.restart(node).await;
+                    kinds[5].clone()
+                }
             }
             6 | 7 => {
                 let mut s = system.write().await;
@@ -785,10 +841,10 @@ async fn republish(
     stop: tokio_util::sync::CancellationToken,
 ) -> Result<(), String> {
     // A client of its own that survives nats-server restarts by reconnecting.
-    let url = system.read().await.nats.url();
+    let urls = system.read().await.nats.urls();
     let client = async_nats::ConnectOptions::new()
         .retry_on_initial_connect()
-        .connect(url)
+        .connect(urls)
         .await
         .map_err(|e| format!("re-publisher cannot connect: {e}"))?;
     let mut sub = client

@@ -10,9 +10,10 @@ pub use order_service::domain::{CancelReason, OrderStatus};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 
-use event_toolkit::testing::{eventually, free_port, repo_root, NatsServer, TestDb};
+use event_toolkit::testing::{eventually, free_port, repo_root, NatsCluster, NatsServer, TestDb};
 use event_toolkit::{Backend, Envelope};
 use serde_json::{json, Value};
 
@@ -184,6 +185,9 @@ pub struct SystemConfig {
     /// Processes per service, all on the service's one database and the one nats-server (each with
     /// its own HTTP port). More than one needs Postgres: a SQLite file belongs to one process.
     pub replicas: usize,
+    /// NATS nodes: 1, one nats-server; more, a cluster of that many ([`NatsCluster`]) with every
+    /// stream on all of them (`STREAM_REPLICAS`) and the services given every node's URL.
+    pub nats_nodes: usize,
 }
 
 impl SystemConfig {
@@ -198,14 +202,77 @@ impl SystemConfig {
             env: Vec::new(),
             project_users: false,
             replicas: 1,
+            nats_nodes: 1,
         }
+    }
+}
+
+/// The NATS the system runs on: one server, or a cluster (shared, so its nodes can be stopped and
+/// restarted while the system is in use).
+pub enum Nats {
+    /// One nats-server.
+    Server(NatsServer),
+    /// An N-node cluster and its nodes' client URLs (fixed across restarts).
+    Cluster(Arc<tokio::sync::Mutex<NatsCluster>>, Vec<String>),
+}
+
+impl Nats {
+    /// What `NATS_URL` is set to: the server's URL, or every node's, comma-separated.
+    pub fn url(&self) -> String {
+        self.urls().join(",")
+    }
+
+    /// Client URL of each node (one for a single server).
+    pub fn urls(&self) -> Vec<String> {
+        match self {
+            Self::Server(n) => vec![n.url()],
+            Self::Cluster(_, urls) => urls.clone(),
+        }
+    }
+
+    /// The single server's pid (a cluster has several: `None`).
+    pub fn pid(&self) -> Option<u32> {
+        match self {
+            Self::Server(n) => n.pid(),
+            Self::Cluster(..) => None,
+        }
+    }
+
+    /// The cluster, if the system runs on one.
+    pub fn cluster(&self) -> Option<Arc<tokio::sync::Mutex<NatsCluster>>> {
+        match self {
+            Self::Server(_) => None,
+            Self::Cluster(c, _) => Some(c.clone()),
+        }
+    }
+
+    fn server(&mut self) -> &mut NatsServer {
+        match self {
+            Self::Server(n) => n,
+            Self::Cluster(..) => panic!("a cluster's nodes are stopped one by one: Nats::cluster"),
+        }
+    }
+
+    /// SIGKILL the single server, keeping its store.
+    pub fn kill(&mut self) {
+        self.server().kill();
+    }
+
+    /// Stop the single server gracefully.
+    pub fn stop(&mut self) {
+        self.server().stop();
+    }
+
+    /// Start the single server again on its port and store.
+    pub async fn start_again(&mut self) {
+        self.server().start_again().await;
     }
 }
 
 /// NATS, three databases and the three services.
 pub struct System {
-    /// The nats-server.
-    pub nats: NatsServer,
+    /// The nats-server, or the cluster.
+    pub nats: Nats,
     /// A client for tests (publishing by hand, reading streams).
     pub client: async_nats::Client,
     /// HTTP client.
@@ -232,7 +299,28 @@ impl System {
             "{} replicas per service need Postgres: one process owns a SQLite file",
             config.replicas
         );
-        let (nats, client) = if config.project_users {
+        assert!(config.nats_nodes >= 1, "NATS needs at least one node");
+        let (nats, client) = if config.nats_nodes > 1 {
+            let mut builder =
+                NatsCluster::builder(config.nats_nodes).jetstream_config(&config.jetstream_config);
+            if config.project_users {
+                builder = builder.config_file(repo_root().join("nats.conf"));
+                for (k, v) in user_passwords() {
+                    builder = builder.env(k, v);
+                }
+            }
+            let cluster = builder.start().await;
+            let mut options = async_nats::ConnectOptions::new();
+            if config.project_users {
+                options = options.user_and_password("cli".into(), password("cli"));
+            }
+            let urls = cluster.client_urls();
+            let client = options.connect(urls.clone()).await.expect("test client");
+            (
+                Nats::Cluster(Arc::new(tokio::sync::Mutex::new(cluster)), urls),
+                client,
+            )
+        } else if config.project_users {
             let nats =
                 NatsServer::from_config_file(repo_root().join("nats.conf"), user_passwords()).await;
             let client = async_nats::ConnectOptions::new()
@@ -240,11 +328,11 @@ impl System {
                 .connect(nats.url())
                 .await
                 .expect("cli client");
-            (nats, client)
+            (Nats::Server(nats), client)
         } else {
             let nats = NatsServer::start_with("", &config.jetstream_config).await;
             let client = async_nats::connect(nats.url()).await.expect("test client");
-            (nats, client)
+            (Nats::Server(nats), client)
         };
         let mut dbs = HashMap::new();
         for s in Service::ALL {
@@ -279,6 +367,8 @@ impl System {
         for s in Service::ALL {
             let mut env = HashMap::new();
             env.insert("NATS_URL".to_owned(), system.nats.url());
+            // Every stream on every node: an acknowledged event survives the loss of one.
+            env.insert("STREAM_REPLICAS".to_owned(), config.nats_nodes.to_string());
             env.insert("ADMIN_TOKEN".to_owned(), ADMIN_TOKEN.to_owned());
             env.insert("DATABASE_URL".to_owned(), system.dbs[&s].url.clone());
             env.insert(
