@@ -402,6 +402,9 @@ pub async fn proxy(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
     }
 }
 
+/// A customer id or SKU, as every service accepts it.
+const IDENTIFIER: &str = "^[A-Za-z0-9_.:@-]{1,64}$";
+
 /// `GET /openapi.json`: every answer of the gateway, its own and those it passes on.
 pub async fn openapi() -> Json<Value> {
     let problem = |description: &str| {
@@ -458,14 +461,16 @@ pub async fn openapi() -> Json<Value> {
                         "reservations": {"oneOf": [order_list, unavailable]},
                         "payments": {"oneOf": [order_list, unavailable]},
                         "timeline": {"type": "object", "description": "The order's timeline, or `{\"unavailable\": true}`"}}},
-                "PlaceOrder": {"type": "object", "required": ["currency", "items"],
+                "PlaceOrder": {"type": "object", "required": ["currency", "items"], "additionalProperties": false,
                     "properties": {
-                        "customer_id": {"type": "string", "description": "The token's customer, or absent"},
+                        "customer_id": {"type": "string", "pattern": IDENTIFIER,
+                            "description": "The token's customer, or absent"},
                         "currency": {"type": "string", "pattern": "^[A-Z]{3}$"},
                         "items": {"type": "array", "minItems": 1, "maxItems": 100, "items": {"type": "object",
-                            "required": ["sku", "quantity", "unit_price_minor"],
-                            "properties": {"sku": {"type": "string"}, "quantity": {"type": "integer"},
-                                "unit_price_minor": {"type": "integer"}}}}}}
+                            "required": ["sku", "quantity", "unit_price_minor"], "additionalProperties": false,
+                            "properties": {"sku": {"type": "string", "pattern": IDENTIFIER},
+                                "quantity": {"type": "integer", "minimum": 1},
+                                "unit_price_minor": {"type": "integer", "minimum": 0}}}}}}
             }
         },
         "security": [{"customer": []}],
