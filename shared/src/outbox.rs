@@ -417,6 +417,9 @@ impl OutboxRelay {
             if let Some(tx) = claim {
                 tx.commit().await?;
             }
+            // Nothing waits here (another replica may have published what this one could not):
+            // whatever blocked this relay no longer holds anything back.
+            self.health.set_blocked(false);
             return Ok(0);
         }
         let mut tx = match claim {
