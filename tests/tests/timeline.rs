@@ -346,6 +346,8 @@ async fn a_cancel_after_the_capture_shows_the_refund(b: Backend) {
     .await;
     let (code, _) = s.cancel(&id).await;
     assert_eq!(code, 202);
+    // The same durable keeps the payment events' timeline rows: they appear once it runs again.
+    s.resume_consumer("PAYMENTS", "order-from-payments").await;
     let t = wait_timeline(
         &s,
         &id,
@@ -359,7 +361,6 @@ async fn a_cancel_after_the_capture_shows_the_refund(b: Backend) {
         ],
     )
     .await;
-    s.resume_consumer("PAYMENTS", "order-from-payments").await;
 
     assert_eq!(
         (t["status"].as_str(), t["reason"].as_str()),
