@@ -243,11 +243,26 @@ async fn a_type_that_disagrees_with_its_subject_is_dead_lettered_by_every_servic
     .await;
 
     s.restart(Service::Payment).await;
-    let expected = [
-        (Service::Order, 5usize),
-        (Service::Inventory, 2),
-        (Service::Payment, 1),
+    // Every durable that receives a forged subject refuses it: as many per service as its wiring
+    // has durables on those subjects (order 2, inventory 2, payment 1).
+    let forged_on = [
+        "payments.failed.v1",
+        "orders.cancelled.v1",
+        "inventory.rejected.v1",
     ];
+    let expected = Service::ALL.map(|svc| {
+        let n = saga_e2e::invariants::consumers()
+            .iter()
+            .filter(|c| c.service == svc)
+            .map(|c| forged_on.iter().filter(|f| c.receives(f)).count())
+            .sum::<usize>();
+        (svc, n)
+    });
+    assert_eq!(
+        expected.map(|(_, n)| n),
+        [2, 2, 1],
+        "order, inventory, payment"
+    );
     for (svc, n) in expected {
         saga_e2e::wait_for(WAIT, &format!("{} dead letters", svc.binary()), || async {
             (mismatch_dead_letters(&s, svc).await.len() >= n).then_some(())
