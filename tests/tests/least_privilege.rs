@@ -67,7 +67,7 @@ async fn each_service_runs_with_only_its_own_nats_user(backend: Backend) {
     check(&s).await.assert_clean();
 }
 
-/// The attack, and its side doors, against a confirmed order: had `orders.cancelled.v1`
+/// The forged-cancellation attack, and its side doors, against a confirmed order: had `orders.cancelled.v1`
 /// reached ORDERS, payment would have refunded an order that stays CONFIRMED.
 async fn people_cannot_forge_events_into_a_running_saga(backend: Backend) {
     let s = system(backend).await;
