@@ -281,6 +281,22 @@ mod cli_tests {
     }
 
     #[test]
+    fn the_stream_max_age_sets_the_inbox_floor() {
+        // The default 8-day inbox outlives the default 7-day streams.
+        let mut s = parse(&["--inbox-retention", "8d"]).expect("parse").service;
+        assert!(s.named("svc").is_ok());
+        // A 1-hour inbox is refused with 7-day streams, and fine with 30-minute ones.
+        let mut s = parse(&["--inbox-retention", "1h"]).expect("parse").service;
+        assert!(s.named("svc").is_err());
+        let mut s = parse(&["--inbox-retention", "1h", "--stream-max-age", "30m"])
+            .expect("parse")
+            .service;
+        assert!(s.named("svc").is_ok(), "{s:?}");
+        assert_eq!(s.stream_max_age.as_secs(), 1800);
+        assert!(parse(&["--stream-max-age", "soon"]).is_err());
+    }
+
+    #[test]
     fn secrets_are_redacted_in_debug() {
         let s = parse(&[
             "--nats-url",

@@ -13,13 +13,12 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::AdminAuth;
-use crate::config::{positive, redact_url, Secret};
+use crate::config::{duration, positive, redact_url, Secret};
 use crate::consumer::{ConsumerRunner, ConsumerSpec, Handler};
 use crate::db::{Database, DbError, DbOptions};
 use crate::edge::EdgeLimits;
 use crate::nats::{
-    connect, ensure_stream, NatsError, NatsSettings, StreamSpec, DEFAULT_STREAM_MAX_AGE,
-    DEFAULT_STREAM_MAX_BYTES,
+    connect, ensure_stream, NatsError, NatsSettings, StreamSpec, DEFAULT_STREAM_MAX_BYTES,
 };
 use crate::outbox::{OutboxRelay, OutboxWaker, RelayConfig, RelayHealth};
 use crate::redrive::Redrive;
@@ -92,6 +91,16 @@ pub struct ServiceConfig {
         value_parser = positive::<usize>
     )]
     pub stream_replicas: usize,
+    /// How long each stream the service provisions keeps a message. Inbox rows must outlive it
+    /// (see INBOX_RETENTION), so a shorter age is what lets the inbox be pruned sooner. Lowering
+    /// it on a running system drops the stream's older messages.
+    #[arg(
+        long = "stream-max-age",
+        env = "STREAM_MAX_AGE",
+        default_value = "7d",
+        value_parser = duration
+    )]
+    pub stream_max_age: Duration,
     /// Limits of the HTTP edge.
     #[command(flatten, next_help_heading = "HTTP edge")]
     pub edge: EdgeLimits,
@@ -111,6 +120,7 @@ impl std::fmt::Debug for ServiceConfig {
             .field("admin_token", &self.admin_token)
             .field("stream_max_bytes", &self.stream_max_bytes)
             .field("stream_replicas", &self.stream_replicas)
+            .field("stream_max_age", &self.stream_max_age)
             .field("edge", &self.edge)
             .field("retention", &self.retention)
             .finish()
@@ -124,7 +134,7 @@ impl ServiceConfig {
         self.name = name.to_owned();
         self.nats.name = name.to_owned();
         let horizon = ConsumerSpec::new("", "", &[]).redelivery_horizon();
-        self.retention.check_dedup(DEFAULT_STREAM_MAX_AGE, horizon)
+        self.retention.check_dedup(self.stream_max_age, horizon)
     }
 
     /// The guard of the admin routes.
@@ -176,6 +186,7 @@ impl Runtime {
             let mut spec = spec.clone();
             spec.max_bytes = config.stream_max_bytes;
             spec.num_replicas = config.stream_replicas;
+            spec.max_age = config.stream_max_age;
             // The server refuses a stream whose message limit exceeds its byte limit.
             spec.max_msg_size = spec
                 .max_msg_size
