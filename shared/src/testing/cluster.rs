@@ -6,7 +6,9 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::{free_port, nats_server_binary, NatsServer, Readiness, ServerConfig};
+use super::{
+    free_port, nats_server_binary, NatsServer, NatsServerBuilder, Readiness, ServerConfig,
+};
 
 /// How long a (re)started node may take to be healthy: a restarted node must also catch up.
 const NODE_HEALTHY: Duration = Duration::from_secs(60);
@@ -14,23 +16,20 @@ const NODE_HEALTHY: Duration = Duration::from_secs(60);
 /// Options for a [`NatsCluster`]; [`NatsCluster::builder`].
 pub struct NatsClusterBuilder {
     nodes: usize,
-    binary: Option<PathBuf>,
-    jetstream_config: String,
-    extra_config: String,
-    config_file: Option<PathBuf>,
-    env: Vec<(String, String)>,
+    /// The same options as one server's, applied to every node.
+    node: NatsServerBuilder,
 }
 
 impl NatsClusterBuilder {
     /// The nats-server to run, instead of [`nats_server_binary`]'s choice.
     pub fn binary(mut self, path: impl Into<PathBuf>) -> Self {
-        self.binary = Some(path.into());
+        self.node = self.node.binary(path);
         self
     }
 
     /// Extra lines inside every node's `jetstream` block (e.g. `sync_interval: always`).
     pub fn jetstream_config(mut self, config: &str) -> Self {
-        self.jetstream_config = config.to_owned();
+        self.node = self.node.jetstream_config(config);
         self
     }
 
@@ -38,20 +37,20 @@ impl NatsClusterBuilder {
     /// configuration (`include "/abs/path/accounts.conf"` works too). Unused with
     /// [`NatsClusterBuilder::config_file`].
     pub fn extra_config(mut self, config: &str) -> Self {
-        self.extra_config = config.to_owned();
+        self.node = self.node.extra_config(config);
         self
     }
 
     /// Run this configuration file, unmodified, on every node instead of a generated one (e.g. a
     /// project's accounts and users; it must enable JetStream and leave `store_dir` to the flag).
     pub fn config_file(mut self, path: impl Into<PathBuf>) -> Self {
-        self.config_file = Some(path.into());
+        self.node = self.node.config_file(path);
         self
     }
 
     /// An environment variable for every node (for `$VAR` in the extra configuration).
     pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
-        self.env.push((key.into(), value.into()));
+        self.node = self.node.env(key, value);
         self
     }
 
@@ -59,18 +58,19 @@ impl NatsClusterBuilder {
     /// leader).
     pub async fn start(self) -> NatsCluster {
         assert!(self.nodes >= 1, "a cluster needs at least one node");
-        let binary = self.binary.unwrap_or_else(nats_server_binary);
+        let node = self.node;
+        let binary = node.binary.unwrap_or_else(nats_server_binary);
         let route_ports: Vec<u16> = (0..self.nodes).map(|_| free_port()).collect();
         let routes = route_ports
             .iter()
             .map(|p| format!("nats://127.0.0.1:{p}"))
             .collect::<Vec<_>>()
             .join(",");
-        let config = match self.config_file {
+        let config = match node.config_file {
             Some(path) => ServerConfig::File(path),
             None => ServerConfig::Generated {
-                jetstream: self.jetstream_config,
-                extra: self.extra_config,
+                jetstream: node.jetstream_config,
+                extra: node.extra_config,
             },
         };
         let mut nodes = Vec::with_capacity(self.nodes);
@@ -78,7 +78,7 @@ impl NatsClusterBuilder {
             let mut node = NatsServer::new(
                 binary.clone(),
                 config.clone(),
-                self.env.clone(),
+                node.env.clone(),
                 Readiness::Health {
                     js_enabled_only: false,
                 },
@@ -124,11 +124,7 @@ impl NatsCluster {
     pub fn builder(nodes: usize) -> NatsClusterBuilder {
         NatsClusterBuilder {
             nodes,
-            binary: None,
-            jetstream_config: String::new(),
-            extra_config: String::new(),
-            config_file: None,
-            env: Vec::new(),
+            node: NatsServerBuilder::default(),
         }
     }
 
