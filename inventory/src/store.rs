@@ -308,17 +308,25 @@ async fn move_reserved(
     to: &'static str,
     status: &'static str,
 ) -> Result<Vec<StockLine>, sqlx::Error> {
+    let now = now_micros();
+    // Marked and read in one statement.
     let rows = sqlx::query(
-        "SELECT sku, quantity FROM reservations WHERE order_id = $1 AND status = 'RESERVED' ORDER BY sku",
+        "UPDATE reservations SET status = $1, updated_at_us = $2 \
+         WHERE order_id = $3 AND status = 'RESERVED' RETURNING sku, quantity",
     )
+    .bind(status)
+    .bind(now)
     .bind(order_id)
     .fetch_all(&mut *conn)
     .await?;
-    let now = now_micros();
-    let mut lines = Vec::with_capacity(rows.len());
-    for r in &rows {
-        let sku: String = r.try_get(0)?;
-        let qty: i64 = r.try_get(1)?;
+    let mut reserved = rows
+        .iter()
+        .map(|r| Ok((r.try_get::<String, _>(0)?, r.try_get::<i64, _>(1)?)))
+        .collect::<Result<Vec<_>, sqlx::Error>>()?;
+    // Products in SKU order, as reservations lock them, so the two cannot deadlock.
+    reserved.sort();
+    let mut lines = Vec::with_capacity(reserved.len());
+    for (sku, qty) in reserved {
         let sql = format!(
             "UPDATE products SET reserved = reserved - $1, {to} = {to} + $1, updated_at_us = $2 WHERE sku = $3"
         );
@@ -330,12 +338,6 @@ async fn move_reserved(
             .await?;
         lines.push(StockLine { sku, quantity: qty });
     }
-    sqlx::query("UPDATE reservations SET status = $1, updated_at_us = $2 WHERE order_id = $3 AND status = 'RESERVED'")
-        .bind(status)
-        .bind(now)
-        .bind(order_id)
-        .execute(&mut *conn)
-        .await?;
     Ok(lines)
 }
 

@@ -323,14 +323,36 @@ pub struct Pending {
     traceparent: Option<String>,
 }
 
+const PENDING_COLUMNS: &str = "order_id, payment_id, customer_id, amount_minor, currency, status, \
+     correlation_id, cause_event_id, traceparent, held";
+
 async fn load(conn: &mut AnyConnection, order_id: &str) -> Result<Pending, sqlx::Error> {
-    let r = sqlx::query(
-        "SELECT order_id, payment_id, customer_id, amount_minor, currency, status, correlation_id, cause_event_id, traceparent, held \
-         FROM payments WHERE order_id = $1",
-    )
+    let r = sqlx::query(&format!(
+        "SELECT {PENDING_COLUMNS} FROM payments WHERE order_id = $1"
+    ))
     .bind(order_id)
     .fetch_one(conn)
     .await?;
+    pending(&r)
+}
+
+/// The payment, if any, locked for the rest of the transaction: status and fields in one read.
+async fn load_locked(
+    conn: &mut AnyConnection,
+    order_id: &str,
+) -> Result<Option<Pending>, sqlx::Error> {
+    let sql = format!(
+        "SELECT {PENDING_COLUMNS} FROM payments WHERE order_id = $1{}",
+        lock_clause(conn)
+    );
+    let row = sqlx::query(&sql)
+        .bind(order_id)
+        .fetch_optional(&mut *conn)
+        .await?;
+    row.as_ref().map(pending).transpose()
+}
+
+fn pending(r: &sqlx::any::AnyRow) -> Result<Pending, sqlx::Error> {
     let status: String = r.try_get(5)?;
     Ok(Pending {
         order_id: r.try_get(0)?,
@@ -375,6 +397,20 @@ async fn release_hold(
     p: &Pending,
     captured: i64,
 ) -> Result<(), sqlx::Error> {
+    release_account_hold(conn, p, captured).await?;
+    sqlx::query("UPDATE payments SET held = 0 WHERE order_id = $1")
+        .bind(&p.order_id)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// The account's side of [`release_hold`].
+async fn release_account_hold(
+    conn: &mut AnyConnection,
+    p: &Pending,
+    captured: i64,
+) -> Result<(), sqlx::Error> {
     sqlx::query(
         "UPDATE accounts SET balance_minor = balance_minor - $1, held_minor = held_minor - $2, \
          updated_at_us = $3 WHERE customer_id = $4",
@@ -385,10 +421,6 @@ async fn release_hold(
     .bind(&p.customer_id)
     .execute(&mut *conn)
     .await?;
-    sqlx::query("UPDATE payments SET held = 0 WHERE order_id = $1")
-        .bind(&p.order_id)
-        .execute(&mut *conn)
-        .await?;
     Ok(())
 }
 
@@ -433,10 +465,12 @@ pub async fn hold(
     order_id: &str,
     wait_us: i64,
 ) -> Result<HoldStep, sqlx::Error> {
-    if status_locked(conn, order_id).await? != Some(PaymentStatus::Pending) {
+    let Some(p) = load_locked(conn, order_id)
+        .await?
+        .filter(|p| p.status == PaymentStatus::Pending)
+    else {
         return Ok(HoldStep::Gone);
-    }
-    let p = load(conn, order_id).await?;
+    };
     if p.held {
         return Ok(HoldStep::Held(p));
     }
@@ -471,7 +505,7 @@ pub async fn hold(
             HoldStep::Waiting
         }
         Hold::Refuse(reason) => {
-            finish(conn, source, &p, Err(reason)).await?;
+            finish(conn, source, &p, Err(reason), None).await?;
             HoldStep::Refused(reason)
         }
     })
@@ -484,33 +518,30 @@ pub async fn claim_pending(
     lease_us: i64,
 ) -> Result<Vec<String>, sqlx::Error> {
     let now = now_micros();
-    let mut tx = db.begin().await?;
-    let skip = if db.backend() == Backend::Postgres {
+    // One statement that commits on its own: the processor claims after every payment it
+    // settles, so each round trip here is paid per saga.
+    let sql = format!(
+        "UPDATE payments SET lease_until_us = $1 WHERE order_id IN (\
+         SELECT order_id FROM payments WHERE status = 'PENDING' AND lease_until_us <= $2 \
+         ORDER BY created_at_us LIMIT $3{}) RETURNING order_id",
+        skip_locked(db)
+    );
+    let rows = sqlx::query(&sql)
+        .bind(now + lease_us)
+        .bind(now)
+        .bind(limit)
+        .fetch_all(db.writer())
+        .await?;
+    rows.iter().map(|r| r.try_get(0)).collect()
+}
+
+/// Claims by several processors (replicas on Postgres) pass over each other's rows.
+fn skip_locked(db: &Database) -> &'static str {
+    if db.backend() == Backend::Postgres {
         " FOR UPDATE SKIP LOCKED"
     } else {
         ""
-    };
-    let sql = format!(
-        "SELECT order_id FROM payments WHERE status = 'PENDING' AND lease_until_us <= $1 ORDER BY created_at_us LIMIT $2{skip}"
-    );
-    let rows = sqlx::query(&sql)
-        .bind(now)
-        .bind(limit)
-        .fetch_all(&mut *tx)
-        .await?;
-    let ids: Vec<String> = rows
-        .iter()
-        .map(|r| r.try_get(0))
-        .collect::<Result<_, _>>()?;
-    for id in &ids {
-        sqlx::query("UPDATE payments SET lease_until_us = $1 WHERE order_id = $2")
-            .bind(now + lease_us)
-            .bind(id)
-            .execute(&mut *tx)
-            .await?;
     }
-    tx.commit().await?;
-    Ok(ids)
 }
 
 /// How settling went.
@@ -534,10 +565,11 @@ pub async fn settle(
     answer: ProviderAnswer,
     follow_up_lease_us: i64,
 ) -> Result<Settled, sqlx::Error> {
-    let status = status_locked(conn, order_id).await?;
+    let p = load_locked(conn, order_id).await?;
+    let status = p.as_ref().map(|p| p.status);
     // The caller calls the provider at once; the lease keeps a sweep from doing it meanwhile.
     let due_at = now_micros() + follow_up_lease_us;
-    if status != Some(PaymentStatus::Pending) {
+    let Some(p) = p.filter(|p| p.status == PaymentStatus::Pending) else {
         // Captured by another processor that took over: that one owes the capture.
         let owed = match status {
             Some(PaymentStatus::Failed) => follow_up(PaymentStatus::Failed, answer),
@@ -550,8 +582,7 @@ pub async fn settle(
             outcome: None,
             owed,
         });
-    }
-    let p = load(conn, order_id).await?;
+    };
     // Re-checked against the locked balance: it may have been lowered meanwhile.
     let account = account_locked(conn, &p.customer_id).await?;
     let result = crate::domain::settle(
@@ -561,31 +592,52 @@ pub async fn settle(
         answer,
     );
     let captured = if result.is_ok() { p.amount_minor } else { 0 };
-    release_hold(conn, &p, captured).await?;
-    finish(conn, source, &p, result).await?;
+    release_account_hold(conn, &p, captured).await?;
     let after = if result.is_ok() {
         PaymentStatus::Captured
     } else {
         PaymentStatus::Failed
     };
     let owed = follow_up(after, answer);
-    if let Some(what) = owed {
-        owe(conn, order_id, what, due_at).await?;
-    }
+    finish(conn, source, &p, result, owed.map(|what| (what, due_at))).await?;
     Ok(Settled {
         outcome: Some(result),
         owed,
     })
 }
 
-/// Set the payment's final status and announce it.
+/// Set the payment's final status (its hold released, and what the provider is owed, due at the
+/// given time, if anything) in one statement, and announce it.
 async fn finish(
     conn: &mut AnyConnection,
     source: &str,
     p: &Pending,
     result: Result<(), FailReason>,
+    owed: Option<(FollowUp, i64)>,
 ) -> Result<(), sqlx::Error> {
     let order_id = p.order_id.as_str();
+    let (status, reason) = match result {
+        Ok(()) => (PaymentStatus::Captured, None),
+        Err(reason) => (PaymentStatus::Failed, Some(reason)),
+    };
+    let owes = if owed.is_some() {
+        ", provider_due = $5, provider_attempts = 0, provider_retry_at_us = $6"
+    } else {
+        ""
+    };
+    let sql = format!(
+        "UPDATE payments SET held = 0, status = $1, reason = $2, updated_at_us = $3{owes} \
+         WHERE order_id = $4"
+    );
+    let mut update = sqlx::query(&sql)
+        .bind(status.as_str())
+        .bind(reason.map(|r| r.as_str()))
+        .bind(now_micros())
+        .bind(order_id);
+    if let Some((what, due_at)) = owed {
+        update = update.bind(what.as_str()).bind(due_at);
+    }
+    update.execute(&mut *conn).await?;
     // Settled outside the consumer: what the payment stored when its reservation arrived says
     // which saga and trace the outcome belongs to.
     let ctx = Context::resumed(
@@ -596,7 +648,6 @@ async fn finish(
     );
     match result {
         Ok(()) => {
-            set_status(conn, order_id, PaymentStatus::Captured, None).await?;
             let succeeded = PaymentSucceeded {
                 order_id: p.order_id.clone(),
                 payment_id: p.payment_id.clone(),
@@ -607,7 +658,6 @@ async fn finish(
             emit(conn, &ctx, &succeeded).await?;
         }
         Err(reason) => {
-            set_status(conn, order_id, PaymentStatus::Failed, Some(reason)).await?;
             let failed = PaymentFailed {
                 order_id: p.order_id.clone(),
                 reason: reason.as_str().to_owned(),
@@ -637,21 +687,18 @@ pub async fn claim_owed(
     lease_us: i64,
 ) -> Result<Vec<Owed>, sqlx::Error> {
     let now = now_micros();
-    let mut tx = db.begin().await?;
-    let skip = if db.backend() == Backend::Postgres {
-        " FOR UPDATE SKIP LOCKED"
-    } else {
-        ""
-    };
     let sql = format!(
-        "SELECT order_id, provider_due, provider_attempts FROM payments \
-         WHERE provider_due IS NOT NULL AND provider_retry_at_us <= $1 \
-         ORDER BY provider_retry_at_us LIMIT $2{skip}"
+        "UPDATE payments SET provider_retry_at_us = $1 WHERE order_id IN (\
+         SELECT order_id FROM payments WHERE provider_due IS NOT NULL AND provider_retry_at_us <= $2 \
+         ORDER BY provider_retry_at_us LIMIT $3{}) \
+         RETURNING order_id, provider_due, provider_attempts",
+        skip_locked(db)
     );
     let rows = sqlx::query(&sql)
+        .bind(now + lease_us)
         .bind(now)
         .bind(limit)
-        .fetch_all(&mut *tx)
+        .fetch_all(db.writer())
         .await?;
     let mut owed = Vec::with_capacity(rows.len());
     for r in &rows {
@@ -665,14 +712,6 @@ pub async fn claim_owed(
             attempts: r.try_get(2)?,
         });
     }
-    for o in &owed {
-        sqlx::query("UPDATE payments SET provider_retry_at_us = $1 WHERE order_id = $2")
-            .bind(now + lease_us)
-            .bind(&o.order_id)
-            .execute(&mut *tx)
-            .await?;
-    }
-    tx.commit().await?;
     Ok(owed)
 }
 
@@ -684,7 +723,6 @@ pub async fn owed_done(
     what: FollowUp,
     done: &str,
 ) -> Result<(), sqlx::Error> {
-    let mut tx = db.begin().await?;
     sqlx::query(
         "UPDATE payments SET provider_due = NULL, provider_done = $1, provider_retry_at_us = 0 \
          WHERE order_id = $2 AND provider_due = $3",
@@ -692,9 +730,9 @@ pub async fn owed_done(
     .bind(done)
     .bind(order_id)
     .bind(what.as_str())
-    .execute(&mut *tx)
+    .execute(db.writer())
     .await?;
-    tx.commit().await
+    Ok(())
 }
 
 /// The provider did not answer a capture or void: try again after `retry_in_us`.
@@ -704,7 +742,6 @@ pub async fn owed_later(
     what: FollowUp,
     retry_in_us: i64,
 ) -> Result<(), sqlx::Error> {
-    let mut tx = db.begin().await?;
     sqlx::query(
         "UPDATE payments SET provider_attempts = provider_attempts + 1, provider_retry_at_us = $1 \
          WHERE order_id = $2 AND provider_due = $3",
@@ -712,9 +749,9 @@ pub async fn owed_later(
     .bind(now_micros() + retry_in_us)
     .bind(order_id)
     .bind(what.as_str())
-    .execute(&mut *tx)
+    .execute(db.writer())
     .await?;
-    tx.commit().await
+    Ok(())
 }
 
 /// Money conservation: per account, balance + captured (not refunded) = deposited. Accounts that break it.

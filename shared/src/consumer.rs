@@ -145,6 +145,36 @@ pub async fn record_once(
     Ok(done.rows_affected() == 1)
 }
 
+/// Record that `consumer` applies each of `events`, in one statement; returns the ids it had not
+/// applied before (the others are duplicates: skip their effects).
+async fn record_new(
+    conn: &mut AnyConnection,
+    consumer: &str,
+    events: &[&Envelope],
+) -> Result<std::collections::HashSet<String>, sqlx::Error> {
+    if events.is_empty() {
+        return Ok(Default::default());
+    }
+    let rows = (0..events.len())
+        .map(|i| format!("($1, ${}, ${}, $2)", 2 * i + 3, 2 * i + 4))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let sql = format!(
+        "INSERT INTO inbox (consumer, event_id, event_type, received_at_us) VALUES {rows} \
+         ON CONFLICT (consumer, event_id) DO NOTHING RETURNING event_id"
+    );
+    let query = events.iter().fold(
+        sqlx::query(&sql).bind(consumer).bind(now_micros()),
+        |q, e| q.bind(&e.id).bind(&e.event_type),
+    );
+    query
+        .fetch_all(conn)
+        .await?
+        .iter()
+        .map(|r| r.try_get(0))
+        .collect()
+}
+
 /// A message that can never be applied, kept with its payload and the reason.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 #[cfg_attr(feature = "service", derive(utoipa::ToSchema))]
@@ -447,20 +477,22 @@ impl<H: Handler> ConsumerRunner<H> {
 
     /// Apply a batch in one transaction, then settle each message with the server.
     async fn process(&self, batch: Vec<Message>) {
-        let verdicts = match self.apply(&batch).await {
+        let (verdicts, enqueued) = match self.apply(&batch).await {
             Ok(v) => v,
             Err(e) => {
                 // Nothing was committed: every message comes back later.
                 tracing::warn!(consumer = %self.spec.durable, error = %e, "batch transaction failed; redelivering");
                 metrics::counter!("consumer_messages_total", "consumer" => self.durable_label, "event_type" => "other", "outcome" => "retried")
                     .increment(batch.len() as u64);
-                batch
+                let verdicts = batch
                     .iter()
                     .map(|m| Verdict::Nak(nak_delay(delivered(m))))
-                    .collect()
+                    .collect();
+                (verdicts, false)
             }
         };
-        // Anything acked was committed, possibly with outbox rows: wake the relay (cheap if not).
+        // Anything acked was committed: wake whoever waits for this consumer's commits, and the
+        // relay if the commit wrote outbox rows (a pass that finds nothing is not free).
         let mut committed = false;
         for (msg, verdict) in batch.iter().zip(verdicts) {
             let kind = match verdict {
@@ -476,8 +508,10 @@ impl<H: Handler> ConsumerRunner<H> {
                 tracing::debug!(error = %e, "ack not sent; the message will be redelivered");
             }
         }
-        if committed {
+        if enqueued {
             self.waker.wake();
+        }
+        if committed {
             for w in &self.also_wake {
                 w.wake();
             }
@@ -486,13 +520,13 @@ impl<H: Handler> ConsumerRunner<H> {
 
     /// Apply a batch in one transaction. Optimistically without per-message savepoints; if any
     /// handler fails, that attempt is rolled back and the batch is applied again with each message
-    /// in its own savepoint, so the failing one is isolated and the others still commit.
-    async fn apply(&self, batch: &[Message]) -> Result<Vec<Verdict>, sqlx::Error> {
+    /// in its own savepoint, so the failing one is isolated and the others still commit (a batch
+    /// of one is settled from its first try). Also says whether anything committed wrote outbox
+    /// rows.
+    async fn apply(&self, batch: &[Message]) -> Result<(Vec<Verdict>, bool), sqlx::Error> {
         let attempts = self.count_attempts(batch).await?;
-        if batch.len() > 1 {
-            if let Some(verdicts) = self.apply_optimistic(batch, &attempts).await? {
-                return Ok(verdicts);
-            }
+        if let Some(verdicts) = self.apply_optimistic(batch, &attempts).await? {
+            return Ok(verdicts);
         }
         self.apply_isolated(batch, &attempts).await
     }
@@ -663,14 +697,36 @@ impl<H: Handler> ConsumerRunner<H> {
         &self,
         batch: &[Message],
         attempts: &HashMap<u64, i64>,
-    ) -> Result<Option<Vec<Verdict>>, sqlx::Error> {
+    ) -> Result<Option<(Vec<Verdict>, bool)>, sqlx::Error> {
+        let steps: Vec<(MessageMeta, Step)> = batch
+            .iter()
+            .map(|msg| {
+                let meta = MessageMeta::of(msg);
+                let step = self.step(msg, &meta, attempts);
+                (meta, step)
+            })
+            .collect();
         let mut tx = self.db.begin().await?;
+        // The batch's inbox rows in one statement; what comes back is what is new.
+        let ready: Vec<&Envelope> = steps
+            .iter()
+            .filter_map(|(_, step)| match step {
+                Step::Ready { event, .. } => Some(event),
+                Step::Refused { .. } => None,
+            })
+            .collect();
+        let mut fresh = match record_new(&mut tx, &self.spec.durable, &ready).await {
+            Ok(fresh) => fresh,
+            Err(_) => {
+                tx.rollback().await?;
+                return Ok(None);
+            }
+        };
         let mut verdicts = Vec::with_capacity(batch.len());
         // Metrics and handlers' deferred effects of what commits with this transaction.
         let mut effects = Deferred::default();
-        for msg in batch {
-            let meta = MessageMeta::of(msg);
-            let (event, span) = match self.step(msg, &meta, attempts) {
+        for (msg, (meta, step)) in batch.iter().zip(steps) {
+            let (event, span, attempt) = match step {
                 Step::Refused { event_id, reason } => {
                     let v = self
                         .refuse(
@@ -685,26 +741,34 @@ impl<H: Handler> ConsumerRunner<H> {
                     verdicts.push(v);
                     continue;
                 }
-                Step::Ready { event, span, .. } => (event, span),
+                Step::Ready {
+                    event,
+                    span,
+                    attempt,
+                } => (event, span, attempt),
             };
             let label = self.type_label(&event.event_type);
-            match record_once(&mut tx, &self.spec.durable, &event).await {
-                Ok(true) => {}
-                Ok(false) => {
-                    self.count(&mut effects, label, Outcome::Duplicate, None);
-                    verdicts.push(Verdict::Ack);
-                    continue;
-                }
-                Err(_) => {
-                    tx.rollback().await?;
-                    return Ok(None);
-                }
+            // Taken out, so a second copy of the same event in this batch is a duplicate too.
+            if !fresh.remove(event.id.as_str()) {
+                self.count(&mut effects, label, Outcome::Duplicate, None);
+                verdicts.push(Verdict::Ack);
+                continue;
             }
             let started = std::time::Instant::now();
-            let (outcome, deferred) = collect(self.guarded(&mut tx, &event).instrument(span)).await;
-            if outcome.is_err() {
+            let (outcome, deferred) =
+                collect(self.guarded(&mut tx, &event).instrument(span.clone())).await;
+            if let Err(failure) = outcome {
                 tx.rollback().await?;
-                return Ok(None);
+                if batch.len() > 1 {
+                    return Ok(None);
+                }
+                // Alone in its batch, there is nothing else to save: settle it from this try
+                // rather than apply it again.
+                let settle = self.verdict(Err(failure), attempt);
+                let verdict = self
+                    .settle_failed(msg, &meta, &event, settle, &span)
+                    .await?;
+                return Ok(Some((vec![verdict], false)));
             }
             effects.extend(deferred);
             let took = Some(started.elapsed());
@@ -712,8 +776,43 @@ impl<H: Handler> ConsumerRunner<H> {
             verdicts.push(Verdict::Ack);
         }
         tx.commit().await?;
+        let enqueued = effects.enqueued();
         effects.run();
-        Ok(Some(verdicts))
+        Ok(Some((verdicts, enqueued)))
+    }
+
+    /// A message whose handler failed and was rolled back: dead-letter it (in a transaction of
+    /// its own) or have it retried.
+    async fn settle_failed(
+        &self,
+        msg: &Message,
+        meta: &MessageMeta,
+        event: &Envelope,
+        settle: Settle,
+        span: &tracing::Span,
+    ) -> Result<Verdict, sqlx::Error> {
+        let label = self.type_label(&event.event_type);
+        let mut effects = Deferred::default();
+        let verdict = match settle {
+            // Not reached: only a failure comes here.
+            Settle::Commit => Verdict::Nak(nak_delay(meta.delivered)),
+            Settle::DeadLetter(reason) => {
+                tracing::warn!(parent: span, %reason, "dead-lettering");
+                let mut tx = self.db.begin().await?;
+                self.dead_letter(&mut tx, msg, meta, Some(&event.id), &reason)
+                    .await?;
+                tx.commit().await?;
+                self.count(&mut effects, label, Outcome::DeadLettered, None);
+                Verdict::Term
+            }
+            Settle::Retry(reason) => {
+                tracing::info!(parent: span, %reason, "transient failure; will retry");
+                self.count(&mut effects, label, Outcome::Retried, None);
+                Verdict::Nak(nak_delay(meta.delivered))
+            }
+        };
+        effects.run();
+        Ok(verdict)
     }
 
     /// Each message in its own savepoint: one that fails is rolled back (and dead-lettered or
@@ -722,7 +821,7 @@ impl<H: Handler> ConsumerRunner<H> {
         &self,
         batch: &[Message],
         attempts: &HashMap<u64, i64>,
-    ) -> Result<Vec<Verdict>, sqlx::Error> {
+    ) -> Result<(Vec<Verdict>, bool), sqlx::Error> {
         let mut tx = self.db.begin().await?;
         let mut verdicts = Vec::with_capacity(batch.len());
         let mut effects = Deferred::default();
@@ -788,8 +887,9 @@ impl<H: Handler> ConsumerRunner<H> {
             }
         }
         tx.commit().await?;
+        let enqueued = effects.enqueued();
         effects.run();
-        Ok(verdicts)
+        Ok((verdicts, enqueued))
     }
 
     /// The `event_type` label: a type this consumer subscribes to by name, else `other`, so

@@ -160,6 +160,10 @@ impl Database {
         let pool_options = AnyPoolOptions::new()
             .max_connections(options.max_connections)
             .acquire_timeout(Duration::from_secs(30))
+            // A ping before each checkout is a round trip to the connection's worker thread per
+            // transaction, for nothing: an open SQLite file does not go away. Postgres
+            // connections can (a restart), so they keep it.
+            .test_before_acquire(backend == Backend::Postgres)
             .after_connect(move |conn, _meta| {
                 let pragmas = pragmas.clone();
                 Box::pin(async move {
@@ -216,6 +220,13 @@ impl Database {
     /// The pool for reads. Writes go through [`Database::begin`].
     pub fn pool(&self) -> &AnyPool {
         &self.pool
+    }
+
+    /// For one write statement outside any transaction (it commits on its own): on SQLite the
+    /// single writer connection, so it queues behind the writers instead of contending for the
+    /// file lock; on Postgres the pool. Saves the `BEGIN` and `COMMIT` round trips.
+    pub fn writer(&self) -> &AnyPool {
+        &self.writer
     }
 
     /// The backend behind this pool.
@@ -312,16 +323,12 @@ pub async fn lock_entity(
 ) -> Result<sqlx::any::AnyRow, sqlx::Error> {
     let names: String = defaults.iter().map(|(c, _)| format!(", {c}")).collect();
     let values: String = defaults.iter().map(|(_, v)| format!(", {v}")).collect();
+    // One statement: an upsert that changes nothing still takes the row lock on Postgres (as
+    // `FOR UPDATE` would) and returns the row whether it was just created or not.
     sqlx::query(&format!(
         "INSERT INTO {table} ({key_column}{names}) VALUES ($1{values}) \
-         ON CONFLICT ({key_column}) DO NOTHING"
-    ))
-    .bind(key)
-    .execute(&mut *conn)
-    .await?;
-    let lock = lock_clause(conn);
-    sqlx::query(&format!(
-        "SELECT {columns} FROM {table} WHERE {key_column} = $1{lock}"
+         ON CONFLICT ({key_column}) DO UPDATE SET {key_column} = excluded.{key_column} \
+         RETURNING {columns}"
     ))
     .bind(key)
     .fetch_one(&mut *conn)

@@ -11,48 +11,69 @@ use std::future::Future;
 type Effect = Box<dyn FnOnce() + Send>;
 
 tokio::task_local! {
-    static DEFERRED: RefCell<Vec<Effect>>;
+    static DEFERRED: RefCell<Deferred>;
 }
 
 /// Effects collected during a piece of transactional work.
 #[must_use = "run the effects after the commit, or drop them on rollback"]
 #[derive(Default)]
-pub struct Deferred(Vec<Effect>);
+pub struct Deferred {
+    effects: Vec<Effect>,
+    enqueued: bool,
+}
 
 impl Deferred {
     /// Run the effects (call after the commit).
     pub fn run(self) {
-        for effect in self.0 {
+        for effect in self.effects {
             effect();
         }
     }
 
     /// Add one effect.
     pub fn push(&mut self, effect: impl FnOnce() + Send + 'static) {
-        self.0.push(Box::new(effect));
+        self.effects.push(Box::new(effect));
     }
 
     /// Add `other`'s effects after these.
     pub fn extend(&mut self, other: Deferred) {
-        self.0.extend(other.0);
+        self.effects.extend(other.effects);
+        self.enqueued |= other.enqueued;
+    }
+
+    /// Whether the work wrote outbox rows: only then is there anything for the relay to do
+    /// after the commit.
+    pub fn enqueued(&self) -> bool {
+        self.enqueued
     }
 }
 
 impl std::fmt::Debug for Deferred {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Deferred({} effects)", self.0.len())
+        write!(
+            f,
+            "Deferred({} effects, enqueued: {})",
+            self.effects.len(),
+            self.enqueued
+        )
     }
 }
 
 /// Run `work`, collecting the effects it defers with [`after_commit`].
 pub async fn collect<F: Future>(work: F) -> (F::Output, Deferred) {
     DEFERRED
-        .scope(RefCell::new(Vec::new()), async move {
+        .scope(RefCell::new(Deferred::default()), async move {
             let out = work.await;
-            let effects = DEFERRED.with(|d| d.take());
-            (out, Deferred(effects))
+            let collected = DEFERRED.with(|d| d.take());
+            (out, collected)
         })
         .await
+}
+
+/// Note that the enclosing transaction wrote an outbox row (see [`Deferred::enqueued`]).
+/// Outside [`collect`] nobody asks.
+pub(crate) fn note_enqueued() {
+    let _ = DEFERRED.try_with(|d| d.borrow_mut().enqueued = true);
 }
 
 /// Defer `effect` until the enclosing transaction commits. Outside [`collect`] there is no
@@ -61,7 +82,7 @@ pub fn after_commit(effect: impl FnOnce() + Send + 'static) {
     let mut effect: Option<Effect> = Some(Box::new(effect));
     let _ = DEFERRED.try_with(|d| {
         if let Some(e) = effect.take() {
-            d.borrow_mut().push(e);
+            d.borrow_mut().effects.push(e);
         }
     });
     if let Some(e) = effect {

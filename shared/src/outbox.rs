@@ -38,6 +38,7 @@ pub async fn enqueue(
     .bind(event.tracestate.as_deref())
     .execute(conn)
     .await?;
+    crate::deferred::note_enqueued();
     Ok(())
 }
 
@@ -422,43 +423,43 @@ impl OutboxRelay {
             self.health.set_blocked(false);
             return Ok(0);
         }
-        let mut tx = match claim {
-            Some(tx) => tx,
-            None => self.db.begin().await?,
-        };
         let now = now_micros();
         let published: Vec<&Pending> = rows
             .iter()
             .filter(|(_, o)| matches!(o, Outcome::Published))
             .map(|(p, _)| p)
             .collect();
-        if !published.is_empty() {
-            let placeholders = (0..published.len())
-                .map(|i| format!("${}", i + 2))
-                .collect::<Vec<_>>()
-                .join(",");
-            let sql =
-                format!("UPDATE outbox SET published_at_us = $1 WHERE id IN ({placeholders})");
-            let mut q = sqlx::query(&sql).bind(now);
-            for p in &published {
-                q = q.bind(p.id);
+        let placeholders = (0..published.len())
+            .map(|i| format!("${}", i + 2))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mark = format!("UPDATE outbox SET published_at_us = $1 WHERE id IN ({placeholders})");
+        let mark = published
+            .iter()
+            .fold(sqlx::query(&mark).bind(now), |q, p| q.bind(p.id));
+        // The usual pass on SQLite: nothing held, everything published. One statement commits on
+        // its own, without the round trips of a transaction around it.
+        let charged = |o: &Outcome| matches!(o, Outcome::Failed { class, .. } if matches!(class, Failure::Row | Failure::Permanent));
+        let mut tx = match claim {
+            Some(tx) => tx,
+            None if !rows.iter().any(|(_, o)| charged(o)) => {
+                if !published.is_empty() {
+                    mark.execute(self.db.writer()).await?;
+                }
+                return self.recorded(&rows, &published, now);
             }
-            q.execute(&mut *tx).await?;
+            None => self.db.begin().await?,
+        };
+        if !published.is_empty() {
+            mark.execute(&mut *tx).await?;
         }
-        let mut outage = false;
-        let mut full = None;
         for (row, outcome) in &rows {
             let Outcome::Failed { error, class } = outcome else {
                 continue;
             };
-            if *class == Failure::StoreFull {
-                // Not the row's fault either; remembered so readiness says why nothing moves.
-                full.get_or_insert_with(|| error.clone());
-                continue;
-            }
-            if *class == Failure::Outage {
-                // Not the row's fault: leave it due, uncharged; the relay backs off as a whole.
-                outage = true;
+            // A full store or an outage is not the row's fault: it stays due, uncharged, and
+            // the relay backs off as a whole (readiness says why nothing moves).
+            if !charged(outcome) {
                 continue;
             }
             let attempts = row.attempts + 1;
@@ -486,14 +487,30 @@ impl OutboxRelay {
             }
         }
         tx.commit().await?;
-        for p in &published {
+        self.recorded(&rows, &published, now)
+    }
+
+    /// After the outcome is committed: metrics, readiness, and whether the pass was blocked.
+    fn recorded(
+        &self,
+        rows: &[(Pending, Outcome)],
+        published: &[&Pending],
+        now: i64,
+    ) -> Result<usize, RelayError> {
+        for p in published {
             let latency = (now - p.created_at_us).max(0) as f64 / 1e6;
             metrics::histogram!("outbox_publish_latency_seconds").record(latency);
         }
         metrics::counter!("outbox_published_total").increment(published.len() as u64);
+        let failed = |c: Failure| {
+            rows.iter()
+                .find(|(_, o)| matches!(o, Outcome::Failed { class, .. } if *class == c))
+        };
+        let full = failed(Failure::StoreFull);
+        let outage = failed(Failure::Outage).is_some();
         self.health.set_blocked(full.is_some() || outage);
-        if let Some(error) = full {
-            return Err(RelayError::StoreFull(error));
+        if let Some((_, Outcome::Failed { error, .. })) = full {
+            return Err(RelayError::StoreFull(error.clone()));
         }
         if outage {
             return Err(RelayError::Outage);

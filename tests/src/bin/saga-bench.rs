@@ -27,10 +27,14 @@ use serde_json::{json, Value};
 use sqlx::Row;
 use tokio::sync::oneshot;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What the run is measured on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum Profile {
+    /// SQLite `NORMAL`, nats-server's default `sync_interval`.
     Sqlite,
+    /// Postgres (a throwaway `fsync=off` cluster, or `TEST_DATABASE_URL`).
     Postgres,
+    /// SQLite `FULL` and nats-server `sync_interval: always`.
     Durable,
 }
 
@@ -50,45 +54,53 @@ impl Profile {
     }
 }
 
+/// Saga benchmark: this machine's JetStream and database ceilings, then sagas closed-loop and
+/// open-loop at half that rate, CPU per saga, and the invariants.
+#[derive(Debug, clap::Parser)]
+#[command(name = "saga-bench")]
 struct Args {
+    /// Storage and sync settings.
+    #[arg(long, value_enum, default_value = "sqlite")]
     profile: Profile,
+    /// Length of each phase.
+    #[arg(long, default_value_t = 15)]
     seconds: u64,
+    /// Customers placing orders at once in the closed loop.
+    #[arg(long, default_value_t = 64)]
     concurrency: usize,
+    /// Where the JSON result and the latency plot go.
+    #[arg(long, default_value = "bench-results")]
     out: PathBuf,
 }
 
-fn parse_args() -> Result<Args, String> {
-    let mut args = Args {
-        profile: Profile::Sqlite,
-        seconds: 15,
-        concurrency: 64,
-        out: PathBuf::from("bench-results"),
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(a) = it.next() {
-        let mut value = || it.next().ok_or_else(|| format!("{a} needs a value"));
-        match a.as_str() {
-            "--profile" => {
-                args.profile = match value()?.as_str() {
-                    "sqlite" => Profile::Sqlite,
-                    "postgres" => Profile::Postgres,
-                    "durable" => Profile::Durable,
-                    other => return Err(format!("unknown profile {other:?}")),
-                }
-            }
-            "--seconds" => {
-                args.seconds = value()?.parse().map_err(|e| format!("--seconds: {e}"))?
-            }
-            "--concurrency" => {
-                args.concurrency = value()?
-                    .parse()
-                    .map_err(|e| format!("--concurrency: {e}"))?
-            }
-            "--out" => args.out = PathBuf::from(value()?),
-            other => return Err(format!("unknown argument {other:?}")),
-        }
+/// Use `NATS_SERVER_BIN` if set; else install (or find) one with the repository's script, as the
+/// test script does, so a fresh checkout needs nothing by hand.
+fn ensure_nats_server() -> Result<(), String> {
+    if std::env::var_os("NATS_SERVER_BIN").is_some() {
+        return Ok(());
     }
-    Ok(args)
+    let root = event_toolkit::testing::repo_root();
+    let script = root.join("scripts/install-deps.sh");
+    let out = std::process::Command::new(&script)
+        .current_dir(&root)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}; set NATS_SERVER_BIN", script.display()))?;
+    let path = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
+    if !out.status.success() || path.is_empty() {
+        return Err(format!(
+            "{} failed ({}); set NATS_SERVER_BIN to a nats-server >= 2.10",
+            script.display(),
+            out.status
+        ));
+    }
+    std::env::set_var("NATS_SERVER_BIN", path);
+    Ok(())
 }
 
 /// Order id → when its terminal event was seen, and who waits for it.
@@ -521,13 +533,22 @@ async fn run(args: Args) -> Result<Value, String> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let args = match parse_args() {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("saga-bench: {e}\nusage: saga-bench --profile sqlite|postgres|durable [--seconds N] [--concurrency C] [--out DIR]");
-            return ExitCode::from(2);
-        }
-    };
+    let args = <Args as clap::Parser>::parse();
+    if let Err(e) = ensure_nats_server() {
+        eprintln!("saga-bench: {e}");
+        return ExitCode::from(2);
+    }
+    // The harness says what to install or set when it finds no server or database: print that,
+    // not a backtrace.
+    std::panic::set_hook(Box::new(|info| {
+        let what = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "failed".to_owned());
+        eprintln!("saga-bench: {what}");
+    }));
     match run(args).await {
         Ok(result) => {
             println!(
