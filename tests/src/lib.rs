@@ -499,20 +499,17 @@ impl System {
             _ => format!("{} replica {i} ready", s.binary()),
         };
         let start = std::time::Instant::now();
-        let mut last = String::from("no answer yet");
-        loop {
-            match self.http.get(&url).send().await {
+        let last = loop {
+            let answer = match self.http.get(&url).send().await {
                 Ok(r) if r.status() == 200 => return,
-                Ok(r) => {
-                    last = format!("{} {}", r.status(), r.text().await.unwrap_or_default());
-                }
-                Err(e) => last = format!("no answer: {e}"),
-            }
+                Ok(r) => format!("{} {}", r.status(), r.text().await.unwrap_or_default()),
+                Err(e) => format!("no answer: {e}"),
+            };
             if start.elapsed() > WAIT {
-                break;
+                break answer;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        };
         let process = match self.replica_pid(s, i) {
             None => "not started".to_owned(),
             Some(pid) => std::fs::read_to_string(format!("/proc/{pid}/status"))
