@@ -367,7 +367,7 @@ impl<H: Handler> ConsumerRunner<H> {
             let messages = consumer
                 .stream()
                 .max_messages_per_batch(self.spec.batch_size)
-                .heartbeat(Duration::from_secs(5))
+                .heartbeat(PULL_HEARTBEAT)
                 .expires(Duration::from_secs(30))
                 .messages()
                 .await;
@@ -387,10 +387,16 @@ impl<H: Handler> ConsumerRunner<H> {
                     continue;
                 }
             };
-            backoff = retry_backoff();
             let lost = Arc::new(AtomicBool::new(false));
+            let received = AtomicBool::new(false);
+            let pulled_at = std::time::Instant::now();
             messages
                 .take_until(shutdown.cancelled())
+                .inspect(|item| {
+                    if item.is_ok() {
+                        received.store(true, Ordering::Relaxed);
+                    }
+                })
                 // A deleted durable ends the pull; a missed heartbeat may mean the same (or a
                 // server restart): either way, stop and check the wiring below.
                 .take_while(|item| {
@@ -426,6 +432,18 @@ impl<H: Handler> ConsumerRunner<H> {
                 .await;
             if shutdown.is_cancelled() {
                 break;
+            }
+            if received.load(Ordering::Relaxed) || pulled_at.elapsed() > PULL_HEARTBEAT {
+                backoff = retry_backoff();
+            } else if lost.load(Ordering::SeqCst) {
+                // Lost at once (no responders while the consumer's leader is being elected):
+                // back off, or this loop re-pulls as fast as the server refuses.
+                self.set_attached(false);
+                let delay = backoff.next().unwrap_or(Duration::from_secs(2));
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shutdown.cancelled() => break,
+                }
             }
             // The pull ended: make sure the durable exists (creating it, and waiting for its
             // stream, if someone deleted them) before pulling again.
@@ -899,6 +917,9 @@ impl MessageMeta {
 fn delivered(msg: &Message) -> i64 {
     msg.info().map(|i| i.delivered).unwrap_or(1)
 }
+
+/// Idle heartbeat asked of the server while a pull waits; two missed end the pull.
+const PULL_HEARTBEAT: Duration = Duration::from_secs(5);
 
 /// The longest delay a nak asks for.
 const MAX_NAK_DELAY: Duration = Duration::from_secs(30);

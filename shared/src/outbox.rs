@@ -373,14 +373,20 @@ impl OutboxRelay {
                 }
                 acks.push(self.js.send_publish(row.subject.clone(), msg).await);
             }
-            let mut results = Vec::with_capacity(window.len());
-            for ack in acks {
-                let result = match ack {
+            // Awaited together: each ack's timeout starts when it is first polled, so awaiting
+            // them one by one would cost a window of lost acks (its stream's leader killed
+            // mid-window) the timeout once per row, minutes with the relay stuck and not ready.
+            let results = futures::future::join_all(acks.into_iter().map(|ack| async move {
+                match ack {
                     Ok(fut) => fut.await.map(|_| ()),
                     Err(e) => Err(e),
-                };
-                results.push(result);
-            }
+                }
+            }))
+            .await;
+            let window_down = results.iter().all(|r| {
+                r.as_ref()
+                    .is_err_and(|e| classify(e.kind(), &e.to_string()) == Failure::Outage)
+            });
             for (row, result) in window.into_iter().zip(results) {
                 let outcome = match result {
                     Ok(()) => Outcome::Published,
@@ -393,6 +399,11 @@ impl OutboxRelay {
                     }
                 };
                 out.push((row, outcome));
+            }
+            if window_down {
+                // JetStream did not answer for any row: the rest of the claim stays due,
+                // uncharged, for the pass after the backoff instead of timing out here too.
+                break;
             }
         }
         // A timeout while other rows of the same pass were acknowledged is not an outage: the

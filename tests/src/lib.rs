@@ -514,15 +514,26 @@ impl System {
             None => "not started".to_owned(),
             Some(pid) => std::fs::read_to_string(format!("/proc/{pid}/status"))
                 .ok()
-                .and_then(|st| st.lines().find(|l| l.starts_with("State:")).map(str::to_owned))
+                .and_then(|st| {
+                    st.lines()
+                        .find(|l| l.starts_with("State:"))
+                        .map(str::to_owned)
+                })
                 .map(|st| format!("pid {pid}, {st}"))
                 .unwrap_or_else(|| format!("pid {pid}, gone")),
         };
+        // Warnings say why; the info lines of a busy replica would bury them.
         let log = self.replica_log(s, i);
-        let tail: Vec<&str> = log.lines().rev().take(60).collect();
-        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        let warnings: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+            .collect();
+        let warnings = &warnings[warnings.len().saturating_sub(40)..];
+        let lines: Vec<&str> = log.lines().collect();
+        let tail = &lines[lines.len().saturating_sub(5)..];
         panic!(
-            "timed out after {WAIT:?} waiting for: {what}\nlast /readyz answer: {last}\nprocess: {process}\n---- last lines of its log ----\n{}",
+            "timed out after {WAIT:?} waiting for: {what}\nlast /readyz answer: {last}\nprocess: {process}\n---- its last warnings ----\n{}\n---- its last lines ----\n{}",
+            warnings.join("\n"),
             tail.join("\n")
         );
     }
