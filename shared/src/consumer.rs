@@ -361,6 +361,7 @@ impl<H: Handler> ConsumerRunner<H> {
     /// durable (or its stream) disappears, it is provisioned again and consuming resumes.
     pub async fn run(self, consumer: PullConsumer, shutdown: CancellationToken) {
         let mut backoff = retry_backoff();
+        let mut refused = refused_backoff();
         let mut consumer = consumer;
         self.set_attached(true);
         while !shutdown.is_cancelled() {
@@ -387,6 +388,7 @@ impl<H: Handler> ConsumerRunner<H> {
                     continue;
                 }
             };
+            backoff = retry_backoff();
             let lost = Arc::new(AtomicBool::new(false));
             let received = AtomicBool::new(false);
             let pulled_at = std::time::Instant::now();
@@ -434,12 +436,12 @@ impl<H: Handler> ConsumerRunner<H> {
                 break;
             }
             if received.load(Ordering::Relaxed) || pulled_at.elapsed() > PULL_HEARTBEAT {
-                backoff = retry_backoff();
+                refused = refused_backoff();
             } else if lost.load(Ordering::SeqCst) {
                 // Lost at once (no responders while the consumer's leader is being elected):
                 // back off, or this loop re-pulls as fast as the server refuses.
                 self.set_attached(false);
-                let delay = backoff.next().unwrap_or(Duration::from_secs(2));
+                let delay = refused.next().unwrap_or(Duration::from_secs(1));
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
                     _ = shutdown.cancelled() => break,
@@ -930,6 +932,16 @@ fn nak_delay(delivered: i64) -> Duration {
         Duration::from_millis(250).saturating_mul(1u32 << (delivered - 1).clamp(0, 7) as u32);
     let jitter = rand::random::<f64>() * 0.25 + 0.875;
     base.min(MAX_NAK_DELAY).mul_f64(jitter)
+}
+
+/// Between pulls the server refused at once: short, since the refusal (an election) usually is.
+fn refused_backoff() -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(50))
+        .with_max_delay(Duration::from_secs(1))
+        .with_jitter()
+        .without_max_times()
+        .build()
 }
 
 fn retry_backoff() -> impl Iterator<Item = Duration> {
