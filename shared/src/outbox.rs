@@ -374,14 +374,20 @@ impl OutboxRelay {
                 }
                 acks.push(self.js.send_publish(row.subject.clone(), msg).await);
             }
-            let mut results = Vec::with_capacity(window.len());
-            for ack in acks {
-                let result = match ack {
+            // Awaited together: each ack's timeout starts when it is first polled, so awaiting
+            // them one by one would cost a window of lost acks (its stream's leader killed
+            // mid-window) the timeout once per row, minutes with the relay stuck and not ready.
+            let results = futures::future::join_all(acks.into_iter().map(|ack| async move {
+                match ack {
                     Ok(fut) => fut.await.map(|_| ()),
                     Err(e) => Err(e),
-                };
-                results.push(result);
-            }
+                }
+            }))
+            .await;
+            let window_down = results.iter().all(|r| {
+                r.as_ref()
+                    .is_err_and(|e| classify(e.kind(), &e.to_string()) == Failure::Outage)
+            });
             for (row, result) in window.into_iter().zip(results) {
                 let outcome = match result {
                     Ok(()) => Outcome::Published,
@@ -394,6 +400,11 @@ impl OutboxRelay {
                     }
                 };
                 out.push((row, outcome));
+            }
+            if window_down {
+                // JetStream did not answer for any row: the rest of the claim stays due,
+                // uncharged, for the pass after the backoff instead of timing out here too.
+                break;
             }
         }
         // A timeout while other rows of the same pass were acknowledged is not an outage: the
@@ -695,5 +706,77 @@ mod trace_header_tests {
     #[tokio::test]
     async fn postgres_relay_sends_the_rows_trace_context_as_headers() {
         relay_sends_the_rows_trace_context_as_headers(Backend::Postgres).await
+    }
+}
+
+#[cfg(all(test, feature = "testing"))]
+mod lost_ack_tests {
+    use std::time::Instant;
+
+    use super::*;
+    use crate::testing::{NatsServer, TestDb};
+
+    #[derive(serde::Serialize, serde::Deserialize)]
+    struct Thing {
+        id: String,
+    }
+    crate::event_payload!(Thing, "things.made.v1", id);
+
+    /// Publishes that reach something but are never acknowledged (as when a stream's leader dies
+    /// mid-window) cost a pass one ack timeout, not one per row; the rows stay due, uncharged,
+    /// and the relay says it is blocked.
+    async fn a_window_of_lost_acks_costs_one_timeout(backend: Backend) {
+        const ROWS: usize = 8;
+        let nats = NatsServer::start().await;
+        let client = async_nats::connect(nats.url()).await.unwrap();
+        // A plain subscriber that never answers: the server has a responder, no ack comes back.
+        let _silent = client.subscribe("lost.>").await.unwrap();
+        client.flush().await.unwrap();
+        let testdb = TestDb::new(backend).await;
+        let db = testdb.connect().await;
+        let mut tx = db.begin().await.unwrap();
+        for i in 0..ROWS {
+            let thing = Thing {
+                id: format!("t{i}"),
+            };
+            enqueue(
+                &mut tx,
+                "lost.things",
+                &Envelope::new("/test", &thing, None),
+            )
+            .await
+            .unwrap();
+        }
+        tx.commit().await.unwrap();
+
+        let relay = OutboxRelay::new(db.clone(), client, RelayConfig::default());
+        let start = Instant::now();
+        let pass = relay.publish_pending().await;
+        let took = start.elapsed();
+        assert!(matches!(pass, Err(RelayError::Outage)), "{pass:?}");
+        // One ack timeout (5 s) and change; awaited one by one it was ROWS of them.
+        assert!(
+            took < Duration::from_secs(9),
+            "a pass of {ROWS} lost acks took {took:?}"
+        );
+        assert!(relay.health().blocked());
+        let rows = sqlx::query(
+            "SELECT COUNT(*) FROM outbox WHERE published_at_us IS NULL AND attempts = 0 \
+             AND parked_at_us IS NULL",
+        )
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+        assert_eq!(rows.get::<i64, _>(0), ROWS as i64);
+    }
+
+    #[tokio::test]
+    async fn sqlite_a_window_of_lost_acks_costs_one_timeout() {
+        a_window_of_lost_acks_costs_one_timeout(Backend::Sqlite).await
+    }
+
+    #[tokio::test]
+    async fn postgres_a_window_of_lost_acks_costs_one_timeout() {
+        a_window_of_lost_acks_costs_one_timeout(Backend::Postgres).await
     }
 }

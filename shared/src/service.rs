@@ -165,8 +165,8 @@ pub struct Runtime {
     relay_stop: CancellationToken,
     relay_task: Option<tokio::task::JoinHandle<()>>,
     tasks: JoinSet<()>,
-    /// One flag per durable: attached to the server right now.
-    attached: Vec<Arc<AtomicBool>>,
+    /// One flag per durable, with its name: attached to the server right now.
+    attached: Vec<(String, Arc<AtomicBool>)>,
 }
 
 impl Runtime {
@@ -261,7 +261,7 @@ impl Runtime {
         worker: Option<OutboxWaker>,
     ) {
         let attached = Arc::new(AtomicBool::new(false));
-        self.attached.push(attached.clone());
+        self.attached.push((spec.durable.clone(), attached.clone()));
         let spec_durable = spec.durable.clone();
         let mut runner = ConsumerRunner::new(
             spec,
@@ -382,7 +382,7 @@ pub struct Readiness {
     client: async_nats::Client,
     relay: RelayHealth,
     waker: OutboxWaker,
-    attached: Vec<Arc<AtomicBool>>,
+    attached: Vec<(String, Arc<AtomicBool>)>,
 }
 
 /// What readiness found.
@@ -400,6 +400,8 @@ pub struct ReadinessReport {
     pub consumers_ready: usize,
     /// Consumers declared.
     pub consumers_expected: usize,
+    /// The durables not attached right now (what keeps `consumers_ready` short).
+    pub consumers_detached: Vec<String>,
 }
 
 impl Readiness {
@@ -407,19 +409,22 @@ impl Readiness {
     pub async fn check(&self) -> ReadinessReport {
         let database = self.db.ping().await;
         let nats = self.client.connection_state() == async_nats::connection::State::Connected;
-        let consumers_ready = self
+        let consumers_detached: Vec<String> = self
             .attached
             .iter()
-            .filter(|a| a.load(Ordering::SeqCst))
-            .count();
+            .filter(|(_, a)| !a.load(Ordering::SeqCst))
+            .map(|(name, _)| name.clone())
+            .collect();
+        let consumers_ready = self.attached.len() - consumers_detached.len();
         let relay = !self.relay.blocked();
         ReadinessReport {
-            ready: database && nats && relay && consumers_ready == self.attached.len(),
+            ready: database && nats && relay && consumers_detached.is_empty(),
             database,
             nats,
             relay,
             consumers_ready,
             consumers_expected: self.attached.len(),
+            consumers_detached,
         }
     }
 

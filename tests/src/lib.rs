@@ -489,23 +489,53 @@ impl System {
         }
     }
 
-    /// Wait until `/readyz` answers 200 on one replica of a service.
+    /// Wait until `/readyz` answers 200 on one replica of a service. On timeout, the panic says
+    /// what the replica last answered (its readiness report names what is missing), whether the
+    /// process still runs, and the end of its log.
     pub async fn wait_replica_ready(&self, s: Service, i: usize) {
         let url = format!("{}/readyz", self.replica_url(s, i));
         let what = match self.replicas() {
             1 => format!("{} ready", s.binary()),
             _ => format!("{} replica {i} ready", s.binary()),
         };
-        let http = self.http.clone();
-        eventually(WAIT, &what, || {
-            let url = url.clone();
-            let http = http.clone();
-            async move {
-                let r = http.get(&url).send().await.ok()?;
-                (r.status() == 200).then_some(())
+        let start = std::time::Instant::now();
+        let last = loop {
+            let answer = match self.http.get(&url).send().await {
+                Ok(r) if r.status() == 200 => return,
+                Ok(r) => format!("{} {}", r.status(), r.text().await.unwrap_or_default()),
+                Err(e) => format!("no answer: {e}"),
+            };
+            if start.elapsed() > WAIT {
+                break answer;
             }
-        })
-        .await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let process = match self.replica_pid(s, i) {
+            None => "not started".to_owned(),
+            Some(pid) => std::fs::read_to_string(format!("/proc/{pid}/status"))
+                .ok()
+                .and_then(|st| {
+                    st.lines()
+                        .find(|l| l.starts_with("State:"))
+                        .map(str::to_owned)
+                })
+                .map(|st| format!("pid {pid}, {st}"))
+                .unwrap_or_else(|| format!("pid {pid}, gone")),
+        };
+        // Warnings say why; the info lines of a busy replica would bury them.
+        let log = self.replica_log(s, i);
+        let warnings: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+            .collect();
+        let warnings = &warnings[warnings.len().saturating_sub(40)..];
+        let lines: Vec<&str> = log.lines().collect();
+        let tail = &lines[lines.len().saturating_sub(5)..];
+        panic!(
+            "timed out after {WAIT:?} waiting for: {what}\nlast /readyz answer: {last}\nprocess: {process}\n---- its last warnings ----\n{}\n---- its last lines ----\n{}",
+            warnings.join("\n"),
+            tail.join("\n")
+        );
     }
 
     /// Process id of a running service (of its first running replica).

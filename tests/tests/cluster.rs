@@ -22,7 +22,6 @@ fn env_or(key: &str, default: u64) -> u64 {
 /// and poison, while the sagas run: outcomes as their kinds allow, invariants clean (no event
 /// applied twice), dead letters exactly the poison.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "not yet passing: a service replica stayed not ready for 30 s after the node faults (README, Scale-out)"]
 async fn postgres_on_a_three_node_r3_cluster_holds_the_invariants_when_nodes_are_lost() {
     let mut config = FaultConfig::from_env(Backend::Postgres);
     config.cluster = true;
