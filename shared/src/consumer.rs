@@ -785,9 +785,13 @@ impl<H: Handler> ConsumerRunner<H> {
                 // Alone in its batch, there is nothing else to save: settle it from this try
                 // rather than apply it again.
                 let settle = self.verdict(Err(failure), attempt);
+                let mut effects = Deferred::default();
+                let mut tx = self.db.begin().await?;
                 let verdict = self
-                    .settle_failed(msg, &meta, &event, settle, &span)
+                    .settle_failed(&mut tx, msg, &meta, &event, settle, &span, &mut effects)
                     .await?;
+                tx.commit().await?;
+                effects.run();
                 return Ok(Some((vec![verdict], false)));
             }
             effects.extend(deferred);
@@ -801,38 +805,36 @@ impl<H: Handler> ConsumerRunner<H> {
         Ok(Some((verdicts, enqueued)))
     }
 
-    /// A message whose handler failed and was rolled back: dead-letter it (in a transaction of
-    /// its own) or have it retried.
+    /// A message whose handler failed and was rolled back: dead-letter it in `conn`, or have it
+    /// retried.
+    #[allow(clippy::too_many_arguments)]
     async fn settle_failed(
         &self,
+        conn: &mut AnyConnection,
         msg: &Message,
         meta: &MessageMeta,
         event: &Envelope,
         settle: Settle,
         span: &tracing::Span,
+        effects: &mut Deferred,
     ) -> Result<Verdict, sqlx::Error> {
         let label = self.type_label(&event.event_type);
-        let mut effects = Deferred::default();
-        let verdict = match settle {
+        Ok(match settle {
             // Not reached: only a failure comes here.
             Settle::Commit => Verdict::Nak(nak_delay(meta.delivered)),
             Settle::DeadLetter(reason) => {
                 tracing::warn!(parent: span, %reason, "dead-lettering");
-                let mut tx = self.db.begin().await?;
-                self.dead_letter(&mut tx, msg, meta, Some(&event.id), &reason)
+                self.dead_letter(conn, msg, meta, Some(&event.id), &reason)
                     .await?;
-                tx.commit().await?;
-                self.count(&mut effects, label, Outcome::DeadLettered, None);
+                self.count(effects, label, Outcome::DeadLettered, None);
                 Verdict::Term
             }
             Settle::Retry(reason) => {
                 tracing::info!(parent: span, %reason, "transient failure; will retry");
-                self.count(&mut effects, label, Outcome::Retried, None);
+                self.count(effects, label, Outcome::Retried, None);
                 Verdict::Nak(nak_delay(meta.delivered))
             }
-        };
-        effects.run();
-        Ok(verdict)
+        })
     }
 
     /// Each message in its own savepoint: one that fails is rolled back (and dead-lettered or
@@ -890,19 +892,12 @@ impl<H: Handler> ConsumerRunner<H> {
                     self.count(&mut effects, label, Outcome::Applied, took);
                     verdicts.push(Verdict::Ack);
                 }
-                Settle::DeadLetter(reason) => {
+                failed => {
                     sp.rollback().await?;
-                    tracing::warn!(parent: &span, %reason, "dead-lettering");
-                    self.dead_letter(&mut tx, msg, &meta, Some(&event.id), &reason)
+                    let verdict = self
+                        .settle_failed(&mut tx, msg, &meta, &event, failed, &span, &mut effects)
                         .await?;
-                    self.count(&mut effects, label, Outcome::DeadLettered, None);
-                    verdicts.push(Verdict::Term);
-                }
-                Settle::Retry(reason) => {
-                    sp.rollback().await?;
-                    tracing::info!(parent: &span, %reason, "transient failure; will retry");
-                    self.count(&mut effects, label, Outcome::Retried, None);
-                    verdicts.push(Verdict::Nak(nak_delay(meta.delivered)));
+                    verdicts.push(verdict);
                 }
             }
         }
