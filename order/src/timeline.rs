@@ -15,6 +15,7 @@ use axum::Json;
 use chrono::{DateTime, Utc};
 use event_toolkit::db::micros_to_datetime;
 use event_toolkit::http::{ApiPath, Problem, PROBLEM_JSON};
+use event_toolkit::write_behind::{self, Shape};
 use event_toolkit::{DecodeError, Envelope, HandlerError, OnEnvelope};
 use serde::{Deserialize, Serialize};
 use sqlx::{AnyConnection, AnyPool, Row};
@@ -62,25 +63,29 @@ pub async fn record_own(conn: &mut AnyConnection, event: &Envelope) -> Result<()
     }
 }
 
+/// A timeline row.
+const TIMELINE_ROW: Shape = Shape {
+    head: "INSERT INTO timeline_events (order_id, event_id, event_type, source, time_us, \
+           causation_id, summary)",
+    columns: 7,
+    // Inboxes make this once per event; the key keeps it so regardless.
+    tail: " ON CONFLICT (order_id, event_id) DO NOTHING",
+};
+
 impl Recorded {
-    async fn insert(&self, conn: &mut AnyConnection) -> Result<(), sqlx::Error> {
+    /// Written with the consumer batch's other rows when there is one (see `write_behind`).
+    async fn insert(self, conn: &mut AnyConnection) -> Result<(), sqlx::Error> {
         let step = self;
-        // Inboxes make this once per event; the key keeps it so regardless.
-        sqlx::query(
-            "INSERT INTO timeline_events (order_id, event_id, event_type, source, time_us, \
-             causation_id, summary) VALUES ($1, $2, $3, $4, $5, $6, $7) \
-             ON CONFLICT (order_id, event_id) DO NOTHING",
-        )
-        .bind(&step.order_id)
-        .bind(&step.event_id)
-        .bind(&step.event_type)
-        .bind(&step.source)
-        .bind(step.time_us)
-        .bind(&step.causation_id)
-        .bind(&step.summary)
-        .execute(&mut *conn)
-        .await?;
-        Ok(())
+        let row = vec![
+            step.order_id.into(),
+            step.event_id.into(),
+            step.event_type.into(),
+            step.source.into(),
+            step.time_us.into(),
+            step.causation_id.into(),
+            step.summary.into(),
+        ];
+        write_behind::insert(conn, TIMELINE_ROW, row).await
     }
 }
 

@@ -26,6 +26,7 @@ use crate::db::{now_micros, Database};
 use crate::deferred::{collect, Deferred};
 use crate::envelope::{DecodeError, Envelope, Origin};
 use crate::outbox::OutboxWaker;
+use crate::write_behind;
 
 /// What a handler says about an event it could not apply.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -745,6 +746,8 @@ impl<H: Handler> ConsumerRunner<H> {
         let mut verdicts = Vec::with_capacity(batch.len());
         // Metrics and handlers' deferred effects of what commits with this transaction.
         let mut effects = Deferred::default();
+        // Rows the handlers wrote through `write_behind`, written just before the commit.
+        let mut pending = write_behind::Pending::default();
         for (msg, (meta, step)) in batch.iter().zip(steps) {
             let (event, span, attempt) = match step {
                 Step::Refused { event_id, reason } => {
@@ -775,8 +778,10 @@ impl<H: Handler> ConsumerRunner<H> {
                 continue;
             }
             let started = std::time::Instant::now();
-            let (outcome, deferred) =
-                collect(self.guarded(&mut tx, &event).instrument(span.clone())).await;
+            let ((outcome, deferred), rows) = write_behind::gather(collect(
+                self.guarded(&mut tx, &event).instrument(span.clone()),
+            ))
+            .await;
             if let Err(failure) = outcome {
                 tx.rollback().await?;
                 if batch.len() > 1 {
@@ -795,9 +800,17 @@ impl<H: Handler> ConsumerRunner<H> {
                 return Ok(Some((vec![verdict], false)));
             }
             effects.extend(deferred);
+            pending.extend(rows);
             let took = Some(started.elapsed());
             self.count(&mut effects, label, Outcome::Applied, took);
             verdicts.push(Verdict::Ack);
+        }
+        // The batch's outbox and read-model rows, a statement per table instead of per message.
+        // Should one be refused, the batch is applied again isolated, where it is found.
+        if let Err(e) = pending.flush(&mut tx).await {
+            tracing::debug!(consumer = %self.spec.durable, error = %e, "batch rows refused; isolating");
+            tx.rollback().await?;
+            return Ok(None);
         }
         tx.commit().await?;
         let enqueued = effects.enqueued();

@@ -10,6 +10,7 @@
 //! - [`nats`]: connecting (server ≥ 2.10) and provisioning streams.
 //! - `auth` (feature `service`): admin routes behind a bearer token.
 //! - `service` and `http` (feature `service`): the shell of a running service and its HTTP edge.
+//! - [`write_behind`]: a transaction's outbox and read-model rows written together before it commits.
 //! - [`trace`]: W3C trace context carried by events, so each saga is one trace.
 //! - `testing` (feature `testing`): real nats-server / Postgres / SQLite for tests.
 
@@ -41,6 +42,7 @@ pub mod subscription;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod trace;
+pub mod write_behind;
 
 pub use consumer::{ConsumerRunner, ConsumerSpec, Handler, HandlerError};
 pub use db::{Backend, Database, DbOptions, SqliteSynchronous};

@@ -17,27 +17,35 @@ use tokio_util::sync::CancellationToken;
 use crate::db::{now_micros, Backend, Database};
 use crate::envelope::{Envelope, CLOUDEVENTS_CONTENT_TYPE};
 use crate::trace::{valid_traceparent, TRACEPARENT, TRACESTATE};
+use crate::write_behind::{self, Shape};
+
+/// An outbox row, as [`enqueue`] writes it.
+const OUTBOX_ROW: Shape = Shape {
+    head: "INSERT INTO outbox (event_id, subject, payload, created_at_us, next_attempt_at_us, \
+           traceparent, tracestate)",
+    columns: 7,
+    tail: "",
+};
 
 /// Write `event` to the outbox inside the caller's transaction; it is published only if that
 /// transaction commits. Its trace context goes in the same row, for the relay's NATS headers.
+/// Inside a consumer batch the row waits for the batch's other rows (see [`crate::write_behind`]).
 pub async fn enqueue(
     conn: &mut AnyConnection,
     subject: &str,
     event: &Envelope,
 ) -> Result<(), sqlx::Error> {
     let now = now_micros();
-    sqlx::query(
-        "INSERT INTO outbox (event_id, subject, payload, created_at_us, next_attempt_at_us, \
-         traceparent, tracestate) VALUES ($1, $2, $3, $4, $4, $5, $6)",
-    )
-    .bind(&event.id)
-    .bind(subject)
-    .bind(event.to_bytes())
-    .bind(now)
-    .bind(event.traceparent.as_deref())
-    .bind(event.tracestate.as_deref())
-    .execute(conn)
-    .await?;
+    let row = vec![
+        event.id.as_str().into(),
+        subject.into(),
+        event.to_bytes().into(),
+        now.into(),
+        now.into(),
+        event.traceparent.as_deref().into(),
+        event.tracestate.as_deref().into(),
+    ];
+    write_behind::insert(conn, OUTBOX_ROW, row).await?;
     crate::deferred::note_enqueued();
     Ok(())
 }

@@ -68,6 +68,10 @@ struct Args {
     /// Customers placing orders at once in the closed loop.
     #[arg(long, default_value_t = 64)]
     concurrency: usize,
+    /// Open-loop rate (sagas/s) instead of half the closed-loop rate; set, the closed loop is
+    /// skipped (for profiling at a fixed load).
+    #[arg(long)]
+    rate: Option<f64>,
     /// Where the JSON result and the latency plot go.
     #[arg(long, default_value = "bench-results")]
     out: PathBuf,
@@ -215,6 +219,11 @@ fn system_cpu(s: &System) -> Vec<(&'static str, f64)> {
     out.push(("nats-server", s.nats.pid().map(cpu_seconds).unwrap_or(0.0)));
     out.push(("saga-bench (load driver)", cpu_seconds(std::process::id())));
     out
+}
+
+/// CPU seconds the three services and nats-server used between two readings of [`system_cpu`].
+fn cpu_delta(now: &[(&'static str, f64)], before: &[(&'static str, f64)]) -> f64 {
+    now.iter().zip(before).take(4).map(|(a, b)| a.1 - b.1).sum()
 }
 
 async fn service_totals(s: &System) -> (u64, i64) {
@@ -405,6 +414,13 @@ async fn run(args: Args) -> Result<Value, String> {
         one_saga(&http, &url, &shared).await;
     }
 
+    // Idle: what the system burns with no sagas at all (polls, sweeps, heartbeats).
+    let idle_secs = 5.0;
+    let cpu_idle0 = system_cpu(&s);
+    tokio::time::sleep(Duration::from_secs_f64(idle_secs)).await;
+    let idle_cores = cpu_delta(&system_cpu(&s), &cpu_idle0) / idle_secs;
+    eprintln!("  idle: {idle_cores:.3} cores (three services + nats-server)");
+
     // Closed loop.
     let secs = args.seconds;
     let bar = ProgressBar::new(secs);
@@ -417,7 +433,8 @@ async fn run(args: Args) -> Result<Value, String> {
     let (tx0, pub0) = service_totals(&s).await;
     let cpu0 = system_cpu(&s);
     let start = Instant::now();
-    let until = start + Duration::from_secs(secs);
+    let closed_secs = if args.rate.is_some() { 0 } else { secs };
+    let until = start + Duration::from_secs(closed_secs);
     let latencies: Arc<Mutex<Vec<Duration>>> = Arc::default();
     let mut workers = Vec::new();
     for _ in 0..args.concurrency {
@@ -450,7 +467,7 @@ async fn run(args: Args) -> Result<Value, String> {
     let (closed_json, closed_sorted) = latency_json(closed);
 
     // Open loop at half the closed-loop rate.
-    let rate = (sagas_per_s / 2.0).max(1.0);
+    let rate = args.rate.unwrap_or(sagas_per_s / 2.0).max(1.0);
     let bar = ProgressBar::new(secs);
     bar.set_style(
         ProgressStyle::with_template("{msg:12} [{bar:40}] {pos}/{len} s")
@@ -458,6 +475,7 @@ async fn run(args: Args) -> Result<Value, String> {
     );
     bar.set_message("open loop");
     let interval = Duration::from_secs_f64(1.0 / rate);
+    let open_cpu0 = system_cpu(&s);
     let start = Instant::now();
     let mut tasks = Vec::new();
     let mut i = 0u64;
@@ -477,6 +495,8 @@ async fn run(args: Args) -> Result<Value, String> {
         }
     }
     bar.finish();
+    let open_cpu = cpu_delta(&system_cpu(&s), &open_cpu0);
+    let open_completed = open.len();
     let (open_json, open_sorted) = latency_json(open);
 
     eprintln!("checking invariants");
@@ -500,11 +520,13 @@ async fn run(args: Args) -> Result<Value, String> {
             "sagas_per_s": sagas_per_s.round(), "events_per_s": events_per_s.round(),
             "events_vs_jetstream_ceiling": events_per_s / js_ceiling,
             "db_tx_per_s": tx_per_s.round(), "db_tx_vs_ceiling": tx_per_s / db_ceiling,
-            "cpu_seconds_per_saga": cpu1.iter().zip(&cpu0).take(4).map(|(a, b)| a.1 - b.1).sum::<f64>() / completed.max(1) as f64,
+            "cpu_seconds_per_saga": cpu_delta(&cpu1, &cpu0) / completed.max(1) as f64,
             "cpu_seconds_by_process": cpu1.iter().zip(&cpu0).map(|(a, b)| (a.0.to_owned(), json!(((a.1 - b.1) * 100.0).round() / 100.0))).collect::<serde_json::Map<_, _>>(),
             "latency": closed_json,
         },
-        "open_loop": { "rate_per_s": rate.round(), "seconds": secs, "latency": open_json },
+        "open_loop": { "rate_per_s": rate.round(), "seconds": secs, "latency": open_json,
+            "cpu_seconds_per_saga": open_cpu / open_completed.max(1) as f64 },
+        "idle_cores": idle_cores,
         "relay_latency": relay,
         "invariant_violations": report.violations,
     });

@@ -1,0 +1,398 @@
+//! Inserts that can wait until their transaction is about to commit, and then go out together: one
+//! multi-row `INSERT` per statement shape and, on SQLite, all shapes in one call.
+//!
+//! Each statement on SQLite is a hop to the connection's worker thread and back, each on Postgres
+//! a network round trip; the outbox and read-model rows of a consumer batch (one or two per
+//! event) are most of a batch's statements. Nothing reads them back inside the transaction, so
+//! they may wait.
+//!
+//! [`insert`] defers a row when it runs inside [`gather`] (the consumer runner gathers each
+//! handler's rows and flushes them before its commit) and writes it at once anywhere else, so a
+//! handler is written the same either way.
+
+use std::cell::RefCell;
+use std::future::Future;
+
+use sqlx::any::AnyArguments;
+use sqlx::query::Query;
+use sqlx::{Any, AnyConnection};
+
+/// Bind parameters per flushed statement, below SQLite's (32,766) and Postgres' (65,535) limits.
+const MAX_PARAMS: usize = 30_000;
+
+/// Rows per flush up to which the flushed SQL is kept prepared; larger ones vary too much to be
+/// worth a slot in the connection's statement cache.
+const PREPARED_UP_TO_ROWS: usize = 4;
+
+tokio::task_local! {
+    static PENDING: RefCell<Pending>;
+}
+
+/// The fixed parts of an insert: `INSERT INTO t (a, b, c)`, its column count, and what follows
+/// the values (an `ON CONFLICT` clause, or nothing).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shape {
+    /// `INSERT INTO table (columns…)`.
+    pub head: &'static str,
+    /// Number of columns (values per row).
+    pub columns: usize,
+    /// After `VALUES (…), (…)`: e.g. ` ON CONFLICT (…) DO NOTHING`, or `""`.
+    pub tail: &'static str,
+}
+
+/// One bound value of a row.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    /// An integer.
+    Int(i64),
+    /// An integer or NULL.
+    OptInt(Option<i64>),
+    /// Text.
+    Text(String),
+    /// Text or NULL.
+    OptText(Option<String>),
+    /// A blob (on Postgres `bytea`).
+    Bytes(Vec<u8>),
+}
+
+impl From<i64> for Value {
+    fn from(v: i64) -> Self {
+        Value::Int(v)
+    }
+}
+impl From<Option<i64>> for Value {
+    fn from(v: Option<i64>) -> Self {
+        Value::OptInt(v)
+    }
+}
+impl From<String> for Value {
+    fn from(v: String) -> Self {
+        Value::Text(v)
+    }
+}
+impl From<&str> for Value {
+    fn from(v: &str) -> Self {
+        Value::Text(v.to_owned())
+    }
+}
+impl From<Option<String>> for Value {
+    fn from(v: Option<String>) -> Self {
+        Value::OptText(v)
+    }
+}
+impl From<Option<&str>> for Value {
+    fn from(v: Option<&str>) -> Self {
+        Value::OptText(v.map(str::to_owned))
+    }
+}
+impl From<Vec<u8>> for Value {
+    fn from(v: Vec<u8>) -> Self {
+        Value::Bytes(v)
+    }
+}
+
+fn bind<'q>(q: Query<'q, Any, AnyArguments<'q>>, v: Value) -> Query<'q, Any, AnyArguments<'q>> {
+    match v {
+        Value::Int(v) => q.bind(v),
+        Value::OptInt(v) => q.bind(v),
+        Value::Text(v) => q.bind(v),
+        Value::OptText(v) => q.bind(v),
+        Value::Bytes(v) => q.bind(v),
+    }
+}
+
+/// Rows waiting for their transaction's commit, by shape in the order each shape first came.
+#[derive(Debug, Default)]
+#[must_use = "flush the rows before the commit, or drop them on rollback"]
+pub struct Pending {
+    groups: Vec<(Shape, Vec<Vec<Value>>)>,
+}
+
+impl Pending {
+    fn push(&mut self, shape: Shape, row: Vec<Value>) {
+        match self.groups.iter_mut().find(|(s, _)| *s == shape) {
+            Some((_, rows)) => rows.push(row),
+            None => self.groups.push((shape, vec![row])),
+        }
+    }
+
+    /// Add `other`'s rows after these.
+    pub fn extend(&mut self, other: Pending) {
+        for (shape, rows) in other.groups {
+            for row in rows {
+                self.push(shape, row);
+            }
+        }
+    }
+
+    /// Rows waiting.
+    pub fn len(&self) -> usize {
+        self.groups.iter().map(|(_, rows)| rows.len()).sum()
+    }
+
+    /// Nothing waiting.
+    pub fn is_empty(&self) -> bool {
+        self.groups.is_empty()
+    }
+
+    /// Write the rows in `conn` (the transaction about to commit): one multi-row `INSERT` per
+    /// shape; on SQLite, as many shapes per call as the parameter limit allows.
+    pub async fn flush(self, conn: &mut AnyConnection) -> Result<(), sqlx::Error> {
+        let sqlite = conn.backend_name() == "SQLite";
+        // Statements, each with its rows: a shape's rows split where the parameter limit says.
+        let mut statements: Vec<(Shape, Vec<Vec<Value>>)> = Vec::new();
+        for (shape, rows) in self.groups {
+            let per = (MAX_PARAMS / shape.columns.max(1)).max(1);
+            let mut rows = rows.into_iter().peekable();
+            while rows.peek().is_some() {
+                statements.push((shape, rows.by_ref().take(per).collect()));
+            }
+        }
+        let mut call: Vec<(Shape, Vec<Vec<Value>>)> = Vec::new();
+        let mut params = 0;
+        for (shape, rows) in statements {
+            let n = shape.columns * rows.len();
+            // Postgres takes one statement per call; SQLite several (numbered parameters run on
+            // across them).
+            if !call.is_empty() && (!sqlite || params + n > MAX_PARAMS) {
+                execute(conn, std::mem::take(&mut call)).await?;
+                params = 0;
+            }
+            params += n;
+            call.push((shape, rows));
+        }
+        if !call.is_empty() {
+            execute(conn, call).await?;
+        }
+        Ok(())
+    }
+}
+
+/// One call: the statements' SQL joined, their values bound in order.
+async fn execute(
+    conn: &mut AnyConnection,
+    statements: Vec<(Shape, Vec<Vec<Value>>)>,
+) -> Result<(), sqlx::Error> {
+    let mut sql = String::new();
+    let mut n = 0usize;
+    let mut rows_total = 0;
+    for (shape, rows) in &statements {
+        if !sql.is_empty() {
+            sql.push_str("; ");
+        }
+        sql.push_str(shape.head);
+        sql.push_str(" VALUES ");
+        for (r, _) in rows.iter().enumerate() {
+            sql.push_str(if r == 0 { "(" } else { ", (" });
+            for c in 0..shape.columns {
+                n += 1;
+                if c > 0 {
+                    sql.push_str(", ");
+                }
+                sql.push('$');
+                sql.push_str(&n.to_string());
+            }
+            sql.push(')');
+        }
+        sql.push_str(shape.tail);
+        rows_total += rows.len();
+    }
+    let mut q = sqlx::query(&sql).persistent(rows_total <= PREPARED_UP_TO_ROWS);
+    for (_, rows) in statements {
+        for v in rows.into_iter().flatten() {
+            q = bind(q, v);
+        }
+    }
+    q.execute(conn).await?;
+    Ok(())
+}
+
+/// Insert `row` (its values in the shape's column order): deferred to the end of the enclosing
+/// [`gather`], else now, in `conn`.
+pub async fn insert(
+    conn: &mut AnyConnection,
+    shape: Shape,
+    row: Vec<Value>,
+) -> Result<(), sqlx::Error> {
+    debug_assert_eq!(row.len(), shape.columns, "{}", shape.head);
+    let mut row = Some(row);
+    let _ = PENDING.try_with(|p| {
+        if let Some(r) = row.take() {
+            p.borrow_mut().push(shape, r);
+        }
+    });
+    match row {
+        Some(row) => {
+            let mut pending = Pending::default();
+            pending.push(shape, row);
+            pending.flush(conn).await
+        }
+        None => Ok(()),
+    }
+}
+
+/// Run `work`, gathering the rows it [`insert`]s instead of writing them; the caller flushes them
+/// in the same transaction before committing.
+pub async fn gather<F: Future>(work: F) -> (F::Output, Pending) {
+    PENDING
+        .scope(RefCell::new(Pending::default()), async move {
+            let out = work.await;
+            let pending = PENDING.with(|p| p.take());
+            (out, pending)
+        })
+        .await
+}
+
+#[cfg(all(test, feature = "testing"))]
+mod tests {
+    use super::*;
+    use crate::db::{Backend, Database};
+    use crate::testing::TestDb;
+    use sqlx::Row;
+
+    const SHAPE: Shape = Shape {
+        head: "INSERT INTO t (k, n, s, b)",
+        columns: 4,
+        tail: " ON CONFLICT (k) DO NOTHING",
+    };
+    const OTHER: Shape = Shape {
+        head: "INSERT INTO u (k)",
+        columns: 1,
+        tail: "",
+    };
+
+    fn row(k: &str, n: i64) -> Vec<Value> {
+        vec![
+            k.into(),
+            Some(n).into(),
+            (n % 2 == 0).then(|| format!("s{n}")).into(),
+            vec![n as u8].into(),
+        ]
+    }
+
+    async fn db(backend: Backend) -> (TestDb, Database) {
+        let testdb = TestDb::new(backend).await;
+        let db = testdb.connect().await;
+        let blob = match backend {
+            Backend::Sqlite => "BLOB",
+            Backend::Postgres => "BYTEA",
+        };
+        for ddl in [
+            format!("CREATE TABLE t (k TEXT PRIMARY KEY, n BIGINT, s TEXT, b {blob})"),
+            "CREATE TABLE u (k TEXT NOT NULL)".to_owned(),
+        ] {
+            sqlx::query(&ddl).execute(db.pool()).await.expect("ddl");
+        }
+        (testdb, db)
+    }
+
+    async fn count(db: &Database, table: &str) -> i64 {
+        sqlx::query(&format!("SELECT COUNT(*) FROM {table}"))
+            .fetch_one(db.pool())
+            .await
+            .expect("count")
+            .get(0)
+    }
+
+    async fn gathered_rows_wait_for_the_flush_and_all_arrive(backend: Backend) {
+        let (_testdb, db) = db(backend).await;
+        let mut tx = db.begin().await.expect("begin");
+        let ((), pending) = gather(async {
+            for n in 0..5 {
+                insert(&mut tx, SHAPE, row(&format!("k{n}"), n))
+                    .await
+                    .expect("insert");
+                insert(&mut tx, OTHER, vec![format!("u{n}").into()])
+                    .await
+                    .expect("insert");
+            }
+            // A conflicting row is dropped by the tail, as it would be one at a time.
+            insert(&mut tx, SHAPE, row("k0", 99)).await.expect("insert");
+        })
+        .await;
+        let seen: i64 = sqlx::query("SELECT COUNT(*) FROM t")
+            .fetch_one(&mut *tx)
+            .await
+            .expect("count")
+            .get(0);
+        assert_eq!(seen, 0, "nothing written before the flush");
+        assert_eq!(pending.len(), 11);
+        pending.flush(&mut tx).await.expect("flush");
+        tx.commit().await.expect("commit");
+        let rows = sqlx::query("SELECT k, n, s, b FROM t ORDER BY k")
+            .fetch_all(db.pool())
+            .await
+            .expect("rows");
+        assert_eq!(rows.len(), 5);
+        assert_eq!(rows[0].get::<String, _>(0), "k0");
+        assert_eq!(rows[0].get::<i64, _>(1), 0, "the first k0 wins");
+        assert_eq!(rows[0].get::<Option<String>, _>(2).as_deref(), Some("s0"));
+        assert_eq!(rows[1].get::<Option<String>, _>(2), None);
+        assert_eq!(rows[4].get::<Vec<u8>, _>(3), vec![4u8]);
+        assert_eq!(count(&db, "u").await, 5);
+    }
+
+    async fn rolled_back_rows_are_never_written(backend: Backend) {
+        let (_testdb, db) = db(backend).await;
+        let mut tx = db.begin().await.expect("begin");
+        let ((), pending) = gather(async {
+            insert(&mut tx, OTHER, vec!["gone".into()])
+                .await
+                .expect("insert");
+        })
+        .await;
+        drop(pending);
+        tx.rollback().await.expect("rollback");
+        // Outside `gather` a row is written at once.
+        let mut conn = db.pool().acquire().await.expect("conn");
+        insert(&mut conn, SHAPE, row("a", 1)).await.expect("insert");
+        assert_eq!(count(&db, "t").await, 1);
+        assert_eq!(count(&db, "u").await, 0);
+    }
+
+    async fn a_flush_past_the_parameter_limit_is_split(backend: Backend) {
+        let (_testdb, db) = db(backend).await;
+        let mut tx = db.begin().await.expect("begin");
+        let rows = MAX_PARAMS / SHAPE.columns * 2 + 3;
+        let ((), pending) = gather(async {
+            for n in 0..rows {
+                insert(&mut tx, SHAPE, row(&format!("k{n}"), n as i64))
+                    .await
+                    .expect("insert");
+            }
+            insert(&mut tx, OTHER, vec!["last".into()])
+                .await
+                .expect("insert");
+        })
+        .await;
+        pending.flush(&mut tx).await.expect("flush");
+        tx.commit().await.expect("commit");
+        assert_eq!(count(&db, "t").await as usize, rows);
+        assert_eq!(count(&db, "u").await, 1);
+    }
+
+    #[tokio::test]
+    async fn sqlite_gathered_rows_wait_for_the_flush_and_all_arrive() {
+        gathered_rows_wait_for_the_flush_and_all_arrive(Backend::Sqlite).await
+    }
+    #[tokio::test]
+    async fn postgres_gathered_rows_wait_for_the_flush_and_all_arrive() {
+        gathered_rows_wait_for_the_flush_and_all_arrive(Backend::Postgres).await
+    }
+    #[tokio::test]
+    async fn sqlite_rolled_back_rows_are_never_written() {
+        rolled_back_rows_are_never_written(Backend::Sqlite).await
+    }
+    #[tokio::test]
+    async fn postgres_rolled_back_rows_are_never_written() {
+        rolled_back_rows_are_never_written(Backend::Postgres).await
+    }
+    #[tokio::test]
+    async fn sqlite_a_flush_past_the_parameter_limit_is_split() {
+        a_flush_past_the_parameter_limit_is_split(Backend::Sqlite).await
+    }
+    #[tokio::test]
+    async fn postgres_a_flush_past_the_parameter_limit_is_split() {
+        a_flush_past_the_parameter_limit_is_split(Backend::Postgres).await
+    }
+}
