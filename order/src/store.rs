@@ -3,7 +3,7 @@
 
 use chrono::{DateTime, Duration as ChronoDuration, Utc};
 use event_toolkit::db::{lock_clause, micros_to_datetime, now_micros};
-use event_toolkit::{emit, Context};
+use event_toolkit::{emit, write_behind, Context, Envelope, EventPayload};
 use serde::Serialize;
 use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, AnyPool, Row};
@@ -243,8 +243,7 @@ pub async fn place(
     };
     // The order id names the saga it starts.
     let ctx = ctx.clone().correlated(placement.order_id);
-    let placed = emit(conn, &ctx, &payload).await?;
-    crate::timeline::record_own(conn, &placed).await?;
+    announce(conn, &ctx, &payload).await?;
     let now = micros_to_datetime(now);
     Ok(Placed::Created(Order {
         id: placement.order_id.to_owned(),
@@ -299,16 +298,14 @@ pub async fn apply(
             let p = OrderConfirmed {
                 order_id: order_id.to_owned(),
             };
-            let e = emit(conn, &ctx, &p).await?;
-            crate::timeline::record_own(conn, &e).await?;
+            announce(conn, &ctx, &p).await?;
         }
         Decision::Cancel(r) => {
             let p = OrderCancelled {
                 order_id: order_id.to_owned(),
                 reason: r.as_str().to_owned(),
             };
-            let e = emit(conn, &ctx, &p).await?;
-            crate::timeline::record_own(conn, &e).await?;
+            announce(conn, &ctx, &p).await?;
         }
         _ => {}
     }
@@ -363,4 +360,22 @@ fn record_terminal(order: &Order) {
             .increment(1);
         metrics::histogram!("saga_duration_seconds", "status" => status).record(took);
     });
+}
+
+/// Emit an order event and put it on the order's timeline: the two rows in one statement, or left
+/// to the consumer batch this runs in.
+async fn announce<P: EventPayload>(
+    conn: &mut AnyConnection,
+    ctx: &Context,
+    payload: &P,
+) -> Result<Envelope, sqlx::Error> {
+    let (event, rows) = write_behind::gather(async {
+        let event = emit(&mut *conn, ctx, payload).await?;
+        crate::timeline::record_own(&mut *conn, &event).await?;
+        Ok::<_, sqlx::Error>(event)
+    })
+    .await;
+    let event = event?;
+    rows.write(conn).await?;
+    Ok(event)
 }

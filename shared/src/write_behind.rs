@@ -135,6 +135,21 @@ impl Pending {
         self.groups.is_empty()
     }
 
+    /// Write the rows in `conn` now — or, inside an enclosing [`gather`], leave them to it. For
+    /// code that gathers a few rows of its own to send them together wherever it runs.
+    pub async fn write(self, conn: &mut AnyConnection) -> Result<(), sqlx::Error> {
+        let mut rows = Some(self);
+        let _ = PENDING.try_with(|p| {
+            if let Some(r) = rows.take() {
+                p.borrow_mut().extend(r);
+            }
+        });
+        match rows {
+            Some(rows) => rows.flush(conn).await,
+            None => Ok(()),
+        }
+    }
+
     /// Write the rows in `conn` (the transaction about to commit): one multi-row `INSERT` per
     /// shape; on SQLite, as many shapes per call as the parameter limit allows.
     pub async fn flush(self, conn: &mut AnyConnection) -> Result<(), sqlx::Error> {
@@ -350,6 +365,25 @@ mod tests {
         assert_eq!(count(&db, "u").await, 0);
     }
 
+    async fn rows_written_inside_a_gather_wait_for_it(backend: Backend) {
+        let (_testdb, db) = db(backend).await;
+        let mut tx = db.begin().await.expect("begin");
+        let ((), outer) = gather(async {
+            let ((), inner) = gather(async {
+                insert(&mut tx, OTHER, vec!["inner".into()])
+                    .await
+                    .expect("insert");
+            })
+            .await;
+            inner.write(&mut tx).await.expect("write");
+        })
+        .await;
+        assert_eq!(outer.len(), 1, "left to the outer gather");
+        outer.write(&mut tx).await.expect("write");
+        tx.commit().await.expect("commit");
+        assert_eq!(count(&db, "u").await, 1);
+    }
+
     async fn a_flush_past_the_parameter_limit_is_split(backend: Backend) {
         let (_testdb, db) = db(backend).await;
         let mut tx = db.begin().await.expect("begin");
@@ -386,6 +420,14 @@ mod tests {
     #[tokio::test]
     async fn postgres_rolled_back_rows_are_never_written() {
         rolled_back_rows_are_never_written(Backend::Postgres).await
+    }
+    #[tokio::test]
+    async fn sqlite_rows_written_inside_a_gather_wait_for_it() {
+        rows_written_inside_a_gather_wait_for_it(Backend::Sqlite).await
+    }
+    #[tokio::test]
+    async fn postgres_rows_written_inside_a_gather_wait_for_it() {
+        rows_written_inside_a_gather_wait_for_it(Backend::Postgres).await
     }
     #[tokio::test]
     async fn sqlite_a_flush_past_the_parameter_limit_is_split() {
