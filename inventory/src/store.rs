@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 
 use event_toolkit::db::{lock_clause, lock_entity, now_micros};
+use event_toolkit::write_behind::Together;
 use event_toolkit::{emit, Context};
 use serde::Serialize;
 use sqlx::{AnyConnection, AnyPool, Row};
@@ -155,16 +156,18 @@ async fn set_state(
     order_id: &str,
     state: OrderState,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(
+    let mut writes = Together::default();
+    push_state(&mut writes, order_id, state);
+    writes.execute(conn).await
+}
+
+/// [`set_state`], added to writes sent together.
+fn push_state(writes: &mut Together, order_id: &str, state: OrderState) {
+    writes.push(
         "INSERT INTO order_states (order_id, state, updated_at_us) VALUES ($1, $2, $3) \
          ON CONFLICT (order_id) DO UPDATE SET state = excluded.state, updated_at_us = excluded.updated_at_us",
-    )
-    .bind(order_id)
-    .bind(state.as_str())
-    .bind(now_micros())
-    .execute(conn)
-    .await?;
-    Ok(())
+        vec![order_id.into(), state.as_str().into(), now_micros().into()],
+    );
 }
 
 /// What applying a saga event did.
@@ -205,8 +208,10 @@ pub async fn apply(
             None => Ok(Outcome::Nothing),
         },
         Action::Commit => {
-            let lines = move_reserved(conn, order_id, "sold", "COMMITTED").await?;
-            set_state(conn, order_id, OrderState::Committed).await?;
+            let mut writes = Together::default();
+            let lines = move_reserved(conn, &mut writes, order_id, "sold", "COMMITTED").await?;
+            push_state(&mut writes, order_id, OrderState::Committed);
+            writes.execute(conn).await?;
             let committed = StockCommitted {
                 order_id: order_id.to_owned(),
                 items: lines,
@@ -215,8 +220,10 @@ pub async fn apply(
             Ok(Outcome::Committed)
         }
         Action::Release => {
-            let lines = move_reserved(conn, order_id, "available", "RELEASED").await?;
-            set_state(conn, order_id, OrderState::Released).await?;
+            let mut writes = Together::default();
+            let lines = move_reserved(conn, &mut writes, order_id, "available", "RELEASED").await?;
+            push_state(&mut writes, order_id, OrderState::Released);
+            writes.execute(conn).await?;
             let released = StockReleased {
                 order_id: order_id.to_owned(),
                 items: lines,
@@ -255,26 +262,20 @@ async fn try_reserve(
     match reserve(&lines, &available) {
         Ok(wanted) => {
             let now = now_micros();
+            // Products (in SKU order, as they were locked), reservations and state in one call.
+            let mut writes = Together::default();
             for (sku, qty) in &wanted {
-                sqlx::query(
+                writes.push(
                     "UPDATE products SET available = available - $1, reserved = reserved + $1, updated_at_us = $2 WHERE sku = $3",
-                )
-                .bind(qty)
-                .bind(now)
-                .bind(sku)
-                .execute(&mut *conn)
-                .await?;
-                sqlx::query(
+                    vec![(*qty).into(), now.into(), sku.as_str().into()],
+                );
+                writes.push(
                     "INSERT INTO reservations (order_id, sku, quantity, status, updated_at_us) VALUES ($1, $2, $3, 'RESERVED', $4)",
-                )
-                .bind(&placed.order_id)
-                .bind(sku)
-                .bind(qty)
-                .bind(now)
-                .execute(&mut *conn)
-                .await?;
+                    vec![placed.order_id.as_str().into(), sku.as_str().into(), (*qty).into(), now.into()],
+                );
             }
-            set_state(conn, &placed.order_id, OrderState::Reserved).await?;
+            push_state(&mut writes, &placed.order_id, OrderState::Reserved);
+            writes.execute(conn).await?;
             let payload = StockReserved {
                 order_id: placed.order_id.clone(),
                 customer_id: placed.customer_id.clone(),
@@ -301,9 +302,11 @@ async fn try_reserve(
     }
 }
 
-/// Move an order's reserved units to `to` (`available` or `sold`) and mark its lines `status`.
+/// Mark an order's reserved lines `status`, and add to `writes` the move of their units to `to`
+/// (`available` or `sold`).
 async fn move_reserved(
     conn: &mut AnyConnection,
+    writes: &mut Together,
     order_id: &str,
     to: &'static str,
     status: &'static str,
@@ -330,12 +333,7 @@ async fn move_reserved(
         let sql = format!(
             "UPDATE products SET reserved = reserved - $1, {to} = {to} + $1, updated_at_us = $2 WHERE sku = $3"
         );
-        sqlx::query(&sql)
-            .bind(qty)
-            .bind(now)
-            .bind(&sku)
-            .execute(&mut *conn)
-            .await?;
+        writes.push(sql, vec![qty.into(), now.into(), sku.as_str().into()]);
         lines.push(StockLine { sku, quantity: qty });
     }
     Ok(lines)

@@ -2,7 +2,8 @@
 //! decisions and announcing them in the same transaction.
 
 use event_toolkit::db::{lock_clause, lock_entity, micros_to_datetime, now_micros};
-use event_toolkit::{emit, Backend, Context, Database};
+use event_toolkit::write_behind::{self, Together, Value};
+use event_toolkit::{emit, Backend, Context, Database, EventPayload};
 use serde::Serialize;
 use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, AnyPool, Row};
@@ -411,17 +412,23 @@ async fn release_account_hold(
     p: &Pending,
     captured: i64,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(
+    let mut writes = Together::default();
+    push_release_account_hold(&mut writes, p, captured);
+    writes.execute(conn).await
+}
+
+/// [`release_account_hold`], added to writes sent together.
+fn push_release_account_hold(writes: &mut Together, p: &Pending, captured: i64) {
+    writes.push(
         "UPDATE accounts SET balance_minor = balance_minor - $1, held_minor = held_minor - $2, \
          updated_at_us = $3 WHERE customer_id = $4",
-    )
-    .bind(captured)
-    .bind(if p.held { p.amount_minor } else { 0 })
-    .bind(now_micros())
-    .bind(&p.customer_id)
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
+        vec![
+            captured.into(),
+            (if p.held { p.amount_minor } else { 0 }).into(),
+            now_micros().into(),
+            p.customer_id.as_str().into(),
+        ],
+    );
 }
 
 /// Record that the provider is owed `what` for this payment, first due at `due_at_us`.
@@ -482,18 +489,16 @@ pub async fn hold(
     );
     Ok(match decision {
         Hold::Take => {
-            sqlx::query(
+            let mut writes = Together::default();
+            writes.push(
                 "UPDATE accounts SET held_minor = held_minor + $1, updated_at_us = $2 WHERE customer_id = $3",
-            )
-            .bind(p.amount_minor)
-            .bind(now_micros())
-            .bind(&p.customer_id)
-            .execute(&mut *conn)
-            .await?;
-            sqlx::query("UPDATE payments SET held = 1 WHERE order_id = $1")
-                .bind(order_id)
-                .execute(&mut *conn)
-                .await?;
+                vec![p.amount_minor.into(), now_micros().into(), p.customer_id.as_str().into()],
+            );
+            writes.push(
+                "UPDATE payments SET held = 1 WHERE order_id = $1",
+                vec![order_id.into()],
+            );
+            writes.execute(conn).await?;
             HoldStep::Held(Pending { held: true, ..p })
         }
         Hold::Wait => {
@@ -505,7 +510,9 @@ pub async fn hold(
             HoldStep::Waiting
         }
         Hold::Refuse(reason) => {
-            finish(conn, source, &p, Err(reason), None).await?;
+            let mut writes = Together::default();
+            finish(conn, &mut writes, source, &p, Err(reason), None).await?;
+            writes.execute(conn).await?;
             HoldStep::Refused(reason)
         }
     })
@@ -592,14 +599,25 @@ pub async fn settle(
         answer,
     );
     let captured = if result.is_ok() { p.amount_minor } else { 0 };
-    release_account_hold(conn, &p, captured).await?;
+    // The account, the payment and the announcement in one call.
+    let mut writes = Together::default();
+    push_release_account_hold(&mut writes, &p, captured);
     let after = if result.is_ok() {
         PaymentStatus::Captured
     } else {
         PaymentStatus::Failed
     };
     let owed = follow_up(after, answer);
-    finish(conn, source, &p, result, owed.map(|what| (what, due_at))).await?;
+    finish(
+        conn,
+        &mut writes,
+        source,
+        &p,
+        result,
+        owed.map(|what| (what, due_at)),
+    )
+    .await?;
+    writes.execute(conn).await?;
     Ok(Settled {
         outcome: Some(result),
         owed,
@@ -607,9 +625,10 @@ pub async fn settle(
 }
 
 /// Set the payment's final status (its hold released, and what the provider is owed, due at the
-/// given time, if anything) in one statement, and announce it.
+/// given time, if anything) in one statement, and announce it: both added to `writes`.
 async fn finish(
     conn: &mut AnyConnection,
+    writes: &mut Together,
     source: &str,
     p: &Pending,
     result: Result<(), FailReason>,
@@ -629,15 +648,17 @@ async fn finish(
         "UPDATE payments SET held = 0, status = $1, reason = $2, updated_at_us = $3{owes} \
          WHERE order_id = $4"
     );
-    let mut update = sqlx::query(&sql)
-        .bind(status.as_str())
-        .bind(reason.map(|r| r.as_str()))
-        .bind(now_micros())
-        .bind(order_id);
+    let mut values: Vec<Value> = vec![
+        status.as_str().into(),
+        reason.map(|r| r.as_str()).into(),
+        now_micros().into(),
+        order_id.into(),
+    ];
     if let Some((what, due_at)) = owed {
-        update = update.bind(what.as_str()).bind(due_at);
+        values.push(what.as_str().into());
+        values.push(due_at.into());
     }
-    update.execute(&mut *conn).await?;
+    writes.push(sql, values);
     // Settled outside the consumer: what the payment stored when its reservation arrived says
     // which saga and trace the outcome belongs to.
     let ctx = Context::resumed(
@@ -655,14 +676,14 @@ async fn finish(
                 amount_minor: p.amount_minor,
                 currency: p.currency.clone(),
             };
-            emit(conn, &ctx, &succeeded).await?;
+            announce(conn, writes, &ctx, &succeeded).await?;
         }
         Err(reason) => {
             let failed = PaymentFailed {
                 order_id: p.order_id.clone(),
                 reason: reason.as_str().to_owned(),
             };
-            emit(conn, &ctx, &failed).await?;
+            announce(conn, writes, &ctx, &failed).await?;
         }
     }
     Ok(())
@@ -765,4 +786,18 @@ pub async fn ledger_violations(pool: &AnyPool) -> Result<Vec<String>, sqlx::Erro
     .fetch_all(pool)
     .await?;
     rows.iter().map(|r| r.try_get(0)).collect()
+}
+
+/// Emit `payload` into `writes`: its outbox row is sent with them.
+async fn announce<P: EventPayload>(
+    conn: &mut AnyConnection,
+    writes: &mut Together,
+    ctx: &Context,
+    payload: &P,
+) -> Result<(), sqlx::Error> {
+    // Gathered, the row waits for `writes`: `conn` is not written to here.
+    let (emitted, rows) = write_behind::gather(emit(conn, ctx, payload)).await;
+    emitted?;
+    writes.rows(rows);
+    Ok(())
 }

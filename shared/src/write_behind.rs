@@ -6,6 +6,8 @@
 //! event) are most of a batch's statements. Nothing reads them back inside the transaction, so
 //! they may wait.
 //!
+//! [`Together`] sends writes whose results nobody reads in one call on SQLite.
+//!
 //! [`insert`] defers a row when it runs inside [`gather`] (the consumer runner gathers each
 //! handler's rows and flushes them before its commit) and writes it at once anywhere else, so a
 //! handler is written the same either way.
@@ -183,6 +185,28 @@ impl Pending {
     }
 }
 
+/// `INSERT … VALUES (…), (…) …` for `rows` rows of `shape`, parameters numbered after `offset`.
+fn insert_sql(shape: Shape, rows: usize, offset: usize) -> String {
+    let mut sql = String::with_capacity(shape.head.len() + rows * shape.columns * 5 + 16);
+    sql.push_str(shape.head);
+    sql.push_str(" VALUES ");
+    let mut n = offset;
+    for r in 0..rows {
+        sql.push_str(if r == 0 { "(" } else { ", (" });
+        for c in 0..shape.columns {
+            n += 1;
+            if c > 0 {
+                sql.push_str(", ");
+            }
+            sql.push('$');
+            sql.push_str(&n.to_string());
+        }
+        sql.push(')');
+    }
+    sql.push_str(shape.tail);
+    sql
+}
+
 /// One call: the statements' SQL joined, their values bound in order.
 async fn execute(
     conn: &mut AnyConnection,
@@ -195,21 +219,8 @@ async fn execute(
         if !sql.is_empty() {
             sql.push_str("; ");
         }
-        sql.push_str(shape.head);
-        sql.push_str(" VALUES ");
-        for (r, _) in rows.iter().enumerate() {
-            sql.push_str(if r == 0 { "(" } else { ", (" });
-            for c in 0..shape.columns {
-                n += 1;
-                if c > 0 {
-                    sql.push_str(", ");
-                }
-                sql.push('$');
-                sql.push_str(&n.to_string());
-            }
-            sql.push(')');
-        }
-        sql.push_str(shape.tail);
+        sql.push_str(&insert_sql(*shape, rows.len(), n));
+        n += shape.columns * rows.len();
         rows_total += rows.len();
     }
     let mut q = sqlx::query(&sql).persistent(rows_total <= PREPARED_UP_TO_ROWS);
@@ -220,6 +231,96 @@ async fn execute(
     }
     q.execute(conn).await?;
     Ok(())
+}
+
+/// Writes whose results nobody reads, sent together: on SQLite in one call (one hop to the
+/// connection's thread instead of one each), on Postgres one after another, in the order given.
+/// Each statement numbers its own parameters from `$1`.
+#[derive(Debug, Default)]
+#[must_use = "execute the statements"]
+pub struct Together {
+    statements: Vec<(String, Vec<Value>)>,
+}
+
+impl Together {
+    /// Add a statement and its values.
+    pub fn push(&mut self, sql: impl Into<String>, values: Vec<Value>) {
+        self.statements.push((sql.into(), values));
+    }
+
+    /// Add rows gathered with [`gather`], one multi-row `INSERT` per shape, after the
+    /// statements so far.
+    pub fn rows(&mut self, pending: Pending) {
+        for (shape, rows) in pending.groups {
+            let per = (MAX_PARAMS / shape.columns.max(1)).max(1);
+            let mut rows = rows.into_iter().peekable();
+            while rows.peek().is_some() {
+                let chunk: Vec<Vec<Value>> = rows.by_ref().take(per).collect();
+                let sql = insert_sql(shape, chunk.len(), 0);
+                self.push(sql, chunk.into_iter().flatten().collect());
+            }
+        }
+    }
+
+    /// Run the statements in `conn`.
+    pub async fn execute(self, conn: &mut AnyConnection) -> Result<(), sqlx::Error> {
+        if conn.backend_name() != "SQLite" {
+            for (sql, values) in self.statements {
+                let mut q = sqlx::query(&sql);
+                for v in values {
+                    q = bind(q, v);
+                }
+                q.execute(&mut *conn).await?;
+            }
+            return Ok(());
+        }
+        let mut sql = String::new();
+        let mut all = Vec::new();
+        for (statement, values) in self.statements {
+            if !sql.is_empty() {
+                sql.push_str("; ");
+            }
+            sql.push_str(&renumber(&statement, all.len()));
+            all.extend(values);
+        }
+        if sql.is_empty() {
+            return Ok(());
+        }
+        let mut q = sqlx::query(&sql);
+        for v in all {
+            q = bind(q, v);
+        }
+        q.execute(conn).await?;
+        Ok(())
+    }
+}
+
+/// `$n` → `$(n + offset)`: SQLite numbers parameters across the statements of one call.
+fn renumber(sql: &str, offset: usize) -> String {
+    if offset == 0 {
+        return sql.to_owned();
+    }
+    let mut out = String::with_capacity(sql.len() + 8);
+    let mut chars = sql.char_indices().peekable();
+    while let Some((_, c)) = chars.next() {
+        out.push(c);
+        if c != '$' {
+            continue;
+        }
+        let mut n = String::new();
+        while let Some(&(_, d)) = chars.peek() {
+            if !d.is_ascii_digit() {
+                break;
+            }
+            n.push(d);
+            chars.next();
+        }
+        match n.parse::<usize>() {
+            Ok(n) => out.push_str(&(n + offset).to_string()),
+            Err(_) => out.push_str(&n),
+        }
+    }
+    out
 }
 
 /// Insert `row` (its values in the shape's column order): deferred to the end of the enclosing
@@ -382,6 +483,59 @@ mod tests {
         outer.write(&mut tx).await.expect("write");
         tx.commit().await.expect("commit");
         assert_eq!(count(&db, "u").await, 1);
+    }
+
+    #[test]
+    fn parameters_are_renumbered_past_the_earlier_statements() {
+        assert_eq!(
+            renumber("UPDATE t SET n = n + $1 WHERE k = $2 AND $12 > 0", 3),
+            "UPDATE t SET n = n + $4 WHERE k = $5 AND $15 > 0"
+        );
+        assert_eq!(renumber("SELECT $1", 0), "SELECT $1");
+    }
+
+    async fn statements_together_run_in_order_with_their_own_values(backend: Backend) {
+        let (_testdb, db) = db(backend).await;
+        let mut tx = db.begin().await.expect("begin");
+        let mut together = Together::default();
+        together.push(
+            "INSERT INTO t (k, n) VALUES ($1, $2)",
+            vec!["a".into(), 1i64.into()],
+        );
+        together.push(
+            "UPDATE t SET n = n + $1, s = $2 WHERE k = $3",
+            vec![10i64.into(), "ten".into(), "a".into()],
+        );
+        together.push("INSERT INTO u (k) VALUES ($1)", vec!["b".into()]);
+        together.execute(&mut tx).await.expect("together");
+        tx.commit().await.expect("commit");
+        let row = sqlx::query("SELECT n, s FROM t WHERE k = 'a'")
+            .fetch_one(db.pool())
+            .await
+            .expect("row");
+        assert_eq!(row.get::<i64, _>(0), 11);
+        assert_eq!(row.get::<String, _>(1), "ten");
+        assert_eq!(count(&db, "u").await, 1);
+        // A failing statement fails the call.
+        let mut tx = db.begin().await.expect("begin");
+        let mut together = Together::default();
+        together.push("INSERT INTO u (k) VALUES ($1)", vec!["c".into()]);
+        together.push(
+            "INSERT INTO t (k, n) VALUES ($1, $2)",
+            vec!["a".into(), 2i64.into()],
+        );
+        assert!(together.execute(&mut tx).await.is_err(), "duplicate key");
+        tx.rollback().await.expect("rollback");
+        assert_eq!(count(&db, "u").await, 1);
+    }
+
+    #[tokio::test]
+    async fn sqlite_statements_together_run_in_order_with_their_own_values() {
+        statements_together_run_in_order_with_their_own_values(Backend::Sqlite).await
+    }
+    #[tokio::test]
+    async fn postgres_statements_together_run_in_order_with_their_own_values() {
+        statements_together_run_in_order_with_their_own_values(Backend::Postgres).await
     }
 
     async fn a_flush_past_the_parameter_limit_is_split(backend: Backend) {
