@@ -64,7 +64,6 @@ impl Processor {
     pub async fn run(self, shutdown: CancellationToken) {
         let slots = Arc::new(Semaphore::new(self.concurrency.max(1)));
         let mut running = JoinSet::new();
-        let mut owed_checked: Option<std::time::Instant> = None;
         loop {
             while let Some(done) = running.try_join_next() {
                 if let Err(e) = done {
@@ -73,18 +72,8 @@ impl Processor {
             }
             let free = slots.available_permits();
             let mut taken = 0;
-            let mut claimed = 0;
             if free > 0 {
-                // Captures and voids owed fall due on their own clock (a retry time), not when
-                // a commit wakes the processor: look for them once per poll interval, so a wake
-                // costs one claim, not two.
-                let owed = owed_checked.is_none_or(|t| t.elapsed() >= POLL);
-                if owed {
-                    owed_checked = Some(std::time::Instant::now());
-                }
-                let work = self.claim(free, owed).await;
-                claimed = work.len();
-                for work in work {
+                for work in self.claim(free).await {
                     let Ok(slot) = slots.clone().try_acquire_owned() else {
                         break;
                     };
@@ -101,9 +90,7 @@ impl Processor {
             if shutdown.is_cancelled() {
                 break;
             }
-            // Fewer claimed than asked for: nothing else is due, so wait rather than claim
-            // again for nothing.
-            if taken == 0 || claimed < free {
+            if taken == 0 {
                 tokio::select! {
                     _ = self.wake.woken() => {}
                     _ = tokio::time::sleep(POLL) => {}
@@ -118,9 +105,8 @@ impl Processor {
         }
     }
 
-    /// Up to `limit` payments to settle and, with `owed`, captures or voids owed, each under a
-    /// lease.
-    async fn claim(&self, limit: usize, owed: bool) -> Vec<Work> {
+    /// Up to `limit` payments to settle and captures or voids owed, each under a lease.
+    async fn claim(&self, limit: usize) -> Vec<Work> {
         let limit = limit as i64;
         let mut work: Vec<Work> =
             match store::claim_pending(&self.db, limit, LEASE.as_micros() as i64).await {
@@ -131,7 +117,7 @@ impl Processor {
                 }
             };
         let left = limit - work.len() as i64;
-        if owed && left > 0 {
+        if left > 0 {
             match store::claim_owed(&self.db, left, FOLLOW_UP_LEASE.as_micros() as i64).await {
                 Ok(owed) => work.extend(owed.into_iter().map(Work::FollowUp)),
                 Err(e) => {
