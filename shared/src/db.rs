@@ -1,7 +1,8 @@
 //! Storage: one code path over SQLite (embedded default) and Postgres (production), chosen by URL.
 //!
 //! Queries are written once with `$N` placeholders, which both backends accept, and run through
-//! sqlx's `Any` driver. Only row locking differs per backend, and the toolkit's own DDL (a service
+//! sqlx's `Any` layer: Postgres on sqlx's driver, SQLite on [`crate::sqlite`] (statements run on
+//! the calling thread; install both with [`install_drivers`]). Only row locking differs per backend, and the toolkit's own DDL (a service
 //! whose SQL suits both backends keeps one migrations folder).
 
 use std::path::Path;
@@ -123,8 +124,27 @@ pub struct Database {
     /// (whose growing sleeps dominate latency under load). On Postgres the same pool as reads.
     writer: AnyPool,
     backend: Backend,
+    /// The SQLite file's URL, for migrations (they run over sqlx's own driver). Not kept for
+    /// Postgres, whose URL may hold a password.
+    sqlite_url: Option<String>,
     /// Write transactions begun through [`Database::begin`], for throughput figures.
     transactions: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// Install the `Any` drivers: [`crate::sqlite`] for `sqlite:` URLs, sqlx's for Postgres. Call it
+/// (instead of `sqlx::any::install_default_drivers`) before opening an `AnyPool` yourself;
+/// [`Database::connect`] does. Idempotent.
+pub fn install_drivers() {
+    static DRIVERS: &[sqlx_core::any::driver::AnyDriver] =
+        &[crate::sqlite::DRIVER, sqlx::postgres::any::DRIVER];
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if let Err(e) = sqlx::any::install_drivers(DRIVERS) {
+            // Someone installed sqlx's defaults first: SQLite then runs on sqlx's driver, which
+            // behaves the same, one thread hop per statement slower.
+            tracing::warn!(error = %e, "sqlx Any drivers were installed elsewhere first");
+        }
+    });
 }
 
 /// The default URL for a service's SQLite file under `data/`.
@@ -136,7 +156,7 @@ impl Database {
     /// Open (creating a SQLite file if needed) and run the toolkit's migrations, retrying with backoff
     /// while the database is unreachable.
     pub async fn connect(url: &str, options: DbOptions) -> Result<Self, DbError> {
-        sqlx::any::install_default_drivers();
+        install_drivers();
         let backend = if url.starts_with("sqlite:") {
             Backend::Sqlite
         } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
@@ -196,6 +216,7 @@ impl Database {
             pool,
             writer,
             backend,
+            sqlite_url: (backend == Backend::Sqlite).then(|| url.clone()),
             transactions: Default::default(),
         };
         // The toolkit's own tables: outbox, inbox, dead letters. Their DDL differs per backend
@@ -213,7 +234,24 @@ impl Database {
     pub async fn migrate(&self, mut migrator: Migrator) -> Result<(), DbError> {
         // Other migrators (toolkit vs service) have applied versions this one does not know about.
         migrator.set_ignore_missing(true);
-        migrator.run(&self.writer).await?;
+        match &self.sqlite_url {
+            None => migrator.run(&self.writer).await?,
+            // The inline driver does not speak sqlx's migration protocol; sqlx's own SQLite
+            // driver does, on a connection of its own that lives as long as the migration.
+            Some(url) => {
+                use sqlx::Connection;
+                let options = sqlx::sqlite::SqliteConnectOptions::from_str(url)
+                    .map_err(DbError::Connect)?
+                    .busy_timeout(Duration::from_secs(30))
+                    .log_statements(tracing::log::LevelFilter::Trace);
+                let mut conn = sqlx::sqlite::SqliteConnection::connect_with(&options)
+                    .await
+                    .map_err(DbError::Connect)?;
+                let result = migrator.run(&mut conn).await;
+                let _ = conn.close().await;
+                result?
+            }
+        }
         Ok(())
     }
 

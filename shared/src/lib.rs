@@ -38,6 +38,7 @@ pub mod retention;
 pub mod scenario;
 #[cfg(feature = "service")]
 pub mod service;
+pub mod sqlite;
 pub mod subscription;
 #[cfg(feature = "testing")]
 pub mod testing;

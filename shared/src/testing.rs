@@ -734,7 +734,7 @@ impl TestDb {
     /// databases, e.g. `postgres://postgres@127.0.0.1:5432/postgres`).
     pub async fn on_server(admin_url: &str) -> Self {
         let name = format!("t_{}", uuid::Uuid::new_v4().simple());
-        sqlx::any::install_default_drivers();
+        crate::db::install_drivers();
         let mut conn = <sqlx::AnyConnection as sqlx::Connection>::connect(admin_url)
             .await
             .unwrap_or_else(|e| {

@@ -156,15 +156,11 @@ impl Pending {
     /// shape; on SQLite, as many shapes per call as the parameter limit allows.
     pub async fn flush(self, conn: &mut AnyConnection) -> Result<(), sqlx::Error> {
         let sqlite = conn.backend_name() == "SQLite";
-        // Statements, each with its rows: a shape's rows split where the parameter limit says.
-        let mut statements: Vec<(Shape, Vec<Vec<Value>>)> = Vec::new();
-        for (shape, rows) in self.groups {
-            let per = (MAX_PARAMS / shape.columns.max(1)).max(1);
-            let mut rows = rows.into_iter().peekable();
-            while rows.peek().is_some() {
-                statements.push((shape, rows.by_ref().take(per).collect()));
-            }
-        }
+        // Statements, each with its rows; consecutive ones packed into calls below.
+        let statements = self
+            .groups
+            .into_iter()
+            .flat_map(|(shape, rows)| split(shape, rows).map(move |rows| (shape, rows)));
         let mut call: Vec<(Shape, Vec<Vec<Value>>)> = Vec::new();
         let mut params = 0;
         for (shape, rows) in statements {
@@ -183,6 +179,17 @@ impl Pending {
         }
         Ok(())
     }
+}
+
+/// `rows` of `shape`, in order, split into one statement's rows each: as many as fit under
+/// [`MAX_PARAMS`] (at least one). [`Pending::flush`] and [`Together::rows`] both split this way.
+fn split(shape: Shape, rows: Vec<Vec<Value>>) -> impl Iterator<Item = Vec<Vec<Value>>> {
+    let per = (MAX_PARAMS / shape.columns.max(1)).max(1);
+    let mut rows = rows.into_iter().peekable();
+    std::iter::from_fn(move || {
+        rows.peek()?;
+        Some(rows.by_ref().take(per).collect())
+    })
 }
 
 /// `INSERT … VALUES (…), (…) …` for `rows` rows of `shape`, parameters numbered after `offset`.
@@ -208,6 +215,9 @@ fn insert_sql(shape: Shape, rows: usize, offset: usize) -> String {
 }
 
 /// One call: the statements' SQL joined, their values bound in order.
+///
+/// Not [`Together::execute`]: on SQLite that sends all its statements in one call whatever their
+/// parameter count, renumbering each statement's SQL, and keeps every call prepared.
 async fn execute(
     conn: &mut AnyConnection,
     statements: Vec<(Shape, Vec<Vec<Value>>)>,
@@ -252,12 +262,9 @@ impl Together {
     /// statements so far.
     pub fn rows(&mut self, pending: Pending) {
         for (shape, rows) in pending.groups {
-            let per = (MAX_PARAMS / shape.columns.max(1)).max(1);
-            let mut rows = rows.into_iter().peekable();
-            while rows.peek().is_some() {
-                let chunk: Vec<Vec<Value>> = rows.by_ref().take(per).collect();
-                let sql = insert_sql(shape, chunk.len(), 0);
-                self.push(sql, chunk.into_iter().flatten().collect());
+            for rows in split(shape, rows) {
+                let sql = insert_sql(shape, rows.len(), 0);
+                self.push(sql, rows.into_iter().flatten().collect());
             }
         }
     }
@@ -492,6 +499,38 @@ mod tests {
             "UPDATE t SET n = n + $4 WHERE k = $5 AND $15 > 0"
         );
         assert_eq!(renumber("SELECT $1", 0), "SELECT $1");
+    }
+
+    #[test]
+    fn gathered_rows_become_statements_under_the_parameter_limit_in_order() {
+        let per = MAX_PARAMS / SHAPE.columns;
+        let mut pending = Pending::default();
+        for n in 0..per + 2 {
+            pending.push(SHAPE, row(&format!("k{n}"), n as i64));
+        }
+        pending.push(OTHER, vec!["u".into()]);
+        let mut together = Together::default();
+        together.rows(pending);
+        let shapes: Vec<(usize, &str)> = together
+            .statements
+            .iter()
+            .map(|(sql, values)| (values.len(), &sql[..sql.find(" VALUES").expect("values")]))
+            .collect();
+        assert_eq!(
+            shapes,
+            [(per * 4, SHAPE.head), (2 * 4, SHAPE.head), (1, OTHER.head)]
+        );
+        assert_eq!(together.statements[1].0, insert_sql(SHAPE, 2, 0));
+        assert_eq!(
+            together.statements[1].0,
+            "INSERT INTO t (k, n, s, b) VALUES ($1, $2, $3, $4), ($5, $6, $7, $8) \
+             ON CONFLICT (k) DO NOTHING"
+        );
+        assert_eq!(
+            together.statements[1].1[..4],
+            row(&format!("k{per}"), per as i64)[..]
+        );
+        assert_eq!(together.statements[2].1, vec![Value::from("u")]);
     }
 
     async fn statements_together_run_in_order_with_their_own_values(backend: Backend) {

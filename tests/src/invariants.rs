@@ -199,7 +199,7 @@ impl Report {
 }
 
 pub(crate) async fn pool(url: &str) -> AnyPool {
-    sqlx::any::install_default_drivers();
+    event_toolkit::db::install_drivers();
     sqlx::any::AnyPoolOptions::new()
         .max_connections(2)
         .connect(url)

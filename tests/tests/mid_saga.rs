@@ -49,7 +49,7 @@ async fn assert_invariants(s: &System) {
 
 /// A pool on a service's own database, to see what it cannot show while it is stopped.
 async fn database(s: &System, svc: Service) -> AnyPool {
-    sqlx::any::install_default_drivers();
+    event_toolkit::db::install_drivers();
     sqlx::any::AnyPoolOptions::new()
         .max_connections(1)
         .connect(s.database_url(svc))
@@ -359,7 +359,7 @@ async fn transient_failures_past_max_deliver_end_in_a_gave_up_dead_letter(b: Bac
 async fn postgres_database(s: &System, svc: Service, down: bool) {
     let url = s.database_url(svc);
     let (base, name) = url.rsplit_once('/').expect("database url");
-    sqlx::any::install_default_drivers();
+    event_toolkit::db::install_drivers();
     let admin = sqlx::any::AnyPoolOptions::new()
         .max_connections(1)
         .connect(&format!("{base}/postgres"))

@@ -16,7 +16,7 @@ use event_toolkit::on_both_backends as on_backends;
 on_backends!(pruned_outbox_rows_and_keys_never_break_dedup);
 
 async fn count(url: &str, sql: &str) -> i64 {
-    sqlx::any::install_default_drivers();
+    event_toolkit::db::install_drivers();
     let pool = sqlx::AnyPool::connect(url).await.expect("service database");
     let n: i64 = sqlx::query(sql)
         .fetch_one(&pool)

@@ -315,7 +315,7 @@ async fn database_ceiling(profile: Profile) -> f64 {
 async fn relay_latency(s: &System, since_us: i64) -> Value {
     let mut l: Vec<i64> = Vec::new();
     for svc in Service::ALL {
-        sqlx::any::install_default_drivers();
+        event_toolkit::db::install_drivers();
         if let Ok(pool) = sqlx::AnyPool::connect(s.database_url(svc)).await {
             let rows = sqlx::query("SELECT published_at_us - created_at_us FROM outbox WHERE published_at_us IS NOT NULL AND created_at_us >= $1")
                 .bind(since_us)

@@ -260,7 +260,7 @@ async fn run(args: Args) -> Result<Value, String> {
     s.set_stock("WIDGET", 1_000_000_000_000).await;
     s.set_balance("alice", 1_000_000_000_000_000).await;
 
-    sqlx::any::install_default_drivers();
+    event_toolkit::db::install_drivers();
     let mut pools = BTreeMap::new();
     for svc in Service::ALL {
         // One connection: the counts must not compete with the service for the SQLite file.
