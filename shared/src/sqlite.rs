@@ -123,7 +123,6 @@ impl InlineOptions {
             .into_owned();
         let base = OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_PRIVATE_CACHE;
         let mut flags = base | OpenFlags::SQLITE_OPEN_READ_WRITE;
-        let mut path = path;
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             match pair.split_once('=').unwrap_or((pair, "")) {
                 ("mode", "ro") => flags = base | OpenFlags::SQLITE_OPEN_READ_ONLY,
@@ -144,9 +143,11 @@ impl InlineOptions {
                 }
             }
         }
-        if path.is_empty() || path == ":memory:" {
-            path = ":memory:".to_owned();
-        }
+        let path = if path.is_empty() {
+            ":memory:".to_owned()
+        } else {
+            path
+        };
         Ok(Self {
             path,
             flags,
@@ -348,6 +349,23 @@ impl InlineConnection {
 /// A statement's column names (for lookup by name) and columns, shared by its rows.
 type Columns = (Arc<sqlx_core::HashMap<UStr, usize>>, Vec<AnyColumn>);
 
+fn columns_of(stmt: &rusqlite::Statement<'_>, count: usize) -> Result<Columns, Error> {
+    let mut map = sqlx_core::HashMap::with_capacity(count);
+    let mut columns = Vec::with_capacity(count);
+    for i in 0..count {
+        let name = UStr::new(stmt.column_name(i).map_err(sql_error)?);
+        map.insert(name.clone(), i);
+        columns.push(AnyColumn {
+            ordinal: i,
+            name,
+            type_info: AnyTypeInfo {
+                kind: AnyTypeInfoKind::Null,
+            },
+        });
+    }
+    Ok((Arc::new(map), columns))
+}
+
 /// Bind one statement's parameters, read its rows, then its result.
 fn step(
     conn: &rusqlite::Connection,
@@ -368,27 +386,13 @@ fn step(
             .map_err(sql_error)?;
     }
     let count = stmt.column_count();
+    // Built at the first row, shared by the rest: a statement that returns none pays nothing.
     let mut names: Option<Columns> = None;
-    if count > 0 {
-        let mut map = sqlx_core::HashMap::with_capacity(count);
-        let mut columns = Vec::with_capacity(count);
-        for i in 0..count {
-            let name = UStr::new(stmt.column_name(i).map_err(sql_error)?);
-            map.insert(name.clone(), i);
-            columns.push(AnyColumn {
-                ordinal: i,
-                name,
-                type_info: AnyTypeInfo {
-                    kind: AnyTypeInfoKind::Null,
-                },
-            });
-        }
-        names = Some((Arc::new(map), columns));
-    }
     let mut rows = stmt.raw_query();
     while let Some(row) = rows.next().map_err(sql_error)? {
-        let Some((map, columns)) = names.as_ref() else {
-            continue;
+        let (map, columns) = match &names {
+            Some(built) => built,
+            None => names.insert(columns_of(row.as_ref(), count)?),
         };
         let mut values = Vec::with_capacity(count);
         for i in 0..count {
