@@ -133,12 +133,14 @@ pub struct Database {
 
 /// Install the `Any` drivers: [`crate::sqlite`] for `sqlite:` URLs, sqlx's for Postgres. Call it
 /// (instead of `sqlx::any::install_default_drivers`) before opening an `AnyPool` yourself;
-/// [`Database::connect`] does. Idempotent.
+/// [`Database::connect`] does. Idempotent. Before SQLite is first used, it also routes SQLite's
+/// allocations to the Rust global allocator (see [`crate::sqlite`]).
 pub fn install_drivers() {
     static DRIVERS: &[sqlx_core::any::driver::AnyDriver] =
         &[crate::sqlite::DRIVER, sqlx::postgres::any::DRIVER];
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
+        crate::sqlite::route_allocations();
         if let Err(e) = sqlx::any::install_drivers(DRIVERS) {
             // Someone installed sqlx's defaults first: SQLite then runs on sqlx's driver, which
             // behaves the same, one thread hop per statement slower.

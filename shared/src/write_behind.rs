@@ -1,12 +1,11 @@
 //! Inserts that can wait until their transaction is about to commit, and then go out together: one
-//! multi-row `INSERT` per statement shape and, on SQLite, all shapes in one call.
+//! multi-row `INSERT` per statement shape.
 //!
-//! Each statement on SQLite is a hop to the connection's worker thread and back, each on Postgres
-//! a network round trip; the outbox and read-model rows of a consumer batch (one or two per
-//! event) are most of a batch's statements. Nothing reads them back inside the transaction, so
-//! they may wait.
+//! The outbox and read-model rows of a consumer batch (one or two per event) are most of a batch's
+//! statements; each is a network round trip on Postgres and a parse and a B-tree descent on
+//! SQLite. Nothing reads them back inside the transaction, so they may wait.
 //!
-//! [`Together`] sends writes whose results nobody reads in one call on SQLite.
+//! [`Together`] collects writes whose results nobody reads, a handler's statements and its rows.
 //!
 //! [`insert`] defers a row when it runs inside [`gather`] (the consumer runner gathers each
 //! handler's rows and flushes them before its commit) and writes it at once anywhere else, so a
@@ -153,29 +152,17 @@ impl Pending {
     }
 
     /// Write the rows in `conn` (the transaction about to commit): one multi-row `INSERT` per
-    /// shape; on SQLite, as many shapes per call as the parameter limit allows.
+    /// shape, split under the parameter limit.
     pub async fn flush(self, conn: &mut AnyConnection) -> Result<(), sqlx::Error> {
         let sqlite = conn.backend_name() == "SQLite";
-        // Statements, each with its rows; consecutive ones packed into calls below.
-        let statements = self
-            .groups
-            .into_iter()
-            .flat_map(|(shape, rows)| split(shape, rows).map(move |rows| (shape, rows)));
-        let mut call: Vec<(Shape, Vec<Vec<Value>>)> = Vec::new();
-        let mut params = 0;
-        for (shape, rows) in statements {
-            let n = shape.columns * rows.len();
-            // Postgres takes one statement per call; SQLite several (numbered parameters run on
-            // across them).
-            if !call.is_empty() && (!sqlite || params + n > MAX_PARAMS) {
-                execute(conn, std::mem::take(&mut call)).await?;
-                params = 0;
+        for (shape, rows) in self.groups {
+            for rows in split(shape, rows) {
+                // SQLite looks each `$N` up in a list while parsing, n²/2 for n parameters; bare
+                // `?`s are numbered in order for free. Postgres needs `$N`.
+                let sql = insert_sql(shape, rows.len(), sqlite);
+                let persistent = rows.len() <= PREPARED_UP_TO_ROWS;
+                execute(conn, &sql, persistent, rows.into_iter().flatten()).await?;
             }
-            params += n;
-            call.push((shape, rows));
-        }
-        if !call.is_empty() {
-            execute(conn, call).await?;
         }
         Ok(())
     }
@@ -192,12 +179,13 @@ fn split(shape: Shape, rows: Vec<Vec<Value>>) -> impl Iterator<Item = Vec<Vec<Va
     })
 }
 
-/// `INSERT … VALUES (…), (…) …` for `rows` rows of `shape`, parameters numbered after `offset`.
-fn insert_sql(shape: Shape, rows: usize, offset: usize) -> String {
+/// `INSERT … VALUES (…), (…) …` for `rows` rows of `shape`: parameters `?` (`anonymous`) or
+/// `$1`, `$2`, ….
+fn insert_sql(shape: Shape, rows: usize, anonymous: bool) -> String {
     let mut sql = String::with_capacity(shape.head.len() + rows * shape.columns * 5 + 16);
     sql.push_str(shape.head);
     sql.push_str(" VALUES ");
-    let mut n = offset;
+    let mut n = 0;
     for r in 0..rows {
         sql.push_str(if r == 0 { "(" } else { ", (" });
         for c in 0..shape.columns {
@@ -205,8 +193,12 @@ fn insert_sql(shape: Shape, rows: usize, offset: usize) -> String {
             if c > 0 {
                 sql.push_str(", ");
             }
-            sql.push('$');
-            sql.push_str(&n.to_string());
+            if anonymous {
+                sql.push('?');
+            } else {
+                sql.push('$');
+                sql.push_str(&n.to_string());
+            }
         }
         sql.push(')');
     }
@@ -214,48 +206,34 @@ fn insert_sql(shape: Shape, rows: usize, offset: usize) -> String {
     sql
 }
 
-/// One call: the statements' SQL joined, their values bound in order.
-///
-/// Not [`Together::execute`]: on SQLite that sends all its statements in one call whatever their
-/// parameter count, renumbering each statement's SQL, and keeps every call prepared.
+/// One statement, its values bound in order.
 async fn execute(
     conn: &mut AnyConnection,
-    statements: Vec<(Shape, Vec<Vec<Value>>)>,
+    sql: &str,
+    persistent: bool,
+    values: impl IntoIterator<Item = Value>,
 ) -> Result<(), sqlx::Error> {
-    let mut sql = String::new();
-    let mut n = 0usize;
-    let mut rows_total = 0;
-    for (shape, rows) in &statements {
-        if !sql.is_empty() {
-            sql.push_str("; ");
-        }
-        sql.push_str(&insert_sql(*shape, rows.len(), n));
-        n += shape.columns * rows.len();
-        rows_total += rows.len();
-    }
-    let mut q = sqlx::query(&sql).persistent(rows_total <= PREPARED_UP_TO_ROWS);
-    for (_, rows) in statements {
-        for v in rows.into_iter().flatten() {
-            q = bind(q, v);
-        }
+    let mut q = sqlx::query(sql).persistent(persistent);
+    for v in values {
+        q = bind(q, v);
     }
     q.execute(conn).await?;
     Ok(())
 }
 
-/// Writes whose results nobody reads, sent together: on SQLite in one call (one hop to the
-/// connection's thread instead of one each), on Postgres one after another, in the order given.
-/// Each statement numbers its own parameters from `$1`.
+/// Writes whose results nobody reads, collected to run one after another in the order given
+/// (statements a handler builds, then the rows it gathered).
 #[derive(Debug, Default)]
 #[must_use = "execute the statements"]
 pub struct Together {
-    statements: Vec<(String, Vec<Value>)>,
+    /// Each statement, its values, and whether to keep it prepared.
+    statements: Vec<(String, Vec<Value>, bool)>,
 }
 
 impl Together {
     /// Add a statement and its values.
     pub fn push(&mut self, sql: impl Into<String>, values: Vec<Value>) {
-        self.statements.push((sql.into(), values));
+        self.statements.push((sql.into(), values, true));
     }
 
     /// Add rows gathered with [`gather`], one multi-row `INSERT` per shape, after the
@@ -263,71 +241,21 @@ impl Together {
     pub fn rows(&mut self, pending: Pending) {
         for (shape, rows) in pending.groups {
             for rows in split(shape, rows) {
-                let sql = insert_sql(shape, rows.len(), 0);
-                self.push(sql, rows.into_iter().flatten().collect());
+                let sql = insert_sql(shape, rows.len(), false);
+                let persistent = rows.len() <= PREPARED_UP_TO_ROWS;
+                let values = rows.into_iter().flatten().collect();
+                self.statements.push((sql, values, persistent));
             }
         }
     }
 
     /// Run the statements in `conn`.
     pub async fn execute(self, conn: &mut AnyConnection) -> Result<(), sqlx::Error> {
-        if conn.backend_name() != "SQLite" {
-            for (sql, values) in self.statements {
-                let mut q = sqlx::query(&sql);
-                for v in values {
-                    q = bind(q, v);
-                }
-                q.execute(&mut *conn).await?;
-            }
-            return Ok(());
+        for (sql, values, persistent) in self.statements {
+            execute(&mut *conn, &sql, persistent, values).await?;
         }
-        let mut sql = String::new();
-        let mut all = Vec::new();
-        for (statement, values) in self.statements {
-            if !sql.is_empty() {
-                sql.push_str("; ");
-            }
-            sql.push_str(&renumber(&statement, all.len()));
-            all.extend(values);
-        }
-        if sql.is_empty() {
-            return Ok(());
-        }
-        let mut q = sqlx::query(&sql);
-        for v in all {
-            q = bind(q, v);
-        }
-        q.execute(conn).await?;
         Ok(())
     }
-}
-
-/// `$n` → `$(n + offset)`: SQLite numbers parameters across the statements of one call.
-fn renumber(sql: &str, offset: usize) -> String {
-    if offset == 0 {
-        return sql.to_owned();
-    }
-    let mut out = String::with_capacity(sql.len() + 8);
-    let mut chars = sql.char_indices().peekable();
-    while let Some((_, c)) = chars.next() {
-        out.push(c);
-        if c != '$' {
-            continue;
-        }
-        let mut n = String::new();
-        while let Some(&(_, d)) = chars.peek() {
-            if !d.is_ascii_digit() {
-                break;
-            }
-            n.push(d);
-            chars.next();
-        }
-        match n.parse::<usize>() {
-            Ok(n) => out.push_str(&(n + offset).to_string()),
-            Err(_) => out.push_str(&n),
-        }
-    }
-    out
 }
 
 /// Insert `row` (its values in the shape's column order): deferred to the end of the enclosing
@@ -493,15 +421,6 @@ mod tests {
     }
 
     #[test]
-    fn parameters_are_renumbered_past_the_earlier_statements() {
-        assert_eq!(
-            renumber("UPDATE t SET n = n + $1 WHERE k = $2 AND $12 > 0", 3),
-            "UPDATE t SET n = n + $4 WHERE k = $5 AND $15 > 0"
-        );
-        assert_eq!(renumber("SELECT $1", 0), "SELECT $1");
-    }
-
-    #[test]
     fn gathered_rows_become_statements_under_the_parameter_limit_in_order() {
         let per = MAX_PARAMS / SHAPE.columns;
         let mut pending = Pending::default();
@@ -514,13 +433,13 @@ mod tests {
         let shapes: Vec<(usize, &str)> = together
             .statements
             .iter()
-            .map(|(sql, values)| (values.len(), &sql[..sql.find(" VALUES").expect("values")]))
+            .map(|(sql, values, _)| (values.len(), &sql[..sql.find(" VALUES").expect("values")]))
             .collect();
         assert_eq!(
             shapes,
             [(per * 4, SHAPE.head), (2 * 4, SHAPE.head), (1, OTHER.head)]
         );
-        assert_eq!(together.statements[1].0, insert_sql(SHAPE, 2, 0));
+        assert_eq!(together.statements[1].0, insert_sql(SHAPE, 2, false));
         assert_eq!(
             together.statements[1].0,
             "INSERT INTO t (k, n, s, b) VALUES ($1, $2, $3, $4), ($5, $6, $7, $8) \
