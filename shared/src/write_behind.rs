@@ -154,22 +154,30 @@ impl Pending {
     /// Write the rows in `conn` (the transaction about to commit): one multi-row `INSERT` per
     /// shape, split under the parameter limit.
     pub async fn flush(self, conn: &mut AnyConnection) -> Result<(), sqlx::Error> {
-        let sqlite = conn.backend_name() == "SQLite";
-        for (shape, rows) in self.groups {
-            for rows in split(shape, rows) {
-                // SQLite looks each `$N` up in a list while parsing, n²/2 for n parameters; bare
-                // `?`s are numbered in order for free. Postgres needs `$N`.
-                let sql = insert_sql(shape, rows.len(), sqlite);
-                let persistent = rows.len() <= PREPARED_UP_TO_ROWS;
-                execute(conn, &sql, persistent, rows.into_iter().flatten()).await?;
-            }
+        // SQLite looks each `$N` up in a list while parsing, n²/2 for n parameters; bare `?`s are
+        // numbered in order for free. Postgres needs `$N`.
+        let anonymous = conn.backend_name() == "SQLite";
+        for (sql, values, persistent) in self.statements(anonymous) {
+            execute(conn, &sql, persistent, values).await?;
         }
         Ok(())
+    }
+
+    /// One multi-row `INSERT` per shape and split (see [`split`]): its SQL, its values in order,
+    /// and whether to keep it prepared.
+    fn statements(self, anonymous: bool) -> impl Iterator<Item = (String, Vec<Value>, bool)> {
+        self.groups.into_iter().flat_map(move |(shape, rows)| {
+            split(shape, rows).map(move |rows| {
+                let sql = insert_sql(shape, rows.len(), anonymous);
+                let persistent = rows.len() <= PREPARED_UP_TO_ROWS;
+                (sql, rows.into_iter().flatten().collect(), persistent)
+            })
+        })
     }
 }
 
 /// `rows` of `shape`, in order, split into one statement's rows each: as many as fit under
-/// [`MAX_PARAMS`] (at least one). [`Pending::flush`] and [`Together::rows`] both split this way.
+/// [`MAX_PARAMS`] (at least one), as [`Pending::flush`] and [`Together::rows`] write them.
 fn split(shape: Shape, rows: Vec<Vec<Value>>) -> impl Iterator<Item = Vec<Vec<Value>>> {
     let per = (MAX_PARAMS / shape.columns.max(1)).max(1);
     let mut rows = rows.into_iter().peekable();
@@ -211,7 +219,7 @@ async fn execute(
     conn: &mut AnyConnection,
     sql: &str,
     persistent: bool,
-    values: impl IntoIterator<Item = Value>,
+    values: Vec<Value>,
 ) -> Result<(), sqlx::Error> {
     let mut q = sqlx::query(sql).persistent(persistent);
     for v in values {
@@ -239,14 +247,7 @@ impl Together {
     /// Add rows gathered with [`gather`], one multi-row `INSERT` per shape, after the
     /// statements so far.
     pub fn rows(&mut self, pending: Pending) {
-        for (shape, rows) in pending.groups {
-            for rows in split(shape, rows) {
-                let sql = insert_sql(shape, rows.len(), false);
-                let persistent = rows.len() <= PREPARED_UP_TO_ROWS;
-                let values = rows.into_iter().flatten().collect();
-                self.statements.push((sql, values, persistent));
-            }
-        }
+        self.statements.extend(pending.statements(false));
     }
 
     /// Run the statements in `conn`.
