@@ -10,7 +10,7 @@ use axum::{Json, Router};
 use event_toolkit::http::{
     bad_cursor, ApiJson, ApiPath, ApiQuery, Page, PageQuery, Problem, PROBLEM_JSON,
 };
-use event_toolkit::{Context, Database, OutboxWaker};
+use event_toolkit::{Context, Database, OutboxWaker, Written};
 use serde::{Deserialize, Serialize};
 use utoipa::OpenApi;
 use uuid::Uuid;
@@ -101,28 +101,39 @@ async fn place_order_traced(
     // Two concurrent requests with the same new key: on Postgres the second one's insert hits the
     // unique key; applied again, it finds the first one's order.
     let mut attempts = 0;
-    let (tx, placed) = loop {
+    let placed = loop {
         attempts += 1;
-        let mut tx = state.db.begin().await?;
-        let placement = Placement {
-            order_id: &order_id,
-            idempotency_key: key.as_deref(),
-            fingerprint: &fingerprint,
-            deadline: state.deadline,
-            id_may_exist: false,
-        };
-        match store::place(
-            &mut tx,
-            &Context::request(state.source.as_str()),
-            &order,
-            placement,
-        )
-        .await
-        {
-            Ok(placed) => break (tx, placed),
-            Err(sqlx::Error::Database(e)) if e.is_unique_violation() && attempts < 2 => {
-                tx.rollback().await?;
-            }
+        let (order, key, fingerprint, order_id) = (
+            order.clone(),
+            key.clone(),
+            fingerprint.clone(),
+            order_id.clone(),
+        );
+        let (source, deadline) = (state.source.clone(), state.deadline);
+        // Committed together with the placements that queue behind the writer meanwhile.
+        let placed = state
+            .db
+            .write(Box::new(move |conn| {
+                Box::pin(async move {
+                    let placement = Placement {
+                        order_id: &order_id,
+                        idempotency_key: key.as_deref(),
+                        fingerprint: &fingerprint,
+                        deadline,
+                        id_may_exist: false,
+                    };
+                    let placed =
+                        store::place(conn, &Context::request(source), &order, placement).await?;
+                    Ok(match placed {
+                        Placed::Created(_) => Written::Commit(placed),
+                        Placed::Existing(_) | Placed::KeyReused => Written::Rollback(placed),
+                    })
+                })
+            }))
+            .await;
+        match placed {
+            Ok(placed) => break placed,
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() && attempts < 2 => {}
             Err(e) => return Err(e.into()),
         }
     };
@@ -131,14 +142,11 @@ async fn place_order_traced(
     }
     match placed {
         Placed::Created(o) => {
-            state.waker.commit(tx).await?;
+            state.waker.wake();
             tracing::info!(order_id = %o.id, total_minor = o.total_minor, "order placed");
             Ok(accepted(o))
         }
-        Placed::Existing(o) => {
-            tx.rollback().await?;
-            Ok(accepted(o))
-        }
+        Placed::Existing(o) => Ok(accepted(o)),
         Placed::KeyReused => Err(Problem::unprocessable(
             "Idempotency-Key was already used with a different request",
         )),

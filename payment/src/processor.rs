@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use event_toolkit::{Database, OutboxWaker};
+use event_toolkit::{Database, OutboxWaker, Written};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -146,32 +146,36 @@ impl Processor {
     /// Settle one payment: hold its amount, call the provider, capture or fail, then capture or
     /// void at the provider.
     pub async fn process(&self, order_id: &str) -> Result<(), sqlx::Error> {
-        let mut tx = self.db.begin().await?;
-        let step = store::hold(
-            &mut tx,
-            &self.source,
-            order_id,
-            HOLD_WAIT.as_micros() as i64,
-        )
-        .await?;
+        // Holds and settles are short transactions that arrive together (a claimed batch, the
+        // provider's answers): each is committed with whatever else waits for the writer.
+        let (source, id) = (self.source.clone(), order_id.to_owned());
+        let step = self
+            .db
+            .write(Box::new(move |conn| {
+                Box::pin(async move {
+                    let step =
+                        store::hold(conn, &source, &id, HOLD_WAIT.as_micros() as i64).await?;
+                    // Voided (order cancelled) since it was claimed: nothing to write.
+                    Ok(match step {
+                        HoldStep::Gone => Written::Rollback(step),
+                        _ => Written::Commit(step),
+                    })
+                })
+            }))
+            .await?;
         let p = match step {
-            // Voided (order cancelled) since it was claimed: nothing to ask the provider.
             HoldStep::Gone => return Ok(()),
             HoldStep::Waiting => {
-                tx.commit().await?;
                 tracing::debug!(%order_id, "waiting for the customer's other payments to settle");
                 return Ok(());
             }
             // No point asking the provider to charge what the account cannot pay.
             HoldStep::Refused(reason) => {
-                self.outbox.commit(tx).await?;
+                self.outbox.wake();
                 tracing::info!(%order_id, ?reason, "payment settled without the provider");
                 return Ok(());
             }
-            HoldStep::Held(p) => {
-                tx.commit().await?;
-                p
-            }
+            HoldStep::Held(p) => p,
         };
         let answer = self
             .gateway
@@ -181,16 +185,18 @@ impl Processor {
                 currency: p.currency.clone(),
             })
             .await;
-        let mut tx = self.db.begin().await?;
-        let settled = store::settle(
-            &mut tx,
-            &self.source,
-            order_id,
-            answer,
-            FOLLOW_UP_LEASE.as_micros() as i64,
-        )
-        .await?;
-        self.outbox.commit(tx).await?;
+        let (source, id) = (self.source.clone(), order_id.to_owned());
+        let settled = self
+            .db
+            .write(Box::new(move |conn| {
+                Box::pin(async move {
+                    let lease = FOLLOW_UP_LEASE.as_micros() as i64;
+                    let settled = store::settle(conn, &source, &id, answer, lease).await?;
+                    Ok(Written::Commit(settled))
+                })
+            }))
+            .await?;
+        self.outbox.wake();
         // The hold is released: the customer's payments waiting on it may go on.
         self.wake.wake();
         tracing::info!(%order_id, ?answer, ?settled, "payment settled");

@@ -13,6 +13,9 @@ use backon::{ExponentialBuilder, Retryable};
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::migrate::Migrator;
 use sqlx::{Any, AnyPool, ConnectOptions, Executor, Transaction};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::group_commit::{self, Work, Written};
 
 /// Which database engine is behind a [`Database`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,8 +130,12 @@ pub struct Database {
     /// The SQLite file's URL, for migrations (they run over sqlx's own driver). Not kept for
     /// Postgres, whose URL may hold a password.
     sqlite_url: Option<String>,
-    /// Write transactions begun through [`Database::begin`], for throughput figures.
+    /// Write transactions begun through [`Database::begin`] or [`Database::write`], for
+    /// throughput figures.
     transactions: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// The task that runs [`Database::write`]'s work on SQLite, started at the first call (and
+    /// again should the runtime that ran it have ended).
+    group: std::sync::Arc<std::sync::Mutex<Option<mpsc::UnboundedSender<group_commit::Job>>>>,
 }
 
 /// Install the `Any` drivers: [`crate::sqlite`] for `sqlite:` URLs, sqlx's for Postgres. Call it
@@ -220,6 +227,7 @@ impl Database {
             backend,
             sqlite_url: (backend == Backend::Sqlite).then(|| url.clone()),
             transactions: Default::default(),
+            group: Default::default(),
         };
         // The toolkit's own tables: outbox, inbox, dead letters. Their DDL differs per backend
         // (identity columns, BLOB vs BYTEA, `ADD COLUMN IF NOT EXISTS`).
@@ -282,6 +290,55 @@ impl Database {
         match self.backend {
             Backend::Sqlite => self.writer.begin_with("BEGIN IMMEDIATE").await,
             Backend::Postgres => self.writer.begin().await,
+        }
+    }
+
+    /// Run `work` in a write transaction and commit it, unless it returns
+    /// [`Written::Rollback`] or an error (then nothing of it is written). On SQLite, work from
+    /// concurrent callers waiting for the writer is committed in one transaction, each caller's in
+    /// a savepoint ([`crate::group_commit`]); on Postgres each runs in a transaction of its own.
+    /// Either way the answer comes after the commit, and effects deferred with
+    /// [`crate::deferred::after_commit`] run only if it committed.
+    ///
+    /// On SQLite the work runs on the writer's task, in the caller's span: once handed over, it
+    /// runs and commits even if the caller stops waiting.
+    pub async fn write<T: Send + 'static>(&self, work: Work<T>) -> Result<T, sqlx::Error> {
+        match self.backend {
+            Backend::Postgres => {
+                let mut tx = self.begin().await?;
+                let (result, effects) = crate::deferred::collect(work(&mut tx)).await;
+                match result? {
+                    Written::Commit(v) => {
+                        tx.commit().await?;
+                        effects.run();
+                        Ok(v)
+                    }
+                    Written::Rollback(v) => {
+                        tx.rollback().await?;
+                        Ok(v)
+                    }
+                }
+            }
+            Backend::Sqlite => {
+                let (reply, answer) = oneshot::channel();
+                let job = group_commit::job(work, tracing::Span::current(), reply);
+                {
+                    let mut group = self.group.lock().unwrap_or_else(|p| p.into_inner());
+                    let sender = match group.as_ref() {
+                        Some(s) if !s.is_closed() => s,
+                        _ => group.insert(group_commit::spawn(
+                            self.writer.clone(),
+                            self.transactions.clone(),
+                        )),
+                    };
+                    sender
+                        .send(job)
+                        .map_err(|_| group_commit::not_committed(None))?;
+                }
+                answer
+                    .await
+                    .unwrap_or_else(|_| Err(group_commit::not_committed(None)))
+            }
         }
     }
 

@@ -4,6 +4,7 @@
 //!   published by hand.
 //! - [`config`]: secrets redacted in logs; with feature `service`, settings read by clap.
 //! - [`db`]: one code path over SQLite and Postgres.
+//! - [`group_commit`]: concurrent write transactions committed together on SQLite ([`Database::write`]).
 //! - [`outbox`]: transactional outbox and the relay that publishes it.
 //! - [`consumer`]: idempotent, batching consumer with inbox, dead letters and bounded redelivery.
 //! - [`subscription`]: durables declared by the payload types they handle, `emit`, wiring as data.
@@ -23,6 +24,7 @@ pub mod deferred;
 #[cfg(feature = "service")]
 pub mod edge;
 pub mod envelope;
+pub mod group_commit;
 #[cfg(feature = "service")]
 pub mod http;
 pub mod ids;
@@ -48,6 +50,7 @@ pub mod write_behind;
 pub use consumer::{ConsumerRunner, ConsumerSpec, Handler, HandlerError};
 pub use db::{Backend, Database, DbOptions, SqliteSynchronous};
 pub use envelope::{DecodeError, Envelope, EventPayload};
+pub use group_commit::Written;
 pub use nats::{NatsSettings, StreamSpec};
 pub use outbox::{OutboxRelay, OutboxWaker, RelayConfig};
 pub use subscription::{emit, Context, Durable, Ignore, On, OnEnvelope, Subscription, Wiring};
