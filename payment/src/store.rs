@@ -3,7 +3,7 @@
 
 use event_toolkit::db::{lock_clause, lock_entity, micros_to_datetime, now_micros};
 use event_toolkit::write_behind::{self, Together, Value};
-use event_toolkit::{emit, Backend, Context, Database, EventPayload};
+use event_toolkit::{emit, Backend, Context, Database, EventPayload, Written};
 use serde::Serialize;
 use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, AnyPool, Row};
@@ -744,16 +744,36 @@ pub async fn owed_done(
     what: FollowUp,
     done: &str,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "UPDATE payments SET provider_due = NULL, provider_done = $1, provider_retry_at_us = 0 \
-         WHERE order_id = $2 AND provider_due = $3",
-    )
-    .bind(done)
-    .bind(order_id)
-    .bind(what.as_str())
-    .execute(db.writer())
-    .await?;
-    Ok(())
+    const DONE: &str = "UPDATE payments SET provider_due = NULL, provider_done = $1, \
+                        provider_retry_at_us = 0 WHERE order_id = $2 AND provider_due = $3";
+    match db.backend() {
+        // Committed with the holds and settlements waiting for the writer meanwhile.
+        Backend::Sqlite => {
+            let (done, order_id) = (done.to_owned(), order_id.to_owned());
+            db.write(Box::new(move |conn| {
+                Box::pin(async move {
+                    sqlx::query(DONE)
+                        .bind(done)
+                        .bind(order_id)
+                        .bind(what.as_str())
+                        .execute(&mut *conn)
+                        .await?;
+                    Ok(Written::Commit(()))
+                })
+            }))
+            .await
+        }
+        // One statement that commits on its own: no transaction's round trips around it.
+        Backend::Postgres => {
+            sqlx::query(DONE)
+                .bind(done)
+                .bind(order_id)
+                .bind(what.as_str())
+                .execute(db.writer())
+                .await?;
+            Ok(())
+        }
+    }
 }
 
 /// The provider did not answer a capture or void: try again after `retry_in_us`.

@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::db::{now_micros, Backend, Database};
 use crate::envelope::{Envelope, CLOUDEVENTS_CONTENT_TYPE};
+use crate::group_commit::Written;
 use crate::trace::{valid_traceparent, TRACEPARENT, TRACESTATE};
 use crate::write_behind::{self, Shape};
 
@@ -453,24 +454,36 @@ impl OutboxRelay {
             .collect::<Vec<_>>()
             .join(",");
         let mark = format!("UPDATE outbox SET published_at_us = $1 WHERE id IN ({placeholders})");
-        let mark = published
-            .iter()
-            .fold(sqlx::query(&mark).bind(now), |q, p| q.bind(p.id));
-        // The usual pass on SQLite: nothing held, everything published. One statement commits on
-        // its own, without the round trips of a transaction around it.
+        // The usual pass on SQLite: nothing held, everything published. The mark is committed
+        // with whatever else waits for the writer (placements, settlements).
         let charged = |o: &Outcome| matches!(o, Outcome::Failed { class, .. } if matches!(class, Failure::Row | Failure::Permanent));
         let mut tx = match claim {
             Some(tx) => tx,
             None if !rows.iter().any(|(_, o)| charged(o)) => {
                 if !published.is_empty() {
-                    mark.execute(self.db.writer()).await?;
+                    let ids: Vec<i64> = published.iter().map(|p| p.id).collect();
+                    self.db
+                        .write(Box::new(move |conn| {
+                            Box::pin(async move {
+                                ids.iter()
+                                    .fold(sqlx::query(&mark).bind(now), |q, id| q.bind(*id))
+                                    .execute(&mut *conn)
+                                    .await?;
+                                Ok(Written::Commit(()))
+                            })
+                        }))
+                        .await?;
                 }
                 return self.recorded(&rows, &published, now);
             }
             None => self.db.begin().await?,
         };
         if !published.is_empty() {
-            mark.execute(&mut *tx).await?;
+            published
+                .iter()
+                .fold(sqlx::query(&mark).bind(now), |q, p| q.bind(p.id))
+                .execute(&mut *tx)
+                .await?;
         }
         for (row, outcome) in &rows {
             let Outcome::Failed { error, class } = outcome else {
