@@ -285,17 +285,21 @@ mod tests {
             counted,
             insert(&db, &["c"], Written::Commit),
         ];
-        for caller in &mut callers {
-            assert!(
-                futures::poll!(caller.as_mut()).is_pending(),
-                "waits for the commit"
+        // On SQLite each is handed to the writer task at its first poll, and waits there.
+        // (On Postgres each runs on a connection of its own, and may finish at once.)
+        if backend == Backend::Sqlite {
+            for caller in &mut callers {
+                assert!(
+                    futures::poll!(caller.as_mut()).is_pending(),
+                    "waits for the commit"
+                );
+            }
+            assert_eq!(
+                keys(&db).await,
+                ["taken"],
+                "nothing visible before the commit"
             );
         }
-        assert_eq!(
-            keys(&db).await,
-            ["taken"],
-            "nothing visible before the commit"
-        );
         busy.commit().await.expect("commit");
         let answers = futures::future::join_all(callers).await;
         assert_eq!(answers[0].as_ref().ok(), Some(&2));
