@@ -744,18 +744,13 @@ pub async fn owed_done(
     what: FollowUp,
     done: &str,
 ) -> Result<(), sqlx::Error> {
-    const DONE: &str = "UPDATE payments SET provider_due = NULL, provider_done = $1, \
-                        provider_retry_at_us = 0 WHERE order_id = $2 AND provider_due = $3";
     match db.backend() {
         // Committed with the holds and settlements waiting for the writer meanwhile.
         Backend::Sqlite => {
             let (done, order_id) = (done.to_owned(), order_id.to_owned());
             db.write(Box::new(move |conn| {
                 Box::pin(async move {
-                    sqlx::query(DONE)
-                        .bind(done)
-                        .bind(order_id)
-                        .bind(what.as_str())
+                    owed_done_query(&done, &order_id, what)
                         .execute(&mut *conn)
                         .await?;
                     Ok(Written::Commit(()))
@@ -765,15 +760,26 @@ pub async fn owed_done(
         }
         // One statement that commits on its own: no transaction's round trips around it.
         Backend::Postgres => {
-            sqlx::query(DONE)
-                .bind(done)
-                .bind(order_id)
-                .bind(what.as_str())
+            owed_done_query(done, order_id, what)
                 .execute(db.writer())
                 .await?;
             Ok(())
         }
     }
+}
+
+fn owed_done_query<'q>(
+    done: &'q str,
+    order_id: &'q str,
+    what: FollowUp,
+) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
+    sqlx::query(
+        "UPDATE payments SET provider_due = NULL, provider_done = $1, provider_retry_at_us = 0 \
+         WHERE order_id = $2 AND provider_due = $3",
+    )
+    .bind(done)
+    .bind(order_id)
+    .bind(what.as_str())
 }
 
 /// The provider did not answer a capture or void: try again after `retry_in_us`.

@@ -74,6 +74,24 @@ impl OutboxWaker {
     }
 }
 
+/// Mark the rows `ids` published at `now`, in one statement.
+async fn mark_published(
+    conn: &mut AnyConnection,
+    now: i64,
+    ids: &[i64],
+) -> Result<(), sqlx::Error> {
+    let placeholders = (0..ids.len())
+        .map(|i| format!("${}", i + 2))
+        .collect::<Vec<_>>()
+        .join(",");
+    let sql = format!("UPDATE outbox SET published_at_us = $1 WHERE id IN ({placeholders})");
+    ids.iter()
+        .fold(sqlx::query(&sql).bind(now), |q, id| q.bind(*id))
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
 /// Relay tuning.
 #[derive(Debug, Clone)]
 pub struct RelayConfig {
@@ -449,26 +467,18 @@ impl OutboxRelay {
             .filter(|(_, o)| matches!(o, Outcome::Published))
             .map(|(p, _)| p)
             .collect();
-        let placeholders = (0..published.len())
-            .map(|i| format!("${}", i + 2))
-            .collect::<Vec<_>>()
-            .join(",");
-        let mark = format!("UPDATE outbox SET published_at_us = $1 WHERE id IN ({placeholders})");
+        let ids: Vec<i64> = published.iter().map(|p| p.id).collect();
         // The usual pass on SQLite: nothing held, everything published. The mark is committed
         // with whatever else waits for the writer (placements, settlements).
         let charged = |o: &Outcome| matches!(o, Outcome::Failed { class, .. } if matches!(class, Failure::Row | Failure::Permanent));
         let mut tx = match claim {
             Some(tx) => tx,
             None if !rows.iter().any(|(_, o)| charged(o)) => {
-                if !published.is_empty() {
-                    let ids: Vec<i64> = published.iter().map(|p| p.id).collect();
+                if !ids.is_empty() {
                     self.db
                         .write(Box::new(move |conn| {
                             Box::pin(async move {
-                                ids.iter()
-                                    .fold(sqlx::query(&mark).bind(now), |q, id| q.bind(*id))
-                                    .execute(&mut *conn)
-                                    .await?;
+                                mark_published(conn, now, &ids).await?;
                                 Ok(Written::Commit(()))
                             })
                         }))
@@ -478,12 +488,8 @@ impl OutboxRelay {
             }
             None => self.db.begin().await?,
         };
-        if !published.is_empty() {
-            published
-                .iter()
-                .fold(sqlx::query(&mark).bind(now), |q, p| q.bind(p.id))
-                .execute(&mut *tx)
-                .await?;
+        if !ids.is_empty() {
+            mark_published(&mut tx, now, &ids).await?;
         }
         for (row, outcome) in &rows {
             let Outcome::Failed { error, class } = outcome else {
