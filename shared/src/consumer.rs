@@ -156,24 +156,41 @@ async fn record_new(
     if events.is_empty() {
         return Ok(Default::default());
     }
+    const HEAD: &str = "INSERT INTO inbox (consumer, event_id, event_type, received_at_us) VALUES ";
+    const TAIL: &str = " ON CONFLICT (consumer, event_id) DO NOTHING RETURNING event_id";
+    let now = now_micros();
+    let mut new = std::collections::HashSet::with_capacity(events.len());
+    if conn.backend_name() == "SQLite" {
+        // A few fixed sizes, each kept prepared (see `write_behind::sqlite_chunks`).
+        let mut rest = events;
+        for size in crate::write_behind::sqlite_chunks(events.len(), usize::MAX) {
+            let (chunk, after) = rest.split_at(size);
+            rest = after;
+            let sql = format!("{HEAD}{}{TAIL}", vec!["(?, ?, ?, ?)"; size].join(", "));
+            let query = chunk.iter().fold(sqlx::query(&sql), |q, e| {
+                q.bind(consumer).bind(&e.id).bind(&e.event_type).bind(now)
+            });
+            for r in query.fetch_all(&mut *conn).await? {
+                new.insert(r.try_get(0)?);
+            }
+        }
+        return Ok(new);
+    }
+    // Postgres: one statement, one round trip.
     let rows = (0..events.len())
         .map(|i| format!("($1, ${}, ${}, $2)", 2 * i + 3, 2 * i + 4))
         .collect::<Vec<_>>()
         .join(", ");
-    let sql = format!(
-        "INSERT INTO inbox (consumer, event_id, event_type, received_at_us) VALUES {rows} \
-         ON CONFLICT (consumer, event_id) DO NOTHING RETURNING event_id"
-    );
-    let query = events.iter().fold(
-        sqlx::query(&sql).bind(consumer).bind(now_micros()),
-        |q, e| q.bind(&e.id).bind(&e.event_type),
-    );
-    query
-        .fetch_all(conn)
-        .await?
+    let sql = format!("{HEAD}{rows}{TAIL}");
+    let query = events
         .iter()
-        .map(|r| r.try_get(0))
-        .collect()
+        .fold(sqlx::query(&sql).bind(consumer).bind(now), |q, e| {
+            q.bind(&e.id).bind(&e.event_type)
+        });
+    for r in query.fetch_all(conn).await? {
+        new.insert(r.try_get(0)?);
+    }
+    Ok(new)
 }
 
 /// A message that can never be applied, kept with its payload and the reason.
@@ -1088,4 +1105,68 @@ fn headers_json(msg: &Message) -> String {
         }
     }
     serde_json::to_string(&map).unwrap_or_else(|_| "{}".to_owned())
+}
+
+#[cfg(all(test, feature = "testing"))]
+mod inbox_tests {
+    use super::*;
+    use crate::db::Backend;
+    use crate::testing::TestDb;
+
+    #[derive(serde::Serialize, serde::Deserialize)]
+    struct Thing {
+        id: String,
+    }
+    crate::event_payload!(Thing, "things.made.v1", id);
+
+    fn thing(i: usize) -> Envelope {
+        Envelope::new(
+            "/test",
+            &Thing {
+                id: format!("t{i}"),
+            },
+            None,
+        )
+    }
+
+    /// A batch larger than one statement (cut in several on SQLite) still says exactly which
+    /// events are new: not those recorded before, and a second copy in the batch only once.
+    async fn a_batch_says_which_events_are_new(backend: Backend) {
+        let testdb = TestDb::new(backend).await;
+        let db = testdb.connect().await;
+        let events: Vec<Envelope> = (0..100).map(thing).collect();
+        let mut conn = db.pool().acquire().await.unwrap();
+        let before: Vec<&Envelope> = events.iter().step_by(10).collect();
+        assert_eq!(record_new(&mut conn, "c", &before).await.unwrap().len(), 10);
+        // 100 events, 10 seen before, and the 38th twice: 90 new.
+        let mut batch: Vec<&Envelope> = events.iter().collect();
+        batch.insert(50, &events[37]);
+        let new = record_new(&mut conn, "c", &batch).await.unwrap();
+        let expected: std::collections::HashSet<String> = events
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| i % 10 != 0)
+            .map(|(_, e)| e.id.clone())
+            .collect();
+        assert_eq!(new, expected);
+        // Another consumer has seen none of them.
+        assert_eq!(record_new(&mut conn, "d", &batch).await.unwrap().len(), 100);
+        let rows: i64 = sqlx::query("SELECT COUNT(*) FROM inbox")
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap()
+            .try_get(0)
+            .unwrap();
+        assert_eq!(rows, 200);
+    }
+
+    #[tokio::test]
+    async fn sqlite_a_batch_says_which_events_are_new() {
+        a_batch_says_which_events_are_new(Backend::Sqlite).await
+    }
+
+    #[tokio::test]
+    async fn postgres_a_batch_says_which_events_are_new() {
+        a_batch_says_which_events_are_new(Backend::Postgres).await
+    }
 }

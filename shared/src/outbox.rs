@@ -80,6 +80,24 @@ async fn mark_published(
     now: i64,
     ids: &[i64],
 ) -> Result<(), sqlx::Error> {
+    if conn.backend_name() == "SQLite" {
+        // A few fixed sizes, each kept prepared (see `write_behind::sqlite_chunks`).
+        let mut rest = ids;
+        for size in crate::write_behind::sqlite_chunks(ids.len(), usize::MAX) {
+            let (chunk, after) = rest.split_at(size);
+            rest = after;
+            let sql = format!(
+                "UPDATE outbox SET published_at_us = ? WHERE id IN ({})",
+                vec!["?"; size].join(",")
+            );
+            chunk
+                .iter()
+                .fold(sqlx::query(&sql).bind(now), |q, id| q.bind(*id))
+                .execute(&mut *conn)
+                .await?;
+        }
+        return Ok(());
+    }
     let placeholders = (0..ids.len())
         .map(|i| format!("${}", i + 2))
         .collect::<Vec<_>>()
@@ -733,6 +751,63 @@ mod trace_header_tests {
     #[tokio::test]
     async fn postgres_relay_sends_the_rows_trace_context_as_headers() {
         relay_sends_the_rows_trace_context_as_headers(Backend::Postgres).await
+    }
+}
+
+#[cfg(all(test, feature = "testing"))]
+mod mark_tests {
+    use super::*;
+    use crate::testing::TestDb;
+
+    #[derive(serde::Serialize, serde::Deserialize)]
+    struct Thing {
+        id: String,
+    }
+    crate::event_payload!(Thing, "things.made.v1", id);
+
+    /// Marking more rows than one statement takes (several on SQLite) marks exactly those rows.
+    async fn marks_exactly_the_rows_given(backend: Backend) {
+        let testdb = TestDb::new(backend).await;
+        let db = testdb.connect().await;
+        let mut tx = db.begin().await.unwrap();
+        for i in 0..90 {
+            let thing = Thing {
+                id: format!("t{i}"),
+            };
+            enqueue(&mut tx, "things", &Envelope::new("/test", &thing, None))
+                .await
+                .unwrap();
+        }
+        let ids: Vec<i64> = sqlx::query("SELECT id FROM outbox ORDER BY id")
+            .fetch_all(&mut *tx)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let chosen: Vec<i64> = ids.iter().copied().filter(|id| id % 3 != 0).collect();
+        mark_published(&mut tx, 42, &chosen).await.unwrap();
+        tx.commit().await.unwrap();
+        let marked: Vec<i64> =
+            sqlx::query("SELECT id FROM outbox WHERE published_at_us = 42 ORDER BY id")
+                .fetch_all(db.pool())
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+        assert_eq!(marked, chosen);
+        assert!(chosen.len() > 50, "{} rows", chosen.len());
+    }
+
+    #[tokio::test]
+    async fn sqlite_marks_exactly_the_rows_given() {
+        marks_exactly_the_rows_given(Backend::Sqlite).await
+    }
+
+    #[tokio::test]
+    async fn postgres_marks_exactly_the_rows_given() {
+        marks_exactly_the_rows_given(Backend::Postgres).await
     }
 }
 

@@ -21,9 +21,31 @@ use sqlx::{Any, AnyConnection};
 /// Bind parameters per flushed statement, below SQLite's (32,766) and Postgres' (65,535) limits.
 const MAX_PARAMS: usize = 30_000;
 
-/// Rows per flush up to which the flushed SQL is kept prepared; larger ones vary too much to be
-/// worth a slot in the connection's statement cache.
+/// Rows per flush up to which the flushed SQL is kept prepared on Postgres; larger ones vary too
+/// much to be worth a slot in the connection's statement cache.
 const PREPARED_UP_TO_ROWS: usize = 4;
+
+/// Rows per statement on SQLite, largest first. A statement of n rows costs SQLite a parse in
+/// proportion to n unless it is kept prepared, and every n is a statement of its own: so n rows
+/// go out as statements of these sizes only (37 = 16 + 16 + 4 + 1), each kept prepared, and
+/// nothing is parsed twice. On SQLite a statement is a call, not a round trip.
+const SQLITE_ROWS: [usize; 4] = [64, 16, 4, 1];
+
+/// How `n` rows (or ids) are cut into SQLite statements, largest first: sizes from a fixed
+/// ladder, so each size's SQL stays prepared (see [`SQLITE_ROWS`]); `at_most` bounds a statement
+/// (the parameter limit).
+pub fn sqlite_chunks(n: usize, at_most: usize) -> impl Iterator<Item = usize> {
+    let at_most = at_most.max(1);
+    let mut left = n;
+    std::iter::from_fn(move || {
+        let size = SQLITE_ROWS
+            .iter()
+            .map(|s| (*s).min(at_most))
+            .find(|s| *s <= left)?;
+        left -= size;
+        Some(size)
+    })
+}
 
 tokio::task_local! {
     static PENDING: RefCell<Pending>;
@@ -156,34 +178,44 @@ impl Pending {
     pub async fn flush(self, conn: &mut AnyConnection) -> Result<(), sqlx::Error> {
         // SQLite looks each `$N` up in a list while parsing, n²/2 for n parameters; bare `?`s are
         // numbered in order for free. Postgres needs `$N`.
-        let anonymous = conn.backend_name() == "SQLite";
-        for (sql, values, persistent) in self.statements(anonymous) {
+        let sqlite = conn.backend_name() == "SQLite";
+        for (sql, values, persistent) in self.statements(sqlite) {
             execute(conn, &sql, persistent, values).await?;
         }
         Ok(())
     }
 
     /// One multi-row `INSERT` per shape and split (see [`split`]): its SQL, its values in order,
-    /// and whether to keep it prepared.
-    fn statements(self, anonymous: bool) -> impl Iterator<Item = (String, Vec<Value>, bool)> {
+    /// and whether to keep it prepared. `sqlite`: `?` parameters and the SQLite sizes.
+    fn statements(self, sqlite: bool) -> impl Iterator<Item = (String, Vec<Value>, bool)> {
         self.groups.into_iter().flat_map(move |(shape, rows)| {
-            split(shape, rows).map(move |rows| {
-                let sql = insert_sql(shape, rows.len(), anonymous);
-                let persistent = rows.len() <= PREPARED_UP_TO_ROWS;
+            split(shape, rows, sqlite).map(move |rows| {
+                let sql = insert_sql(shape, rows.len(), sqlite);
+                let persistent = sqlite || rows.len() <= PREPARED_UP_TO_ROWS;
                 (sql, rows.into_iter().flatten().collect(), persistent)
             })
         })
     }
 }
 
-/// `rows` of `shape`, in order, split into one statement's rows each: as many as fit under
-/// [`MAX_PARAMS`] (at least one), as [`Pending::flush`] and [`Together::rows`] write them.
-fn split(shape: Shape, rows: Vec<Vec<Value>>) -> impl Iterator<Item = Vec<Vec<Value>>> {
+/// `rows` of `shape`, in order, split into one statement's rows each, as [`Pending::flush`] and
+/// [`Together::rows`] write them: on Postgres as many as fit under [`MAX_PARAMS`] (at least one),
+/// a round trip each; on SQLite the sizes of [`sqlite_chunks`].
+fn split(
+    shape: Shape,
+    rows: Vec<Vec<Value>>,
+    sqlite: bool,
+) -> impl Iterator<Item = Vec<Vec<Value>>> {
     let per = (MAX_PARAMS / shape.columns.max(1)).max(1);
+    let mut sizes = sqlite.then(|| sqlite_chunks(rows.len(), per));
     let mut rows = rows.into_iter().peekable();
     std::iter::from_fn(move || {
         rows.peek()?;
-        Some(rows.by_ref().take(per).collect())
+        let take = match sizes.as_mut() {
+            Some(sizes) => sizes.next().unwrap_or(per),
+            None => per,
+        };
+        Some(rows.by_ref().take(take).collect())
     })
 }
 
@@ -234,26 +266,35 @@ async fn execute(
 #[derive(Debug, Default)]
 #[must_use = "execute the statements"]
 pub struct Together {
-    /// Each statement, its values, and whether to keep it prepared.
-    statements: Vec<(String, Vec<Value>, bool)>,
+    /// Each statement and its values, or rows to insert (cut into statements by backend).
+    items: Vec<Item>,
+}
+
+#[derive(Debug)]
+enum Item {
+    Statement(String, Vec<Value>),
+    Rows(Pending),
 }
 
 impl Together {
     /// Add a statement and its values.
     pub fn push(&mut self, sql: impl Into<String>, values: Vec<Value>) {
-        self.statements.push((sql.into(), values, true));
+        self.items.push(Item::Statement(sql.into(), values));
     }
 
-    /// Add rows gathered with [`gather`], one multi-row `INSERT` per shape, after the
-    /// statements so far.
+    /// Add rows gathered with [`gather`], one multi-row `INSERT` per shape (as
+    /// [`Pending::flush`] cuts them), after the statements so far.
     pub fn rows(&mut self, pending: Pending) {
-        self.statements.extend(pending.statements(false));
+        self.items.push(Item::Rows(pending));
     }
 
     /// Run the statements in `conn`.
     pub async fn execute(self, conn: &mut AnyConnection) -> Result<(), sqlx::Error> {
-        for (sql, values, persistent) in self.statements {
-            execute(&mut *conn, &sql, persistent, values).await?;
+        for item in self.items {
+            match item {
+                Item::Statement(sql, values) => execute(&mut *conn, &sql, true, values).await?,
+                Item::Rows(rows) => rows.flush(&mut *conn).await?,
+            }
         }
         Ok(())
     }
@@ -429,10 +470,8 @@ mod tests {
             pending.push(SHAPE, row(&format!("k{n}"), n as i64));
         }
         pending.push(OTHER, vec!["u".into()]);
-        let mut together = Together::default();
-        together.rows(pending);
-        let shapes: Vec<(usize, &str)> = together
-            .statements
+        let statements: Vec<_> = pending.statements(false).collect();
+        let shapes: Vec<(usize, &str)> = statements
             .iter()
             .map(|(sql, values, _)| (values.len(), &sql[..sql.find(" VALUES").expect("values")]))
             .collect();
@@ -440,17 +479,47 @@ mod tests {
             shapes,
             [(per * 4, SHAPE.head), (2 * 4, SHAPE.head), (1, OTHER.head)]
         );
-        assert_eq!(together.statements[1].0, insert_sql(SHAPE, 2, false));
+        assert_eq!(statements[1].0, insert_sql(SHAPE, 2, false));
         assert_eq!(
-            together.statements[1].0,
+            statements[1].0,
             "INSERT INTO t (k, n, s, b) VALUES ($1, $2, $3, $4), ($5, $6, $7, $8) \
              ON CONFLICT (k) DO NOTHING"
         );
         assert_eq!(
-            together.statements[1].1[..4],
+            statements[1].1[..4],
             row(&format!("k{per}"), per as i64)[..]
         );
-        assert_eq!(together.statements[2].1, vec![Value::from("u")]);
+        assert_eq!(statements[2].1, vec![Value::from("u")]);
+        // Only the first and the small one kept prepared.
+        let kept: Vec<bool> = statements.iter().map(|s| s.2).collect();
+        assert_eq!(kept, [false, true, true]);
+    }
+
+    #[test]
+    fn on_sqlite_rows_go_out_in_a_few_fixed_sizes_all_kept_prepared() {
+        let sizes = |n, at_most| sqlite_chunks(n, at_most).collect::<Vec<_>>();
+        assert_eq!(sizes(0, 100), Vec::<usize>::new());
+        assert_eq!(sizes(1, 100), [1]);
+        assert_eq!(sizes(37, 100), [16, 16, 4, 1]);
+        assert_eq!(sizes(130, 100), [64, 64, 1, 1]);
+        // Never more than the parameter limit allows.
+        assert_eq!(sizes(20, 10), [10, 10]);
+        let mut pending = Pending::default();
+        for n in 0..21 {
+            pending.push(SHAPE, row(&format!("k{n}"), n));
+        }
+        pending.push(OTHER, vec!["u".into()]);
+        let statements: Vec<_> = pending.statements(true).collect();
+        let rows: Vec<usize> = statements.iter().map(|s| s.1.len() / 4).collect();
+        assert_eq!(rows, [16, 4, 1, 0]);
+        assert!(statements.iter().all(|s| s.2), "all kept prepared");
+        assert_eq!(statements[2].0, insert_sql(SHAPE, 1, true));
+        assert_eq!(
+            statements[2].0,
+            "INSERT INTO t (k, n, s, b) VALUES (?, ?, ?, ?) ON CONFLICT (k) DO NOTHING"
+        );
+        assert_eq!(statements[1].1[..4], row("k16", 16)[..]);
+        assert_eq!(statements[3].1, vec![Value::from("u")]);
     }
 
     async fn statements_together_run_in_order_with_their_own_values(backend: Backend) {
