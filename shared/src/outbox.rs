@@ -2,6 +2,7 @@
 //! to JetStream afterwards, in id order, with `Nats-Msg-Id` = event id so a re-publish after a crash
 //! is dropped by the stream's duplicate window.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,12 +14,13 @@ use bytes::Bytes;
 use sqlx::{Any, AnyConnection, Row, Transaction};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::db::{now_micros, Backend, Database};
 use crate::envelope::{Envelope, CLOUDEVENTS_CONTENT_TYPE};
 use crate::group_commit::Written;
 use crate::trace::{valid_traceparent, TRACEPARENT, TRACESTATE};
-use crate::write_behind::{self, Shape};
+use crate::write_behind::{self, Shape, Value};
 
 /// An outbox row, as [`enqueue`] writes it.
 const OUTBOX_ROW: Shape = Shape {
@@ -36,13 +38,14 @@ pub async fn enqueue(
     subject: &str,
     event: &Envelope,
 ) -> Result<(), sqlx::Error> {
-    let now = now_micros();
+    // Stamped when the row is written, in a consumer batch just before its commit: the relay's
+    // latency (`outbox_publish_latency_seconds`) runs from there, not from the handler's turn.
     let row = vec![
         event.id.as_str().into(),
         subject.into(),
         event.to_bytes().into(),
-        now.into(),
-        now.into(),
+        Value::Now,
+        Value::Now,
         event.traceparent.as_deref().into(),
         event.tracestate.as_deref().into(),
     ];
@@ -267,6 +270,10 @@ pub struct OutboxRelay {
     config: RelayConfig,
     waker: OutboxWaker,
     health: RelayHealth,
+    /// SQLite: rows published whose mark is still on its way to the writer. The next pass skips
+    /// them instead of waiting for the mark (one process owns a SQLite file, so this is all of
+    /// them).
+    marking: Arc<std::sync::Mutex<HashSet<i64>>>,
 }
 
 impl OutboxRelay {
@@ -280,6 +287,7 @@ impl OutboxRelay {
             config,
             waker: OutboxWaker::default(),
             health: RelayHealth::default(),
+            marking: Arc::default(),
         }
     }
 
@@ -296,8 +304,13 @@ impl OutboxRelay {
     /// Run until `shutdown`, then make one last pass so committed events are not left behind.
     pub async fn run(self, shutdown: CancellationToken) {
         let mut backoff = self.backoff();
+        let mut marks = tokio::task::JoinSet::new();
         loop {
-            let result = self.publish_pending().await;
+            while marks.try_join_next().is_some() {}
+            let result = match self.publish_batch().await {
+                Ok(batch) => self.record_pipelined(batch, &mut marks).await,
+                Err(e) => Err(e),
+            };
             match result {
                 Ok(n) if n as i64 >= self.config.batch_size => {
                     backoff = self.backoff();
@@ -330,6 +343,7 @@ impl OutboxRelay {
         }
         // Flush what was committed before shutdown, bounded so a dead NATS cannot hang the exit.
         let flush = async {
+            while marks.join_next().await.is_some() {}
             while let Ok(n) = self.publish_pending().await {
                 if n == 0 {
                     break;
@@ -377,13 +391,20 @@ impl OutboxRelay {
              FROM outbox WHERE published_at_us IS NULL AND parked_at_us IS NULL \
              AND next_attempt_at_us <= $1 ORDER BY id LIMIT $2{lock}"
         );
-        let query = sqlx::query(&sql).bind(now).bind(self.config.batch_size);
+        let marking = self.marking.lock().map(|m| m.clone()).unwrap_or_default();
+        let limit = self.config.batch_size + marking.len() as i64;
+        let query = sqlx::query(&sql).bind(now).bind(limit);
         let rows = match claim.as_mut() {
             Some(tx) => query.fetch_all(&mut **tx).await?,
             None => query.fetch_all(self.db.pool()).await?,
         };
         let pending = rows
             .iter()
+            .filter(|r| {
+                r.try_get::<i64, _>(0)
+                    .map_or(true, |id| !marking.contains(&id))
+            })
+            .take(self.config.batch_size.max(0) as usize)
             .map(|r| -> Result<Pending, sqlx::Error> {
                 Ok(Pending {
                     id: r.try_get(0)?,
@@ -465,6 +486,58 @@ impl OutboxRelay {
             }
         }
         Ok(PublishedBatch { claim, rows: out })
+    }
+
+    /// [`record`](Self::record), except that on SQLite the usual pass (everything published,
+    /// nothing held) leaves its mark to a task in `marks` and returns at once: the next pass
+    /// claims while the mark waits for the writer, skipping the rows being marked. Should the
+    /// mark fail, its rows are due again and published again (the stream drops the copies).
+    async fn record_pipelined(
+        &self,
+        batch: PublishedBatch,
+        marks: &mut tokio::task::JoinSet<()>,
+    ) -> Result<usize, RelayError> {
+        let usual = batch.claim.is_none()
+            && !batch.rows.is_empty()
+            && batch
+                .rows
+                .iter()
+                .all(|(_, o)| matches!(o, Outcome::Published));
+        if !usual {
+            return self.record(batch).await;
+        }
+        let now = now_micros();
+        let ids: Vec<i64> = batch.rows.iter().map(|(p, _)| p.id).collect();
+        if let Ok(mut m) = self.marking.lock() {
+            m.extend(ids.iter().copied());
+        }
+        let (db, marking) = (self.db.clone(), self.marking.clone());
+        marks.spawn(
+            async move {
+                let marked = db
+                    .write(Box::new({
+                        let ids = ids.clone();
+                        move |conn| {
+                            Box::pin(async move {
+                                mark_published(conn, now, &ids).await?;
+                                Ok(Written::Commit(()))
+                            })
+                        }
+                    }))
+                    .await;
+                if let Err(e) = marked {
+                    tracing::warn!(error = %e, rows = ids.len(), "relay mark failed; the rows will be published again");
+                }
+                if let Ok(mut m) = marking.lock() {
+                    for id in &ids {
+                        m.remove(id);
+                    }
+                }
+            }
+            .in_current_span(),
+        );
+        let published: Vec<&Pending> = batch.rows.iter().map(|(p, _)| p).collect();
+        self.recorded(&batch.rows, &published, now)
     }
 
     /// Mark the published rows in one statement; reschedule or park the failed ones.
@@ -798,6 +871,57 @@ mod mark_tests {
                 .collect();
         assert_eq!(marked, chosen);
         assert!(chosen.len() > 50, "{} rows", chosen.len());
+    }
+
+    /// A pass skips rows whose mark is still on its way (the run loop's pipelined marks), and
+    /// takes them again should the mark never land.
+    #[tokio::test]
+    async fn a_pass_skips_the_rows_being_marked() {
+        use crate::nats::{ensure_stream, StreamSpec};
+        let nats = crate::testing::NatsServer::start().await;
+        let client = async_nats::connect(nats.url()).await.unwrap();
+        let js = async_nats::jetstream::new(client.clone());
+        ensure_stream(&js, &StreamSpec::new("THINGS", &["things.>"]))
+            .await
+            .unwrap();
+        let testdb = TestDb::new(Backend::Sqlite).await;
+        let db = testdb.connect().await;
+        let mut tx = db.begin().await.unwrap();
+        for i in 0..5 {
+            let thing = Thing {
+                id: format!("t{i}"),
+            };
+            enqueue(
+                &mut tx,
+                "things.made",
+                &Envelope::new("/test", &thing, None),
+            )
+            .await
+            .unwrap();
+        }
+        tx.commit().await.unwrap();
+        let relay = OutboxRelay::new(
+            db.clone(),
+            client,
+            RelayConfig {
+                batch_size: 2,
+                ..RelayConfig::default()
+            },
+        );
+        relay.marking.lock().unwrap().extend([1, 2]);
+        let batch = relay.publish_batch().await.unwrap();
+        let ids: Vec<i64> = batch.rows.iter().map(|(p, _)| p.id).collect();
+        assert_eq!(
+            ids,
+            [3, 4],
+            "the batch size counts only rows not being marked"
+        );
+        relay.record(batch).await.unwrap();
+        // The marks of 1 and 2 never landed: once they are no longer being marked, they are due.
+        relay.marking.lock().unwrap().clear();
+        let batch = relay.publish_batch().await.unwrap();
+        let ids: Vec<i64> = batch.rows.iter().map(|(p, _)| p.id).collect();
+        assert_eq!(ids, [1, 2]);
     }
 
     #[tokio::test]

@@ -76,6 +76,9 @@ pub enum Value {
     OptText(Option<String>),
     /// A blob (on Postgres `bytea`).
     Bytes(Vec<u8>),
+    /// The time the row is written (microseconds since the epoch): for a deferred row, when its
+    /// batch is flushed just before the commit, not when it was gathered.
+    Now,
 }
 
 impl From<i64> for Value {
@@ -121,6 +124,7 @@ fn bind<'q>(q: Query<'q, Any, AnyArguments<'q>>, v: Value) -> Query<'q, Any, Any
         Value::Text(v) => q.bind(v),
         Value::OptText(v) => q.bind(v),
         Value::Bytes(v) => q.bind(v),
+        Value::Now => q.bind(crate::db::now_micros()),
     }
 }
 
@@ -173,13 +177,17 @@ impl Pending {
         }
     }
 
-    /// Write the rows in `conn` (the transaction about to commit): one multi-row `INSERT` per
-    /// shape, split under the parameter limit.
+    /// Write the rows in `conn` (the transaction about to commit): multi-row `INSERT`s per shape,
+    /// cut as [`split`] says; [`Value::Now`] is the time of this call.
     pub async fn flush(self, conn: &mut AnyConnection) -> Result<(), sqlx::Error> {
         // SQLite looks each `$N` up in a list while parsing, n²/2 for n parameters; bare `?`s are
         // numbered in order for free. Postgres needs `$N`.
         let sqlite = conn.backend_name() == "SQLite";
-        for (sql, values, persistent) in self.statements(sqlite) {
+        let now = Value::Int(crate::db::now_micros());
+        for (sql, mut values, persistent) in self.statements(sqlite) {
+            for v in values.iter_mut().filter(|v| matches!(v, Value::Now)) {
+                *v = now.clone();
+            }
             execute(conn, &sql, persistent, values).await?;
         }
         Ok(())
@@ -587,6 +595,44 @@ mod tests {
         assert_eq!(count(&db, "u").await, 1);
     }
 
+    /// A deferred row's `Now` is the flush's time (just before the commit), not the gather's.
+    async fn now_is_the_time_of_the_flush(backend: Backend) {
+        let (_testdb, db) = db(backend).await;
+        let mut tx = db.begin().await.expect("begin");
+        let ((), pending) = gather(async {
+            let row = vec![
+                "late".into(),
+                Value::Now,
+                None::<String>.into(),
+                vec![].into(),
+            ];
+            insert(&mut tx, SHAPE, row).await.expect("insert");
+        })
+        .await;
+        // The handler's turn ends; other work of the batch takes its time before the flush.
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        let flushed_after = crate::db::now_micros();
+        pending.flush(&mut tx).await.expect("flush");
+        tx.commit().await.expect("commit");
+        let n: i64 = sqlx::query("SELECT n FROM t WHERE k = 'late'")
+            .fetch_one(db.pool())
+            .await
+            .expect("row")
+            .get(0);
+        assert!(
+            n >= flushed_after,
+            "stamped {n}, flushed after {flushed_after}"
+        );
+    }
+
+    #[tokio::test]
+    async fn sqlite_now_is_the_time_of_the_flush() {
+        now_is_the_time_of_the_flush(Backend::Sqlite).await
+    }
+    #[tokio::test]
+    async fn postgres_now_is_the_time_of_the_flush() {
+        now_is_the_time_of_the_flush(Backend::Postgres).await
+    }
     #[tokio::test]
     async fn sqlite_gathered_rows_wait_for_the_flush_and_all_arrive() {
         gathered_rows_wait_for_the_flush_and_all_arrive(Backend::Sqlite).await

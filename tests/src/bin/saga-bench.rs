@@ -68,6 +68,11 @@ struct Args {
     /// Customers placing orders at once in the closed loop.
     #[arg(long, default_value_t = 64)]
     concurrency: usize,
+    /// Accounts the orders are charged to, in turn (closed loop: one per concurrent customer,
+    /// wrapping). The default, one, makes every payment hold contend for one account row, the
+    /// worst case on Postgres.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    accounts: u32,
     /// Open-loop rate (sagas/s) instead of half the closed-loop rate; set, the closed loop is
     /// skipped (for profiling at a fixed load).
     #[arg(long)]
@@ -163,8 +168,13 @@ async fn completion(shared: &Shared, id: &str) -> Option<Instant> {
 }
 
 /// Place one order and wait for its end; latency from 202 Accepted to the terminal event.
-async fn one_saga(http: &reqwest::Client, url: &str, shared: &Shared) -> Option<Duration> {
-    let body = json!({ "customer_id": "alice", "currency": "EUR",
+async fn one_saga(
+    http: &reqwest::Client,
+    url: &str,
+    shared: &Shared,
+    customer: &str,
+) -> Option<Duration> {
+    let body = json!({ "customer_id": customer, "currency": "EUR",
         "items": [{ "sku": "WIDGET", "quantity": 1, "unit_price_minor": 100 }] });
     let r = http.post(url).json(&body).send().await.ok()?;
     let accepted = Instant::now();
@@ -394,7 +404,14 @@ async fn run(args: Args) -> Result<Value, String> {
     );
     let s = System::start(config).await;
     s.set_stock("WIDGET", 1_000_000_000_000).await;
-    s.set_balance("alice", 1_000_000_000_000_000).await;
+    let customers: Arc<Vec<String>> = Arc::new(match args.accounts {
+        1 => vec!["alice".to_owned()],
+        n => (0..n).map(|k| format!("customer-{k}")).collect(),
+    });
+    for c in customers.iter() {
+        s.set_balance(c, 1_000_000_000_000_000).await;
+    }
+    let customer = |k: usize| customers[k % customers.len()].clone();
 
     eprintln!("measuring ceilings");
     let js_ceiling = jetstream_ceiling(&s.client).await;
@@ -410,8 +427,8 @@ async fn run(args: Args) -> Result<Value, String> {
         .map_err(|e| e.to_string())?;
     let url = format!("{}/orders", s.url(Service::Order));
     // Warm-up: connections, caches, consumers.
-    for _ in 0..50 {
-        one_saga(&http, &url, &shared).await;
+    for k in 0..50 {
+        one_saga(&http, &url, &shared, &customer(k)).await;
     }
 
     // Idle: what the system burns with no sagas at all (polls, sweeps, heartbeats).
@@ -437,12 +454,17 @@ async fn run(args: Args) -> Result<Value, String> {
     let until = start + Duration::from_secs(closed_secs);
     let latencies: Arc<Mutex<Vec<Duration>>> = Arc::default();
     let mut workers = Vec::new();
-    for _ in 0..args.concurrency {
-        let (http, url, shared, latencies) =
-            (http.clone(), url.clone(), shared.clone(), latencies.clone());
+    for k in 0..args.concurrency {
+        let (http, url, shared, latencies, customer) = (
+            http.clone(),
+            url.clone(),
+            shared.clone(),
+            latencies.clone(),
+            customer(k),
+        );
         workers.push(tokio::spawn(async move {
             while Instant::now() < until {
-                if let Some(l) = one_saga(&http, &url, &shared).await {
+                if let Some(l) = one_saga(&http, &url, &shared, &customer).await {
                     latencies.lock().expect("lock").push(l);
                 }
             }
@@ -482,10 +504,15 @@ async fn run(args: Args) -> Result<Value, String> {
     while start.elapsed() < Duration::from_secs(secs) {
         tokio::time::sleep_until((start + interval.mul_f64(i as f64)).into()).await;
         i += 1;
-        let (http, url, shared) = (http.clone(), url.clone(), shared.clone());
-        tasks.push(tokio::spawn(
-            async move { one_saga(&http, &url, &shared).await },
-        ));
+        let (http, url, shared, customer) = (
+            http.clone(),
+            url.clone(),
+            shared.clone(),
+            customer(i as usize),
+        );
+        tasks.push(tokio::spawn(async move {
+            one_saga(&http, &url, &shared, &customer).await
+        }));
         bar.set_position(start.elapsed().as_secs().min(secs));
     }
     let mut open = Vec::new();
@@ -513,6 +540,7 @@ async fn run(args: Args) -> Result<Value, String> {
 
     let result = json!({
         "profile": args.profile.name(),
+        "accounts": args.accounts,
         "machine": { "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0) },
         "ceilings": { "jetstream_acked_publish_per_s": js_ceiling.round(), "db_write_tx_per_s": db_ceiling.round() },
         "closed_loop": {
