@@ -508,7 +508,7 @@ async fn run(args: Args) -> Result<Value, String> {
             http.clone(),
             url.clone(),
             shared.clone(),
-            customer(i as usize),
+            customer(i as usize - 1),
         );
         tasks.push(tokio::spawn(async move {
             one_saga(&http, &url, &shared, &customer).await
