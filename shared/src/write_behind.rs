@@ -184,7 +184,8 @@ impl Pending {
         // numbered in order for free. Postgres needs `$N`.
         let sqlite = conn.backend_name() == "SQLite";
         let now = Value::Int(crate::db::now_micros());
-        for (sql, mut values, persistent) in self.statements(sqlite) {
+        let statements: Vec<_> = self.statements(sqlite).collect();
+        for (sql, mut values, persistent) in combined(statements, sqlite) {
             for v in values.iter_mut().filter(|v| matches!(v, Value::Now)) {
                 *v = now.clone();
             }
@@ -254,6 +255,128 @@ fn insert_sql(shape: Shape, rows: usize, anonymous: bool) -> String {
     sql
 }
 
+/// Statements run one after another, each `(sql, values, keep prepared)`, as few statements to
+/// run in the same order with the same effect: on Postgres, where each statement is a round trip,
+/// consecutive ones become one — all but the last as data-modifying `WITH` parts, their `$N`s
+/// renumbered — as long as no table is named by two of them. Parts of one statement run on one
+/// snapshot, in no set order, and do not see each other's changes; statements naming different
+/// tables cannot tell. On SQLite (a call, not a round trip) nothing changes.
+fn combined(
+    statements: Vec<(String, Vec<Value>, bool)>,
+    sqlite: bool,
+) -> Vec<(String, Vec<Value>, bool)> {
+    if sqlite || statements.len() < 2 {
+        return statements;
+    }
+    let mut out = Vec::new();
+    let mut group: Vec<(String, Vec<Value>, bool)> = Vec::new();
+    let mut named: Vec<String> = Vec::new();
+    let mut values = 0;
+    for statement in statements {
+        let tables = tables(&statement.0);
+        let clash = tables.iter().any(|t| named.contains(t));
+        if !group.is_empty() && (clash || values + statement.1.len() > MAX_PARAMS) {
+            out.push(as_one(std::mem::take(&mut group)));
+            named.clear();
+            values = 0;
+        }
+        values += statement.1.len();
+        named.extend(tables);
+        group.push(statement);
+    }
+    if !group.is_empty() {
+        out.push(as_one(group));
+    }
+    out
+}
+
+/// `statements` as one: `WITH w0 AS (first), w1 AS (second) last`.
+fn as_one(mut statements: Vec<(String, Vec<Value>, bool)>) -> (String, Vec<Value>, bool) {
+    if statements.len() == 1 {
+        return statements.pop().expect("one");
+    }
+    let last = statements.len() - 1;
+    let mut sql = String::from("WITH ");
+    let mut values = Vec::new();
+    let mut persistent = true;
+    for (i, (part, vals, keep)) in statements.into_iter().enumerate() {
+        let part = renumber(&part, values.len());
+        if i == last {
+            sql.push(' ');
+            sql.push_str(&part);
+        } else {
+            if i > 0 {
+                sql.push_str(", ");
+            }
+            sql.push_str(&format!("w{i} AS ({part})"));
+        }
+        values.extend(vals);
+        persistent &= keep;
+    }
+    (sql, values, persistent)
+}
+
+/// `sql` with each `$N` outside quotes made `$(N + by)`.
+fn renumber(sql: &str, by: usize) -> String {
+    if by == 0 {
+        return sql.to_owned();
+    }
+    let mut out = String::with_capacity(sql.len() + 16);
+    let mut quote: Option<char> = None;
+    let mut chars = sql.chars().peekable();
+    while let Some(c) = chars.next() {
+        out.push(c);
+        match (quote, c) {
+            (Some(q), c) if c == q => quote = None,
+            (Some(_), _) => {}
+            (None, '\'' | '"') => quote = Some(c),
+            (None, '$') => {
+                let mut n = String::new();
+                while let Some(d) = chars.next_if(char::is_ascii_digit) {
+                    n.push(d);
+                }
+                match n.parse::<usize>() {
+                    Ok(n) => out.push_str(&(n + by).to_string()),
+                    Err(_) => out.push_str(&n),
+                }
+            }
+            (None, _) => {}
+        }
+    }
+    out
+}
+
+/// The tables a statement names (after `INTO`, `UPDATE`, `FROM` or `JOIN`), lower-cased, outside
+/// quoted text.
+fn tables(sql: &str) -> Vec<String> {
+    const NOT_NAMES: [&str; 5] = ["set", "select", "skip", "nowait", "of"];
+    let mut names = Vec::new();
+    let mut words = Vec::new();
+    let mut word = String::new();
+    let mut quoted = false;
+    for c in sql.chars() {
+        if c == '\'' {
+            quoted = !quoted;
+        }
+        if !quoted && (c.is_ascii_alphanumeric() || c == '_' || c == '.') {
+            word.push(c.to_ascii_lowercase());
+        } else if !word.is_empty() {
+            words.push(std::mem::take(&mut word));
+        }
+    }
+    if !word.is_empty() {
+        words.push(word);
+    }
+    for pair in words.windows(2) {
+        if matches!(pair[0].as_str(), "into" | "update" | "from" | "join")
+            && !NOT_NAMES.contains(&pair[1].as_str())
+        {
+            names.push(pair[1].clone());
+        }
+    }
+    names
+}
+
 /// One statement, its values bound in order.
 async fn execute(
     conn: &mut AnyConnection,
@@ -296,13 +419,36 @@ impl Together {
         self.items.push(Item::Rows(pending));
     }
 
-    /// Run the statements in `conn`.
+    /// Run the statements in `conn`, in order: on Postgres as few statements as
+    /// [`combined`] allows.
     pub async fn execute(self, conn: &mut AnyConnection) -> Result<(), sqlx::Error> {
+        let sqlite = conn.backend_name() == "SQLite";
+        if sqlite {
+            for item in self.items {
+                match item {
+                    Item::Statement(sql, values) => execute(&mut *conn, &sql, true, values).await?,
+                    Item::Rows(rows) => rows.flush(&mut *conn).await?,
+                }
+            }
+            return Ok(());
+        }
+        let now = Value::Int(crate::db::now_micros());
+        let mut statements = Vec::new();
         for item in self.items {
             match item {
-                Item::Statement(sql, values) => execute(&mut *conn, &sql, true, values).await?,
-                Item::Rows(rows) => rows.flush(&mut *conn).await?,
+                Item::Statement(sql, values) => statements.push((sql, values, true)),
+                Item::Rows(rows) => statements.extend(rows.statements(false).map(
+                    |(sql, mut values, persistent)| {
+                        for v in values.iter_mut().filter(|v| matches!(v, Value::Now)) {
+                            *v = now.clone();
+                        }
+                        (sql, values, persistent)
+                    },
+                )),
             }
+        }
+        for (sql, values, persistent) in combined(statements, false) {
+            execute(&mut *conn, &sql, persistent, values).await?;
         }
         Ok(())
     }
@@ -563,6 +709,82 @@ mod tests {
         assert!(together.execute(&mut tx).await.is_err(), "duplicate key");
         tx.rollback().await.expect("rollback");
         assert_eq!(count(&db, "u").await, 1);
+        // A statement that reads a table an earlier one wrote sees that write (on Postgres the
+        // two are not made one, whose parts would share a snapshot), and rows come after.
+        let mut tx = db.begin().await.expect("begin");
+        let mut together = Together::default();
+        together.push("INSERT INTO u (k) VALUES ($1)", vec!["d".into()]);
+        together.push(
+            "UPDATE t SET n = (SELECT COUNT(*) FROM u) * $1 WHERE k = $2",
+            vec![100i64.into(), "a".into()],
+        );
+        let ((), rows) = gather(async {
+            insert(&mut tx, SHAPE, self::row("e", 5))
+                .await
+                .expect("insert");
+        })
+        .await;
+        together.rows(rows);
+        together.execute(&mut tx).await.expect("together");
+        tx.commit().await.expect("commit");
+        let n: i64 = sqlx::query("SELECT n FROM t WHERE k = 'a'")
+            .fetch_one(db.pool())
+            .await
+            .expect("row")
+            .get(0);
+        assert_eq!(n, 200, "the count saw the insert before it");
+        assert_eq!(count(&db, "t").await, 2);
+    }
+
+    #[test]
+    fn on_postgres_statements_naming_other_tables_go_out_as_one() {
+        let statements = vec![
+            (
+                "INSERT INTO t (k, s) VALUES ($1, '$1 stays')".to_owned(),
+                vec![Value::from("a")],
+                true,
+            ),
+            (
+                "UPDATE u SET k = $1 WHERE k = $2".to_owned(),
+                vec![Value::from("b"), Value::from("c")],
+                true,
+            ),
+            (
+                "INSERT INTO v (k) VALUES ($1) ON CONFLICT (k) DO UPDATE SET k = excluded.k"
+                    .to_owned(),
+                vec![Value::from("d")],
+                false,
+            ),
+            (
+                "UPDATE t SET n = $1 WHERE k = $2".to_owned(),
+                vec![Value::from(1i64), Value::from("a")],
+                true,
+            ),
+        ];
+        assert_eq!(combined(statements.clone(), true), statements, "SQLite");
+        let out = combined(statements.clone(), false);
+        assert_eq!(out.len(), 2, "{out:?}");
+        assert_eq!(
+            out[0].0,
+            "WITH w0 AS (INSERT INTO t (k, s) VALUES ($1, '$1 stays')), \
+             w1 AS (UPDATE u SET k = $2 WHERE k = $3) \
+             INSERT INTO v (k) VALUES ($4) ON CONFLICT (k) DO UPDATE SET k = excluded.k"
+        );
+        assert_eq!(
+            out[0].1,
+            vec![
+                Value::from("a"),
+                Value::from("b"),
+                Value::from("c"),
+                Value::from("d")
+            ]
+        );
+        assert!(!out[0].2, "kept prepared only if every part was");
+        assert_eq!(out[1], statements[3], "t again: a statement of its own");
+        assert_eq!(
+            tables("SELECT a FROM x JOIN y ON true WHERE b IN (SELECT c FROM z) FOR UPDATE SKIP LOCKED"),
+            ["x", "y", "z"]
+        );
     }
 
     #[tokio::test]
