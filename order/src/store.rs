@@ -3,7 +3,8 @@
 
 use chrono::{DateTime, Duration as ChronoDuration, Utc};
 use event_toolkit::db::{lock_clause, micros_to_datetime, now_micros};
-use event_toolkit::{emit, write_behind, Context, Envelope, EventPayload};
+use event_toolkit::write_behind::{self, Together};
+use event_toolkit::{emit, Context, Envelope, EventPayload};
 use serde::Serialize;
 use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, AnyPool, Row};
@@ -217,22 +218,23 @@ pub async fn place(
     let deadline_at = Utc::now()
         + ChronoDuration::from_std(placement.deadline).unwrap_or(ChronoDuration::seconds(30));
     let items = serde_json::to_string(&order.lines).map_err(|e| sqlx::Error::Encode(e.into()))?;
-    sqlx::query(
+    let mut writes = Together::default();
+    writes.push(
         "INSERT INTO orders (id, customer_id, status, reason, total_minor, currency, items, \
          deadline_at_us, created_at_us, updated_at_us, idempotency_key, request_fingerprint) \
          VALUES ($1, $2, 'PENDING', NULL, $3, $4, $5, $6, $7, $7, $8, $9)",
-    )
-    .bind(placement.order_id)
-    .bind(&order.customer_id)
-    .bind(order.total_minor)
-    .bind(order.currency.as_str())
-    .bind(&items)
-    .bind(deadline_at.timestamp_micros())
-    .bind(now)
-    .bind(placement.idempotency_key)
-    .bind(placement.fingerprint)
-    .execute(&mut *conn)
-    .await?;
+        vec![
+            placement.order_id.into(),
+            order.customer_id.as_str().into(),
+            order.total_minor.into(),
+            order.currency.as_str().into(),
+            items.into(),
+            deadline_at.timestamp_micros().into(),
+            now.into(),
+            placement.idempotency_key.into(),
+            placement.fingerprint.into(),
+        ],
+    );
     let payload = OrderPlaced {
         order_id: placement.order_id.to_owned(),
         customer_id: order.customer_id.clone(),
@@ -243,7 +245,18 @@ pub async fn place(
     };
     // The order id names the saga it starts.
     let ctx = ctx.clone().correlated(placement.order_id);
-    announce(conn, &ctx, &payload).await?;
+    let (event, rows) = gather_announcement(&mut *conn, &ctx, &payload).await;
+    event?;
+    if write_behind::gathering() {
+        // In a batch of commands: the order now (a later command may ask for its key), its
+        // event and timeline row with the batch's.
+        writes.execute(&mut *conn).await?;
+        rows.write(conn).await?;
+    } else {
+        // On Postgres the order, its event and its timeline row in one round trip.
+        writes.rows(rows);
+        writes.execute(conn).await?;
+    }
     let now = micros_to_datetime(now);
     Ok(Placed::Created(Order {
         id: placement.order_id.to_owned(),
@@ -369,13 +382,22 @@ async fn announce<P: EventPayload>(
     ctx: &Context,
     payload: &P,
 ) -> Result<Envelope, sqlx::Error> {
-    let (event, rows) = write_behind::gather(async {
+    let (event, rows) = gather_announcement(&mut *conn, ctx, payload).await;
+    let event = event?;
+    rows.write(conn).await?;
+    Ok(event)
+}
+
+/// An order event's outbox row and timeline row, gathered (not yet written).
+async fn gather_announcement<P: EventPayload>(
+    conn: &mut AnyConnection,
+    ctx: &Context,
+    payload: &P,
+) -> (Result<Envelope, sqlx::Error>, write_behind::Pending) {
+    write_behind::gather(async {
         let event = emit(&mut *conn, ctx, payload).await?;
         crate::timeline::record_own(&mut *conn, &event).await?;
         Ok::<_, sqlx::Error>(event)
     })
-    .await;
-    let event = event?;
-    rows.write(conn).await?;
-    Ok(event)
+    .await
 }

@@ -62,13 +62,14 @@ impl FailReason {
 pub enum OnReserved {
     /// Start a payment.
     Charge,
-    /// The order is known cancelled, or a payment already exists: nothing.
+    /// The order is known cancelled: nothing.
     Nothing,
 }
 
-/// Decide on `inventory.reserved`: never charge an order known cancelled, never charge twice.
-pub fn on_reserved(existing: Option<PaymentStatus>, known_cancelled: bool) -> OnReserved {
-    if known_cancelled || existing.is_some() {
+/// Decide on `inventory.reserved`: never charge an order known cancelled. (Never twice either:
+/// the store's insert leaves an order's existing payment as it is.)
+pub fn on_reserved(known_cancelled: bool) -> OnReserved {
+    if known_cancelled {
         OnReserved::Nothing
     } else {
         OnReserved::Charge
@@ -223,15 +224,8 @@ mod tests {
 
     #[test]
     fn a_cancellation_seen_first_means_never_charge() {
-        assert_eq!(on_reserved(None, true), OnReserved::Nothing);
-        assert_eq!(on_reserved(None, false), OnReserved::Charge);
-    }
-
-    #[test]
-    fn a_reservation_is_charged_once() {
-        for s in [S::Pending, S::Captured, S::Refunded, S::Failed] {
-            assert_eq!(on_reserved(Some(s), false), OnReserved::Nothing);
-        }
+        assert_eq!(on_reserved(true), OnReserved::Nothing);
+        assert_eq!(on_reserved(false), OnReserved::Charge);
     }
 
     #[test]

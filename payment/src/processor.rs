@@ -8,7 +8,7 @@
 //! provider did not acknowledge are retried by a sweep until it does.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use event_toolkit::{Database, OutboxWaker, Written};
 use tokio::sync::Semaphore;
@@ -64,6 +64,8 @@ impl Processor {
     pub async fn run(self, shutdown: CancellationToken) {
         let slots = Arc::new(Semaphore::new(self.concurrency.max(1)));
         let mut running = JoinSet::new();
+        // When captures and voids owed were last looked for; `None`: look at the next claim.
+        let mut owed_claimed_at: Option<Instant> = None;
         loop {
             while let Some(done) = running.try_join_next() {
                 if let Err(e) = done {
@@ -73,7 +75,15 @@ impl Processor {
             let free = slots.available_permits();
             let mut taken = 0;
             if free > 0 {
-                for work in self.claim(free).await {
+                // Follow-ups owed are retried seconds apart and are not on any saga's way: one
+                // look per poll interval finds them, where one per settled payment (a statement
+                // each, nearly always finding none) cost every saga.
+                let owed = owed_claimed_at.is_none_or(|t| t.elapsed() >= POLL);
+                let (claimed, owed_full) = self.claim(free, owed).await;
+                if owed {
+                    owed_claimed_at = (!owed_full).then(Instant::now);
+                }
+                for work in claimed {
                     let Ok(slot) = slots.clone().try_acquire_owned() else {
                         break;
                     };
@@ -105,8 +115,9 @@ impl Processor {
         }
     }
 
-    /// Up to `limit` payments to settle and captures or voids owed, each under a lease.
-    async fn claim(&self, limit: usize) -> Vec<Work> {
+    /// Up to `limit` payments to settle and (if `owed`) captures or voids owed, each under a
+    /// lease; and whether the follow-ups filled what was left (more may be due).
+    async fn claim(&self, limit: usize, owed: bool) -> (Vec<Work>, bool) {
         let limit = limit as i64;
         let mut work: Vec<Work> =
             match store::claim_pending(&self.db, limit, LEASE.as_micros() as i64).await {
@@ -117,15 +128,19 @@ impl Processor {
                 }
             };
         let left = limit - work.len() as i64;
-        if left > 0 {
+        let mut full = false;
+        if owed && left > 0 {
             match store::claim_owed(&self.db, left, FOLLOW_UP_LEASE.as_micros() as i64).await {
-                Ok(owed) => work.extend(owed.into_iter().map(Work::FollowUp)),
+                Ok(owed) => {
+                    full = owed.len() as i64 == left;
+                    work.extend(owed.into_iter().map(Work::FollowUp));
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot claim captures and voids owed; retrying")
                 }
             }
         }
-        work
+        (work, full)
     }
 
     async fn work(&self, work: Work) {

@@ -203,18 +203,18 @@ pub async fn on_stock_reserved(
     reserved: &StockReserved,
 ) -> Result<bool, sqlx::Error> {
     let cancelled = lock_order(conn, &reserved.order_id).await?;
-    let existing = status_locked(conn, &reserved.order_id).await?;
-    if on_reserved(existing, cancelled) == OnReserved::Nothing {
+    if on_reserved(cancelled) == OnReserved::Nothing {
         return Ok(false);
     }
     let now = now_micros();
     // The processor settles later, outside this consumer span: it keeps the span's context so
     // the outcome it announces stays in the saga's trace.
     let traceparent = ctx.traceparent_to_keep();
-    sqlx::query(
+    let inserted = sqlx::query(
         "INSERT INTO payments (order_id, payment_id, customer_id, amount_minor, currency, status, reason, \
          lease_until_us, correlation_id, cause_event_id, traceparent, created_at_us, updated_at_us) \
-         VALUES ($1, $2, $3, $4, $5, 'PENDING', NULL, 0, $6, $7, $8, $9, $9)",
+         VALUES ($1, $2, $3, $4, $5, 'PENDING', NULL, 0, $6, $7, $8, $9, $9) \
+         ON CONFLICT (order_id) DO NOTHING",
     )
     .bind(&reserved.order_id)
     .bind(Uuid::now_v7().to_string())
@@ -227,7 +227,9 @@ pub async fn on_stock_reserved(
     .bind(now)
     .execute(conn)
     .await?;
-    Ok(true)
+    // Never charged twice: an order with a payment already keeps it (one statement where a
+    // locked read and then the insert took two).
+    Ok(inserted.rows_affected() == 1)
 }
 
 /// On `orders.cancelled`: remember it; refund a capture, or void a pending charge.

@@ -126,10 +126,12 @@ async fn a_reservation_starts_one_payment(b: Backend) {
         .await
         .then_emits(&[])
         .then_applied_once();
-    // Published again under a new id: the order has its payment already.
-    s.when(&reserved("o-1", 250)).await.then_emits(&[]);
+    // Published again under a new id (even with another amount): the order keeps its payment.
+    s.when(&reserved("o-1", 999)).await.then_emits(&[]);
 
-    assert_eq!(payments(&s, "o-1").await.len(), 1);
+    let all = payments(&s, "o-1").await;
+    assert_eq!(all.len(), 1);
+    assert_eq!(all[0].amount_minor, 250);
 }
 
 async fn a_cancellation_before_the_reservation_bars_the_payment(b: Backend) {

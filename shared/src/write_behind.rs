@@ -478,6 +478,11 @@ pub async fn insert(
     }
 }
 
+/// Whether this runs inside a [`gather`]: rows [`insert`]ed here wait for its flush.
+pub fn gathering() -> bool {
+    PENDING.try_with(|_| ()).is_ok()
+}
+
 /// Run `work`, gathering the rows it [`insert`]s instead of writing them; the caller flushes them
 /// in the same transaction before committing.
 pub async fn gather<F: Future>(work: F) -> (F::Output, Pending) {
