@@ -377,21 +377,33 @@ pub async fn peek(pool: &AnyPool, order_id: &str) -> Result<Pending, sqlx::Error
     load(&mut conn, order_id).await
 }
 
-/// Balance, held amount and currency of an account, locked.
-pub async fn account_locked(
+/// An account's balance, held amount and currency.
+type Balance = (i64, i64, String);
+
+/// The payment, if any, and its customer's account, both locked for the rest of the transaction
+/// (the payment's row first, as before): one statement where a payment's account exists, two
+/// where it does not (an unknown customer).
+async fn load_with_account_locked(
     conn: &mut AnyConnection,
-    customer_id: &str,
-) -> Result<Option<(i64, i64, String)>, sqlx::Error> {
+    order_id: &str,
+) -> Result<Option<(Pending, Option<Balance>)>, sqlx::Error> {
     let sql = format!(
-        "SELECT balance_minor, held_minor, currency FROM accounts WHERE customer_id = $1{}",
+        "SELECT p.order_id, p.payment_id, p.customer_id, p.amount_minor, p.currency, p.status, \
+         p.correlation_id, p.cause_event_id, p.traceparent, p.held, \
+         a.balance_minor, a.held_minor, a.currency \
+         FROM payments p JOIN accounts a ON a.customer_id = p.customer_id \
+         WHERE p.order_id = $1{}",
         lock_clause(conn)
     );
     let row = sqlx::query(&sql)
-        .bind(customer_id)
+        .bind(order_id)
         .fetch_optional(&mut *conn)
         .await?;
-    row.map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
-        .transpose()
+    if let Some(r) = row {
+        let account = (r.try_get(10)?, r.try_get(11)?, r.try_get(12)?);
+        return Ok(Some((pending(&r)?, Some(account))));
+    }
+    Ok(load_locked(conn, order_id).await?.map(|p| (p, None)))
 }
 
 /// Give a payment's held amount back to its account, taking `captured` off the balance.
@@ -474,16 +486,15 @@ pub async fn hold(
     order_id: &str,
     wait_us: i64,
 ) -> Result<HoldStep, sqlx::Error> {
-    let Some(p) = load_locked(conn, order_id)
+    let Some((p, account)) = load_with_account_locked(conn, order_id)
         .await?
-        .filter(|p| p.status == PaymentStatus::Pending)
+        .filter(|(p, _)| p.status == PaymentStatus::Pending)
     else {
         return Ok(HoldStep::Gone);
     };
     if p.held {
         return Ok(HoldStep::Held(p));
     }
-    let account = account_locked(conn, &p.customer_id).await?;
     let decision = decide_hold(
         account.as_ref().map(|(b, h, c)| (*b, *h, c.as_str())),
         p.amount_minor,
@@ -574,11 +585,12 @@ pub async fn settle(
     answer: ProviderAnswer,
     follow_up_lease_us: i64,
 ) -> Result<Settled, sqlx::Error> {
-    let p = load_locked(conn, order_id).await?;
-    let status = p.as_ref().map(|p| p.status);
+    // The account is re-read with the payment: its balance may have been lowered meanwhile.
+    let loaded = load_with_account_locked(conn, order_id).await?;
+    let status = loaded.as_ref().map(|(p, _)| p.status);
     // The caller calls the provider at once; the lease keeps a sweep from doing it meanwhile.
     let due_at = now_micros() + follow_up_lease_us;
-    let Some(p) = p.filter(|p| p.status == PaymentStatus::Pending) else {
+    let Some((p, account)) = loaded.filter(|(p, _)| p.status == PaymentStatus::Pending) else {
         // Captured by another processor that took over: that one owes the capture.
         let owed = match status {
             Some(PaymentStatus::Failed) => follow_up(PaymentStatus::Failed, answer),
@@ -592,8 +604,6 @@ pub async fn settle(
             owed,
         });
     };
-    // Re-checked against the locked balance: it may have been lowered meanwhile.
-    let account = account_locked(conn, &p.customer_id).await?;
     let result = crate::domain::settle(
         account.as_ref().map(|(b, _, c)| (*b, c.as_str())),
         p.amount_minor,

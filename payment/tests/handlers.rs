@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use event_toolkit::scenario::{event, Scenario};
 use event_toolkit::{on_both_backends, Backend, Envelope, EventPayload, OutboxWaker};
-use payment_service::domain::ProviderAnswer;
+use payment_service::domain::{FailReason, ProviderAnswer};
 use payment_service::events::{OrderCancelled, PaymentRefunded, PaymentSucceeded, StockReserved};
 use payment_service::store::{self, HoldStep, Payment};
 
@@ -259,7 +259,41 @@ async fn invalid_reservations_are_dead_lettered(b: Backend) {
     assert_eq!(s.count("FROM order_flags").await, 0);
 }
 
+/// The hold reads the payment and its customer's account together; a customer with no account
+/// is refused there (declined, announced), and no account appears.
+async fn a_customer_without_an_account_is_declined_at_the_hold(b: Backend) {
+    let mut s = scenario(b).await;
+    let mut when = reserved("o-1", 250);
+    when.data["customer_id"] = "nobody".into();
+    s.when(&when).await.then_emits(&[]);
+
+    s.given_state(async |conn| {
+        let step = store::hold(conn, SOURCE, "o-1", 0).await.unwrap();
+        assert!(
+            matches!(step, HoldStep::Refused(FailReason::PaymentDeclined)),
+            "{step:?}"
+        );
+    })
+    .await;
+    let p = the_payment(&s, "o-1").await;
+    assert_eq!(
+        (p.status.as_str(), p.reason.as_deref()),
+        ("FAILED", Some("payment_declined"))
+    );
+    assert_eq!(
+        s.count("FROM accounts WHERE customer_id = 'nobody'").await,
+        0
+    );
+    assert_eq!(
+        s.count("FROM outbox WHERE subject = 'payments.failed.v1'")
+            .await,
+        1
+    );
+    assert_eq!(balance(&s).await, (1000, 0), "alice untouched");
+}
+
 on_both_backends!(
+    a_customer_without_an_account_is_declined_at_the_hold,
     a_reservation_starts_a_pending_payment_and_wakes_the_processor,
     a_reservation_starts_one_payment,
     a_cancellation_before_the_reservation_bars_the_payment,
