@@ -79,9 +79,13 @@ impl Processor {
                 // look per poll interval finds them, where one per settled payment (a statement
                 // each, nearly always finding none) cost every saga.
                 let owed = owed_claimed_at.is_none_or(|t| t.elapsed() >= POLL);
-                let (claimed, owed_full) = self.claim(free, owed).await;
-                if owed {
-                    owed_claimed_at = (!owed_full).then(Instant::now);
+                let (claimed, looked) = self.claim(free, owed).await;
+                match looked {
+                    // Every slot left went to follow-ups: more may be due, look again.
+                    Some(true) => owed_claimed_at = None,
+                    Some(false) => owed_claimed_at = Some(Instant::now()),
+                    // Payments to settle took every slot: the look is still owed.
+                    None => {}
                 }
                 for work in claimed {
                     let Ok(slot) = slots.clone().try_acquire_owned() else {
@@ -116,8 +120,9 @@ impl Processor {
     }
 
     /// Up to `limit` payments to settle and (if `owed`) captures or voids owed, each under a
-    /// lease; and whether the follow-ups filled what was left (more may be due).
-    async fn claim(&self, limit: usize, owed: bool) -> (Vec<Work>, bool) {
+    /// lease; and, if it looked for follow-ups, whether they filled what was left (more may be
+    /// due). A look that failed counts as done: the next is one poll interval later.
+    async fn claim(&self, limit: usize, owed: bool) -> (Vec<Work>, Option<bool>) {
         let limit = limit as i64;
         let mut work: Vec<Work> =
             match store::claim_pending(&self.db, limit, LEASE.as_micros() as i64).await {
@@ -128,19 +133,22 @@ impl Processor {
                 }
             };
         let left = limit - work.len() as i64;
-        let mut full = false;
-        if owed && left > 0 {
-            match store::claim_owed(&self.db, left, FOLLOW_UP_LEASE.as_micros() as i64).await {
-                Ok(owed) => {
-                    full = owed.len() as i64 == left;
-                    work.extend(owed.into_iter().map(Work::FollowUp));
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot claim captures and voids owed; retrying")
-                }
-            }
+        if !owed || left <= 0 {
+            return (work, None);
         }
-        (work, full)
+        let full = match store::claim_owed(&self.db, left, FOLLOW_UP_LEASE.as_micros() as i64).await
+        {
+            Ok(owed) => {
+                let full = owed.len() as i64 == left;
+                work.extend(owed.into_iter().map(Work::FollowUp));
+                full
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot claim captures and voids owed; retrying");
+                false
+            }
+        };
+        (work, Some(full))
     }
 
     async fn work(&self, work: Work) {

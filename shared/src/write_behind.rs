@@ -256,11 +256,13 @@ fn insert_sql(shape: Shape, rows: usize, anonymous: bool) -> String {
 }
 
 /// Statements run one after another, each `(sql, values, keep prepared)`, as few statements to
-/// run in the same order with the same effect: on Postgres, where each statement is a round trip,
-/// consecutive ones become one — all but the last as data-modifying `WITH` parts, their `$N`s
-/// renumbered — as long as no table is named by two of them. Parts of one statement run on one
-/// snapshot, in no set order, and do not see each other's changes; statements naming different
-/// tables cannot tell. On SQLite (a call, not a round trip) nothing changes.
+/// run with the same effect: on Postgres, where each statement is a round trip, consecutive plain
+/// `INSERT`/`UPDATE`/`DELETE`s become one — all but the last as data-modifying `WITH` parts, their
+/// `$N`s renumbered — as long as no table is named by two of them. Parts of one statement run on
+/// one snapshot, in no set order, and do not see each other's changes; statements naming
+/// different tables cannot tell, except by the order they take row locks in: callers combine
+/// only writes to rows their transaction locked already, or new rows. On SQLite (a call, not a
+/// round trip) nothing changes.
 fn combined(
     statements: Vec<(String, Vec<Value>, bool)>,
     sqlite: bool,
@@ -273,7 +275,16 @@ fn combined(
     let mut named: Vec<String> = Vec::new();
     let mut values = 0;
     for statement in statements {
-        let tables = tables(&statement.0);
+        let Some(tables) = tables(&statement.0) else {
+            // Not plain enough to be a part: on its own, between groups.
+            if !group.is_empty() {
+                out.push(as_one(std::mem::take(&mut group)));
+                named.clear();
+                values = 0;
+            }
+            out.push(statement);
+            continue;
+        };
         let clash = tables.iter().any(|t| named.contains(t));
         if !group.is_empty() && (clash || values + statement.1.len() > MAX_PARAMS) {
             out.push(as_one(std::mem::take(&mut group)));
@@ -346,35 +357,62 @@ fn renumber(sql: &str, by: usize) -> String {
     out
 }
 
-/// The tables a statement names (after `INTO`, `UPDATE`, `FROM` or `JOIN`), lower-cased, outside
-/// quoted text.
-fn tables(sql: &str) -> Vec<String> {
+/// The tables a plain `INSERT`, `UPDATE` or `DELETE` names (after `INTO`, `UPDATE`, `FROM` or
+/// `JOIN`), lower-cased; `None` for anything else or anything this reading could get wrong
+/// (comments, dollar quotes, quoted identifiers, `ONLY`, `USING`, `LATERAL`, lists of tables, a
+/// leading `WITH`, several statements), which then goes out on its own.
+fn tables(sql: &str) -> Option<Vec<String>> {
     const NOT_NAMES: [&str; 5] = ["set", "select", "skip", "nowait", "of"];
-    let mut names = Vec::new();
-    let mut words = Vec::new();
+    const UNSURE: [&str; 3] = ["only", "using", "lateral"];
+    if ["--", "/*", "$$", "\"", ";", "\\"]
+        .iter()
+        .any(|t| sql.contains(t))
+    {
+        return None;
+    }
+    // Words and the punctuation that matters here, outside quoted text.
+    let mut tokens: Vec<String> = Vec::new();
     let mut word = String::new();
     let mut quoted = false;
     for c in sql.chars() {
+        let in_word = !quoted && (c.is_ascii_alphanumeric() || c == '_' || c == '.');
+        if in_word {
+            word.push(c.to_ascii_lowercase());
+            continue;
+        }
+        if !word.is_empty() {
+            tokens.push(std::mem::take(&mut word));
+        }
         if c == '\'' {
             quoted = !quoted;
-        }
-        if !quoted && (c.is_ascii_alphanumeric() || c == '_' || c == '.') {
-            word.push(c.to_ascii_lowercase());
-        } else if !word.is_empty() {
-            words.push(std::mem::take(&mut word));
+        } else if !quoted && c == ',' {
+            tokens.push(",".to_owned());
         }
     }
     if !word.is_empty() {
-        words.push(word);
+        tokens.push(word);
     }
-    for pair in words.windows(2) {
+    if !matches!(
+        tokens.first().map(String::as_str),
+        Some("insert" | "update" | "delete")
+    ) || tokens.iter().any(|t| UNSURE.contains(&t.as_str()))
+    {
+        return None;
+    }
+    let mut names = Vec::new();
+    for (i, pair) in tokens.windows(2).enumerate() {
         if matches!(pair[0].as_str(), "into" | "update" | "from" | "join")
             && !NOT_NAMES.contains(&pair[1].as_str())
         {
+            // `FROM a, b` (or `FROM a x, b`): more tables than this reading follows.
+            let list = tokens[i + 2..].iter().take(2).any(|t| t == ",");
+            if pair[0] == "from" && list {
+                return None;
+            }
             names.push(pair[1].clone());
         }
     }
-    names
+    Some(names)
 }
 
 /// One statement, its values bound in order.
@@ -419,8 +457,9 @@ impl Together {
         self.items.push(Item::Rows(pending));
     }
 
-    /// Run the statements in `conn`, in order: on Postgres as few statements as
-    /// [`combined`] allows.
+    /// Run the statements in `conn`, with the effect of running them in order: on Postgres as few
+    /// statements as [`combined`] allows, so every row they update must be locked already by
+    /// this transaction (or be new).
     pub async fn execute(self, conn: &mut AnyConnection) -> Result<(), sqlx::Error> {
         let sqlite = conn.backend_name() == "SQLite";
         if sqlite {
@@ -786,10 +825,48 @@ mod tests {
         );
         assert!(!out[0].2, "kept prepared only if every part was");
         assert_eq!(out[1], statements[3], "t again: a statement of its own");
+        let some = |sql: &str| tables(sql).unwrap_or_else(|| panic!("{sql}"));
         assert_eq!(
-            tables("SELECT a FROM x JOIN y ON true WHERE b IN (SELECT c FROM z) FOR UPDATE SKIP LOCKED"),
+            some("UPDATE x SET a = 1 WHERE b IN (SELECT c FROM y JOIN z ON true FOR UPDATE SKIP LOCKED)"),
             ["x", "y", "z"]
         );
+        assert_eq!(
+            some("INSERT INTO v (k) VALUES ('it''s from w') ON CONFLICT (k) DO UPDATE SET k = excluded.k"),
+            ["v"]
+        );
+        assert_eq!(some("DELETE FROM t WHERE k = $1"), ["t"]);
+        for unsure in [
+            "SELECT a FROM x",
+            "WITH a AS (DELETE FROM x) DELETE FROM y",
+            "UPDATE ONLY x SET a = 1",
+            "DELETE FROM x USING y WHERE x.a = y.a",
+            "UPDATE x SET a = 1 FROM y, z",
+            "UPDATE x SET a = 1 FROM y q, z",
+            "INSERT INTO \"X\" (k) VALUES ($1)",
+            "INSERT INTO x (k) VALUES ($1) -- it's",
+            "UPDATE x SET a = 1; UPDATE y SET a = 1",
+        ] {
+            assert_eq!(tables(unsure), None, "{unsure}");
+        }
+        // Such a statement goes out alone, between the groups around it.
+        let alone = vec![
+            (
+                "UPDATE x SET a = $1".to_owned(),
+                vec![Value::from(1i64)],
+                true,
+            ),
+            (
+                "UPDATE ONLY y SET a = $1".to_owned(),
+                vec![Value::from(2i64)],
+                true,
+            ),
+            (
+                "UPDATE z SET a = $1".to_owned(),
+                vec![Value::from(3i64)],
+                true,
+            ),
+        ];
+        assert_eq!(combined(alone.clone(), false), alone);
     }
 
     #[tokio::test]
