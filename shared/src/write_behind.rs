@@ -185,11 +185,8 @@ impl Pending {
         let sqlite = conn.backend_name() == "SQLite";
         let now = Value::Int(crate::db::now_micros());
         let statements: Vec<_> = self.statements(sqlite).collect();
-        for (sql, mut values, persistent) in combined(statements, sqlite) {
-            for v in values.iter_mut().filter(|v| matches!(v, Value::Now)) {
-                *v = now.clone();
-            }
-            execute(conn, &sql, persistent, values).await?;
+        for (sql, values, persistent) in combined(statements, sqlite) {
+            execute(conn, &sql, persistent, stamped(values, &now)).await?;
         }
         Ok(())
     }
@@ -205,6 +202,14 @@ impl Pending {
             })
         })
     }
+}
+
+/// `values` with each [`Value::Now`] made `now` (the flush's time).
+fn stamped(mut values: Vec<Value>, now: &Value) -> Vec<Value> {
+    for v in values.iter_mut().filter(|v| matches!(v, Value::Now)) {
+        *v = now.clone();
+    }
+    values
 }
 
 /// `rows` of `shape`, in order, split into one statement's rows each, as [`Pending::flush`] and
@@ -476,14 +481,10 @@ impl Together {
         for item in self.items {
             match item {
                 Item::Statement(sql, values) => statements.push((sql, values, true)),
-                Item::Rows(rows) => statements.extend(rows.statements(false).map(
-                    |(sql, mut values, persistent)| {
-                        for v in values.iter_mut().filter(|v| matches!(v, Value::Now)) {
-                            *v = now.clone();
-                        }
-                        (sql, values, persistent)
-                    },
-                )),
+                Item::Rows(rows) => statements.extend(
+                    rows.statements(false)
+                        .map(|(sql, values, keep)| (sql, stamped(values, &now), keep)),
+                ),
             }
         }
         for (sql, values, persistent) in combined(statements, false) {
