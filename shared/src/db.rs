@@ -156,6 +156,9 @@ pub fn install_drivers() {
     });
 }
 
+/// A pooled Postgres connection idle this long is pinged before it is handed out.
+pub const PING_AFTER_IDLE: Duration = Duration::from_secs(1);
+
 /// The default URL for a service's SQLite file under `data/`.
 pub fn default_sqlite_url(service: &str) -> String {
     format!("sqlite://data/{service}.db")
@@ -193,10 +196,19 @@ impl Database {
         let pool_options = AnyPoolOptions::new()
             .max_connections(options.max_connections)
             .acquire_timeout(Duration::from_secs(30))
-            // A ping before each checkout is a round trip to the connection's worker thread per
-            // transaction, for nothing: an open SQLite file does not go away. Postgres
-            // connections can (a restart), so they keep it.
-            .test_before_acquire(backend == Backend::Postgres)
+            // A ping before each checkout is a round trip per transaction. An open SQLite file
+            // does not go away: never. A Postgres connection can (a restart), but one used less
+            // than a second ago is as good as pinged (and sqlx pings it on release anyway), so
+            // only a connection idle longer is checked.
+            .test_before_acquire(false)
+            .before_acquire(move |conn, meta| {
+                Box::pin(async move {
+                    if backend == Backend::Postgres && meta.idle_for >= PING_AFTER_IDLE {
+                        sqlx::Connection::ping(conn).await?;
+                    }
+                    Ok(true)
+                })
+            })
             .after_connect(move |conn, _meta| {
                 let pragmas = pragmas.clone();
                 Box::pin(async move {

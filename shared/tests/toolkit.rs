@@ -704,3 +704,76 @@ async fn a_panicking_handler_dead_letters_its_message_and_the_consumer_goes_on(b
     );
     task.abort();
 }
+
+/// Pooled Postgres connections are pinged only after a second idle (a ping per checkout was a
+/// round trip per transaction). Connections the server dropped while they sat in the pool (a
+/// restart, an administrator) must still never be handed out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_connections_dropped_while_idle_are_never_handed_out() {
+    use sqlx::Connection;
+    let testdb = TestDb::new(Backend::Postgres).await;
+    let db = Database::connect(&testdb.url, event_toolkit::DbOptions::default())
+        .await
+        .unwrap();
+    // Four connections open at once, then back in the pool.
+    let busy = (0..4).map(|_| {
+        let db = db.clone();
+        async move {
+            let mut tx = db.begin().await.unwrap();
+            sqlx::query("SELECT pg_sleep(0.05)")
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+            tx.commit().await.unwrap();
+        }
+    });
+    futures::future::join_all(busy).await;
+    let idle_since = Instant::now();
+    let mut admin = AnyConnection::connect(&testdb.url).await.unwrap();
+    let others = "SELECT COUNT(*) FROM pg_stat_activity \
+                  WHERE datname = current_database() AND pid <> pg_backend_pid()";
+    let open: i64 = sqlx::query(others)
+        .fetch_one(&mut admin)
+        .await
+        .unwrap()
+        .get(0);
+    assert!(open >= 4, "the pool holds {open} connections");
+    sqlx::query(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = current_database() AND pid <> pg_backend_pid()",
+    )
+    .execute(&mut admin)
+    .await
+    .unwrap();
+    eventually(WAIT, "the pool's connections are gone", || async {
+        let left: i64 = sqlx::query(others)
+            .fetch_one(&mut AnyConnection::connect(&testdb.url).await.unwrap())
+            .await
+            .unwrap()
+            .get(0);
+        (left <= 1).then_some(()) // `admin`
+    })
+    .await;
+    // Idle past the threshold: each checkout is pinged and a dead connection replaced.
+    let wait = event_toolkit::db::PING_AFTER_IDLE.saturating_sub(idle_since.elapsed());
+    tokio::time::sleep(wait + Duration::from_millis(100)).await;
+    for round in 0..8 {
+        let mut tx = db.begin().await.unwrap();
+        let n: i64 = sqlx::query("SELECT 1::BIGINT")
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap_or_else(|e| panic!("transaction {round} got a dead connection: {e}"))
+            .get(0);
+        tx.commit().await.unwrap();
+        assert_eq!(n, 1);
+    }
+    let concurrent = (0..4).map(|_| {
+        let db = db.clone();
+        async move { sqlx::query("SELECT 1").execute(db.pool()).await.is_ok() }
+    });
+    assert!(futures::future::join_all(concurrent)
+        .await
+        .into_iter()
+        .all(|ok| ok));
+    admin.close().await.unwrap();
+}

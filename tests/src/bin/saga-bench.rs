@@ -322,29 +322,43 @@ async fn database_ceiling(profile: Profile) -> f64 {
     total as f64 / 3.0
 }
 
-async fn relay_latency(s: &System, since_us: i64) -> Value {
-    let mut l: Vec<i64> = Vec::new();
+/// Commit-to-acknowledged latency of the outbox rows written between `from_us` and `to_us`: all
+/// services together, and each on its own.
+async fn relay_latency(s: &System, from_us: i64, to_us: i64) -> Value {
+    let summary = |mut l: Vec<i64>| {
+        l.sort_unstable();
+        let p = |q: f64| {
+            if l.is_empty() {
+                0.0
+            } else {
+                l[((l.len() - 1) as f64 * q).round() as usize] as f64 / 1000.0
+            }
+        };
+        json!({ "count": l.len(), "p50_ms": p(0.5), "p99_ms": p(0.99) })
+    };
+    let mut all: Vec<i64> = Vec::new();
+    let mut by_service = serde_json::Map::new();
     for svc in Service::ALL {
         event_toolkit::db::install_drivers();
         if let Ok(pool) = sqlx::AnyPool::connect(s.database_url(svc)).await {
-            let rows = sqlx::query("SELECT published_at_us - created_at_us FROM outbox WHERE published_at_us IS NOT NULL AND created_at_us >= $1")
-                .bind(since_us)
-                .fetch_all(&pool)
-                .await
-                .unwrap_or_default();
-            l.extend(rows.iter().map(|r| r.get::<i64, _>(0)));
+            let rows = sqlx::query(
+                "SELECT published_at_us - created_at_us FROM outbox WHERE published_at_us IS NOT NULL \
+                 AND created_at_us >= $1 AND created_at_us < $2",
+            )
+            .bind(from_us)
+            .bind(to_us)
+            .fetch_all(&pool)
+            .await
+            .unwrap_or_default();
+            let l: Vec<i64> = rows.iter().map(|r| r.get::<i64, _>(0)).collect();
+            all.extend(&l);
+            by_service.insert(svc.binary().to_owned(), summary(l));
             pool.close().await;
         }
     }
-    l.sort_unstable();
-    let p = |q: f64| {
-        if l.is_empty() {
-            0.0
-        } else {
-            l[((l.len() - 1) as f64 * q).round() as usize] as f64 / 1000.0
-        }
-    };
-    json!({ "count": l.len(), "p50_ms": p(0.5), "p99_ms": p(0.99) })
+    let mut out = summary(all);
+    out["by_service"] = Value::Object(by_service);
+    out
 }
 
 fn svg(profile: &str, series: &[(&str, &[Duration])]) -> String {
@@ -498,6 +512,7 @@ async fn run(args: Args) -> Result<Value, String> {
     bar.set_message("open loop");
     let interval = Duration::from_secs_f64(1.0 / rate);
     let open_cpu0 = system_cpu(&s);
+    let open_since_us = chrono::Utc::now().timestamp_micros();
     let start = Instant::now();
     let mut tasks = Vec::new();
     let mut i = 0u64;
@@ -523,6 +538,7 @@ async fn run(args: Args) -> Result<Value, String> {
     }
     bar.finish();
     let open_cpu = cpu_delta(&system_cpu(&s), &open_cpu0);
+    let open_until_us = chrono::Utc::now().timestamp_micros();
     let open_completed = open.len();
     let (open_json, open_sorted) = latency_json(open);
 
@@ -536,7 +552,9 @@ async fn run(args: Args) -> Result<Value, String> {
         s.record_accepted(id);
     }
     let report = check(&s).await;
-    let relay = relay_latency(&s, since_us).await;
+    let relay = relay_latency(&s, since_us, open_until_us).await;
+    let relay_closed = relay_latency(&s, since_us, open_since_us).await;
+    let relay_open = relay_latency(&s, open_since_us, open_until_us).await;
 
     let result = json!({
         "profile": args.profile.name(),
@@ -556,6 +574,8 @@ async fn run(args: Args) -> Result<Value, String> {
             "cpu_seconds_per_saga": open_cpu / open_completed.max(1) as f64 },
         "idle_cores": idle_cores,
         "relay_latency": relay,
+        "relay_latency_closed_loop": relay_closed,
+        "relay_latency_open_loop": relay_open,
         "invariant_violations": report.violations,
     });
     std::fs::create_dir_all(&args.out).map_err(|e| e.to_string())?;
