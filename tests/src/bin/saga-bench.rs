@@ -322,43 +322,55 @@ async fn database_ceiling(profile: Profile) -> f64 {
     total as f64 / 3.0
 }
 
-/// Commit-to-acknowledged latency of the outbox rows written between `from_us` and `to_us`: all
-/// services together, and each on its own.
-async fn relay_latency(s: &System, from_us: i64, to_us: i64) -> Value {
-    let summary = |mut l: Vec<i64>| {
+/// Commit-to-acknowledged latency of the outbox rows written since `since_us`: for the whole run,
+/// before `split_us` (the closed loop) and from it on (the open loop, and its last sagas finishing
+/// after it); each for all services together and for each on its own.
+async fn relay_latencies(s: &System, since_us: i64, split_us: i64) -> [Value; 3] {
+    let summary = |mut l: Vec<Duration>| {
         l.sort_unstable();
-        let p = |q: f64| {
-            if l.is_empty() {
-                0.0
-            } else {
-                l[((l.len() - 1) as f64 * q).round() as usize] as f64 / 1000.0
-            }
-        };
-        json!({ "count": l.len(), "p50_ms": p(0.5), "p99_ms": p(0.99) })
+        json!({ "count": l.len(), "p50_ms": percentile(&l, 0.5), "p99_ms": percentile(&l, 0.99) })
     };
-    let mut all: Vec<i64> = Vec::new();
-    let mut by_service = serde_json::Map::new();
+    // (written at, latency) per service.
+    let mut rows: Vec<(&str, Vec<(i64, Duration)>)> = Vec::new();
     for svc in Service::ALL {
         event_toolkit::db::install_drivers();
         if let Ok(pool) = sqlx::AnyPool::connect(s.database_url(svc)).await {
-            let rows = sqlx::query(
-                "SELECT published_at_us - created_at_us FROM outbox WHERE published_at_us IS NOT NULL \
-                 AND created_at_us >= $1 AND created_at_us < $2",
+            let found = sqlx::query(
+                "SELECT created_at_us, published_at_us - created_at_us FROM outbox \
+                 WHERE published_at_us IS NOT NULL AND created_at_us >= $1",
             )
-            .bind(from_us)
-            .bind(to_us)
+            .bind(since_us)
             .fetch_all(&pool)
             .await
             .unwrap_or_default();
-            let l: Vec<i64> = rows.iter().map(|r| r.get::<i64, _>(0)).collect();
-            all.extend(&l);
-            by_service.insert(svc.binary().to_owned(), summary(l));
+            let l = found
+                .iter()
+                .map(|r| {
+                    let took = r.get::<i64, _>(1).max(0) as u64;
+                    (r.get::<i64, _>(0), Duration::from_micros(took))
+                })
+                .collect();
+            rows.push((svc.binary(), l));
             pool.close().await;
         }
     }
-    let mut out = summary(all);
-    out["by_service"] = Value::Object(by_service);
-    out
+    let phase = |keep: &dyn Fn(i64) -> bool| {
+        let mut by_service = serde_json::Map::new();
+        let mut all = Vec::new();
+        for (svc, l) in &rows {
+            let l: Vec<Duration> = l.iter().filter(|(at, _)| keep(*at)).map(|r| r.1).collect();
+            all.extend(&l);
+            by_service.insert((*svc).to_owned(), summary(l));
+        }
+        let mut out = summary(all);
+        out["by_service"] = Value::Object(by_service);
+        out
+    };
+    [
+        phase(&|_| true),
+        phase(&|at| at < split_us),
+        phase(&|at| at >= split_us),
+    ]
 }
 
 fn svg(profile: &str, series: &[(&str, &[Duration])]) -> String {
@@ -551,10 +563,7 @@ async fn run(args: Args) -> Result<Value, String> {
         s.record_accepted(id);
     }
     let report = check(&s).await;
-    // Rows written after the open loop (its last sagas finishing) count with it.
-    let relay = relay_latency(&s, since_us, i64::MAX).await;
-    let relay_closed = relay_latency(&s, since_us, open_since_us).await;
-    let relay_open = relay_latency(&s, open_since_us, i64::MAX).await;
+    let [relay, relay_closed, relay_open] = relay_latencies(&s, since_us, open_since_us).await;
 
     let result = json!({
         "profile": args.profile.name(),
