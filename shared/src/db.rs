@@ -338,23 +338,35 @@ impl Database {
             Backend::Sqlite => {
                 let (reply, answer) = oneshot::channel();
                 let job = group_commit::job(work, tracing::Span::current(), reply);
-                {
-                    let mut group = self.group.lock().unwrap_or_else(|p| p.into_inner());
-                    let sender = match group.as_ref() {
-                        Some(s) if !s.is_closed() => s,
-                        _ => group.insert(group_commit::spawn(
-                            self.writer.clone(),
-                            self.transactions.clone(),
-                        )),
-                    };
-                    sender
-                        .send(job)
-                        .map_err(|_| group_commit::not_committed(None))?;
-                }
+                self.group_sender()
+                    .send(job)
+                    .map_err(|_| group_commit::not_committed(None))?;
                 answer
                     .await
                     .unwrap_or_else(|_| Err(group_commit::not_committed(None)))
             }
+        }
+    }
+
+    /// The SQLite writer's task, started on the current runtime if it is not running.
+    fn group_sender(&self) -> mpsc::UnboundedSender<group_commit::Job> {
+        let mut group = self.group.lock().unwrap_or_else(|p| p.into_inner());
+        match group.as_ref() {
+            Some(s) if !s.is_closed() => s.clone(),
+            _ => group
+                .insert(group_commit::spawn(
+                    self.writer.clone(),
+                    self.transactions.clone(),
+                ))
+                .clone(),
+        }
+    }
+
+    /// Start the SQLite writer's task on the current runtime now, so that a caller on another
+    /// runtime (the relay's thread) does not start it there. Nothing on Postgres.
+    pub(crate) fn start_writer(&self) {
+        if self.backend == Backend::Sqlite {
+            self.group_sender();
         }
     }
 

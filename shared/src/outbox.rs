@@ -291,6 +291,13 @@ impl OutboxRelay {
         }
     }
 
+    /// The same relay publishing through `client` instead (a connection of its own).
+    pub fn with_client(mut self, client: async_nats::Client) -> Self {
+        self.js = async_nats::jetstream::new(client.clone());
+        self.client = client;
+        self
+    }
+
     /// Whether the relay can publish (for readiness).
     pub fn health(&self) -> RelayHealth {
         self.health.clone()

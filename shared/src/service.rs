@@ -42,6 +42,9 @@ pub enum StartError {
     /// NATS trouble.
     #[error(transparent)]
     Nats(#[from] NatsError),
+    /// A thread could not be started.
+    #[error("cannot start a thread: {0}")]
+    Thread(std::io::Error),
     /// The HTTP listener could not bind.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -163,10 +166,63 @@ pub struct Runtime {
     pub redrive: Redrive,
     relay_health: RelayHealth,
     relay_stop: CancellationToken,
-    relay_task: Option<tokio::task::JoinHandle<()>>,
+    relay_task: Option<futures::future::BoxFuture<'static, ()>>,
     tasks: JoinSet<()>,
     /// One flag per durable, with its name: attached to the server right now.
     attached: Vec<(String, Arc<AtomicBool>)>,
+}
+
+/// Start the outbox relay; the future ends when it has stopped.
+///
+/// On SQLite it runs on a thread of its own, with a runtime and a NATS connection of its own: under
+/// load the services' tokio workers are busy applying batches, and a relay task (with the
+/// client's task that delivers its acks) waits its turn behind them, which is most of the relay's
+/// commit → ack tail. A thread that mostly sleeps is run at once by the kernel when woken. On
+/// Postgres it stays a task: the pool's connections belong to the runtime that opened them, and
+/// a second runtime would own some of them.
+fn spawn_relay(
+    relay: OutboxRelay,
+    db: &Database,
+    nats: &NatsSettings,
+    stop: CancellationToken,
+) -> Result<futures::future::BoxFuture<'static, ()>, StartError> {
+    use futures::FutureExt;
+    if db.backend() != crate::Backend::Sqlite {
+        let task = tokio::spawn(relay.run(stop));
+        return Ok(async move {
+            let _ = task.await;
+        }
+        .boxed());
+    }
+    db.start_writer();
+    let mut settings = nats.clone();
+    settings.name = format!("{}-relay", settings.name);
+    let (done, finished) = tokio::sync::oneshot::channel::<()>();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(StartError::Thread)?;
+    std::thread::Builder::new()
+        .name("outbox-relay".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                // Without a connection of its own it still works, through the shared one.
+                let relay = match connect(&settings).await {
+                    Ok(client) => relay.with_client(client),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "relay: no NATS connection of its own; sharing the service's");
+                        relay
+                    }
+                };
+                relay.run(stop).await;
+            });
+            let _ = done.send(());
+        })
+        .map_err(StartError::Thread)?;
+    Ok(async move {
+        let _ = finished.await;
+    }
+    .boxed())
 }
 
 impl Runtime {
@@ -198,7 +254,7 @@ impl Runtime {
         let waker = relay.waker();
         let relay_health = relay.health();
         let relay_stop = CancellationToken::new();
-        let relay_task = tokio::spawn(relay.run(relay_stop.clone()));
+        let relay_task = spawn_relay(relay, &db, &config.nats, relay_stop.clone())?;
         crate::observe::install();
         let admin = config.admin();
         if !admin.is_configured() {
@@ -334,7 +390,7 @@ impl Runtime {
         }
         self.relay_stop.cancel();
         if let Some(relay) = self.relay_task.take() {
-            let _ = relay.await;
+            relay.await;
         }
         // Unacked messages are redelivered; make sure acks already sent leave the socket.
         let _ = self.client.flush().await;
