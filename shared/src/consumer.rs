@@ -22,7 +22,7 @@ use sqlx::{AnyConnection, Row};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::db::{now_micros, Database};
+use crate::db::{now_micros, Database, Kept};
 use crate::deferred::{collect, Deferred};
 use crate::envelope::{DecodeError, Envelope, Origin};
 use crate::outbox::OutboxWaker;
@@ -324,6 +324,8 @@ pub struct ConsumerRunner<H> {
     /// Metric labels, leaked once per consumer (a handful per process) so recording allocates nothing.
     durable_label: &'static str,
     type_labels: Vec<&'static str>,
+    /// Connections kept between batches, one per batch in flight (see [`crate::db::Kept`]).
+    kept: std::sync::Mutex<Vec<Kept>>,
 }
 
 impl<H: Handler> ConsumerRunner<H> {
@@ -356,6 +358,7 @@ impl<H: Handler> ConsumerRunner<H> {
             handler: Arc::new(handler),
             waker,
             also_wake: Vec::new(),
+            kept: Default::default(),
         }
     }
 
@@ -516,7 +519,20 @@ impl<H: Handler> ConsumerRunner<H> {
     /// Apply a batch in one transaction, then settle each message with the server.
     async fn process(&self, mut batch: Vec<Message>) {
         in_saga_order(&mut batch, |m| &m.payload);
-        let (verdicts, enqueued) = match self.apply(&batch).await {
+        let mut kept = self
+            .kept
+            .lock()
+            .ok()
+            .and_then(|mut k| k.pop())
+            .unwrap_or_else(|| self.db.keep());
+        let applied = self.apply(&mut kept, &batch).await;
+        if applied.is_err() {
+            kept.discard();
+        }
+        if let Ok(mut k) = self.kept.lock() {
+            k.push(kept);
+        }
+        let (verdicts, enqueued) = match applied {
             Ok(v) => v,
             Err(e) => {
                 // Nothing was committed: every message comes back later.
@@ -562,12 +578,16 @@ impl<H: Handler> ConsumerRunner<H> {
     /// in its own savepoint, so the failing one is isolated and the others still commit (a batch
     /// of one is settled from its first try). Also says whether anything committed wrote outbox
     /// rows.
-    async fn apply(&self, batch: &[Message]) -> Result<(Vec<Verdict>, bool), sqlx::Error> {
+    async fn apply(
+        &self,
+        kept: &mut Kept,
+        batch: &[Message],
+    ) -> Result<(Vec<Verdict>, bool), sqlx::Error> {
         let attempts = self.count_attempts(batch).await?;
-        if let Some(verdicts) = self.apply_optimistic(batch, &attempts).await? {
+        if let Some(verdicts) = self.apply_optimistic(kept, batch, &attempts).await? {
             return Ok(verdicts);
         }
-        self.apply_isolated(batch, &attempts).await
+        self.apply_isolated(kept, batch, &attempts).await
     }
 
     /// Count the attempts of the batch's redelivered messages, committed before anything is
@@ -734,6 +754,7 @@ impl<H: Handler> ConsumerRunner<H> {
     /// nothing was committed; the batch must be applied isolated.
     async fn apply_optimistic(
         &self,
+        kept: &mut Kept,
         batch: &[Message],
         attempts: &HashMap<u64, i64>,
     ) -> Result<Option<(Vec<Verdict>, bool)>, sqlx::Error> {
@@ -745,7 +766,7 @@ impl<H: Handler> ConsumerRunner<H> {
                 (meta, step)
             })
             .collect();
-        let mut tx = self.db.begin().await?;
+        let mut tx = kept.begin().await?;
         // The batch's inbox rows in one statement; what comes back is what is new.
         let ready: Vec<&Envelope> = steps
             .iter()
@@ -872,10 +893,11 @@ impl<H: Handler> ConsumerRunner<H> {
     /// retried) while the others commit.
     async fn apply_isolated(
         &self,
+        kept: &mut Kept,
         batch: &[Message],
         attempts: &HashMap<u64, i64>,
     ) -> Result<(Vec<Verdict>, bool), sqlx::Error> {
-        let mut tx = self.db.begin().await?;
+        let mut tx = kept.begin().await?;
         let mut verdicts = Vec::with_capacity(batch.len());
         let mut effects = Deferred::default();
         for msg in batch {

@@ -136,6 +136,11 @@ pub struct Database {
     /// The task that runs [`Database::write`]'s work on SQLite, started at the first call (and
     /// again should the runtime that ran it have ended).
     group: std::sync::Arc<std::sync::Mutex<Option<mpsc::UnboundedSender<group_commit::Job>>>>,
+    /// Connections [`Kept`] may hold out of the pool at once: half of it, so the rest stays for
+    /// everyone else.
+    keep_slots: std::sync::Arc<tokio::sync::Semaphore>,
+    /// Connections kept between [`Database::write`]s on Postgres.
+    kept: std::sync::Arc<std::sync::Mutex<Vec<Held>>>,
 }
 
 /// Install the `Any` drivers: [`crate::sqlite`] for `sqlite:` URLs, sqlx's for Postgres. Call it
@@ -244,6 +249,10 @@ impl Database {
             sqlite_url: (backend == Backend::Sqlite).then(|| url.clone()),
             transactions: Default::default(),
             group: Default::default(),
+            keep_slots: std::sync::Arc::new(tokio::sync::Semaphore::new(
+                (options.max_connections / 2) as usize,
+            )),
+            kept: Default::default(),
         };
         // The toolkit's own tables: outbox, inbox, dead letters. Their DDL differs per backend
         // (identity columns, BLOB vs BYTEA, `ADD COLUMN IF NOT EXISTS`).
@@ -321,19 +330,36 @@ impl Database {
     pub async fn write<T: Send + 'static>(&self, work: Work<T>) -> Result<T, sqlx::Error> {
         match self.backend {
             Backend::Postgres => {
-                let mut tx = self.begin().await?;
-                let (result, effects) = crate::deferred::collect(work(&mut tx)).await;
-                match result? {
-                    Written::Commit(v) => {
-                        tx.commit().await?;
-                        effects.run();
-                        Ok(v)
-                    }
-                    Written::Rollback(v) => {
-                        tx.rollback().await?;
-                        Ok(v)
+                // On a connection kept from an earlier write when there is one (see [`Kept`]).
+                let held = self.kept.lock().ok().and_then(|mut k| k.pop());
+                let mut kept = Kept {
+                    db: self.clone(),
+                    held,
+                };
+                let outcome = async {
+                    let mut tx = kept.begin().await?;
+                    let (result, effects) = crate::deferred::collect(work(&mut tx)).await;
+                    match result? {
+                        Written::Commit(v) => {
+                            tx.commit().await?;
+                            effects.run();
+                            Ok(v)
+                        }
+                        Written::Rollback(v) => {
+                            tx.rollback().await?;
+                            Ok(v)
+                        }
                     }
                 }
+                .await;
+                if outcome.is_ok() {
+                    if let (Some(held), Ok(mut stash)) = (kept.held.take(), self.kept.lock()) {
+                        // Ones left idle since are given back (a burst of writes is over).
+                        stash.retain(|h| h.used_at.elapsed() < PING_AFTER_IDLE);
+                        stash.push(held);
+                    }
+                }
+                outcome
             }
             Backend::Sqlite => {
                 let (reply, answer) = oneshot::channel();
@@ -364,9 +390,17 @@ impl Database {
 
     /// Start the SQLite writer's task on the current runtime now, so that a caller on another
     /// runtime (the relay's thread) does not start it there. Nothing on Postgres.
-    pub(crate) fn start_writer(&self) {
+    pub fn start_writer(&self) {
         if self.backend == Backend::Sqlite {
             self.group_sender();
+        }
+    }
+
+    /// A connection kept between the transactions of one worker (see [`Kept`]).
+    pub fn keep(&self) -> Kept {
+        Kept {
+            db: self.clone(),
+            held: None,
         }
     }
 
@@ -382,8 +416,73 @@ impl Database {
 
     /// Close the pools, waiting for connections to be returned.
     pub async fn close(&self) {
+        // Kept connections are out of the pool, which waits for them.
+        if let Ok(mut kept) = self.kept.lock() {
+            kept.clear();
+        }
         self.pool.close().await;
         self.writer.close().await;
+    }
+}
+
+/// A Postgres connection kept out of the pool between one worker's transactions (a consumer's
+/// batches, the relay's passes).
+///
+/// sqlx pings every connection returned to its pool, a round trip per transaction that a worker
+/// running one transaction after another does not need: a kept connection goes back only when it
+/// has been idle for [`PING_AFTER_IDLE`] (the pool then checks it, as it checks any connection
+/// idle that long) or when [`Kept::discard`] says its last transaction failed. At most half the
+/// pool is kept at once; past that, and on SQLite (whose writer is one connection for everyone),
+/// [`Kept::begin`] is [`Database::begin`].
+#[derive(Debug)]
+pub struct Kept {
+    db: Database,
+    held: Option<Held>,
+}
+
+#[derive(Debug)]
+struct Held {
+    conn: sqlx::pool::PoolConnection<Any>,
+    used_at: std::time::Instant,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Kept {
+    /// Begin a write transaction, on the kept connection when there is one.
+    pub async fn begin(&mut self) -> Result<Transaction<'_, Any>, sqlx::Error> {
+        if self.db.backend != Backend::Postgres {
+            return self.db.begin().await;
+        }
+        if self
+            .held
+            .as_ref()
+            .is_some_and(|h| h.used_at.elapsed() >= PING_AFTER_IDLE)
+        {
+            self.held = None;
+        }
+        if self.held.is_none() {
+            let Ok(slot) = self.db.keep_slots.clone().try_acquire_owned() else {
+                return self.db.begin().await;
+            };
+            let conn = self.db.writer.acquire().await?;
+            self.held = Some(Held {
+                conn,
+                used_at: std::time::Instant::now(),
+                _slot: slot,
+            });
+        }
+        self.db
+            .transactions
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let held = self.held.as_mut().expect("a connection was just kept");
+        held.used_at = std::time::Instant::now();
+        sqlx::Connection::begin(&mut *held.conn).await
+    }
+
+    /// Give the connection back to the pool, which checks it: call it when a transaction on it
+    /// failed (the server may have dropped it).
+    pub fn discard(&mut self) {
+        self.held = None;
     }
 }
 

@@ -16,7 +16,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::db::{now_micros, Backend, Database};
+use crate::db::{now_micros, Backend, Database, Kept};
 use crate::envelope::{Envelope, CLOUDEVENTS_CONTENT_TYPE};
 use crate::group_commit::Written;
 use crate::trace::{valid_traceparent, TRACEPARENT, TRACESTATE};
@@ -243,13 +243,13 @@ fn classify(kind: PublishErrorKind, error: &str) -> Failure {
 /// a crash between publish and mark looks like: the rows are published again later and deduplicated
 /// by the stream.
 #[derive(Debug)]
-pub struct PublishedBatch {
+pub struct PublishedBatch<'c> {
     /// Postgres: the transaction holding the claimed rows' locks.
-    claim: Option<Transaction<'static, Any>>,
+    claim: Option<Transaction<'c, Any>>,
     rows: Vec<(Pending, Outcome)>,
 }
 
-impl PublishedBatch {
+impl PublishedBatch<'_> {
     /// Number of rows claimed in this batch.
     pub fn len(&self) -> usize {
         self.rows.len()
@@ -312,6 +312,8 @@ impl OutboxRelay {
     pub async fn run(self, shutdown: CancellationToken) {
         let mut backoff = self.backoff();
         let mut marks = tokio::task::JoinSet::new();
+        // Postgres: a connection kept from pass to pass (no round trip to return it to the pool).
+        let mut kept = self.db.keep();
         loop {
             // A mark that failed left its rows due: back off as any failed pass does, or a
             // writer that keeps failing would have the backlog published again pass after pass.
@@ -330,11 +332,14 @@ impl OutboxRelay {
             }
             let result = match failed {
                 Some(e) => Err(RelayError::Database(e)),
-                None => match self.publish_batch().await {
+                None => match self.publish_batch_on(Some(&mut kept)).await {
                     Ok(batch) => self.record_pipelined(batch, &mut marks).await,
                     Err(e) => Err(e),
                 },
             };
+            if result.is_err() {
+                kept.discard();
+            }
             match result {
                 Ok(n) if n as i64 >= self.config.batch_size => {
                     backoff = self.backoff();
@@ -398,7 +403,16 @@ impl OutboxRelay {
     }
 
     /// Claim due rows in id order and publish them, pipelined in windows of `ack_window`.
-    pub async fn publish_batch(&self) -> Result<PublishedBatch, RelayError> {
+    pub async fn publish_batch(&self) -> Result<PublishedBatch<'static>, RelayError> {
+        self.publish_batch_on(None).await
+    }
+
+    /// [`publish_batch`](Self::publish_batch), on Postgres in a transaction on `kept`'s connection
+    /// when given (the run loop's, kept from pass to pass).
+    async fn publish_batch_on<'c>(
+        &self,
+        kept: Option<&'c mut Kept>,
+    ) -> Result<PublishedBatch<'c>, RelayError> {
         if self.client.connection_state() != async_nats::connection::State::Connected {
             return Err(RelayError::Disconnected);
         }
@@ -407,7 +421,13 @@ impl OutboxRelay {
         // holds the claim until the outcome is recorded. One process owns a SQLite file, so no
         // lock is held there while publishing.
         let (mut claim, lock) = match self.db.backend() {
-            Backend::Postgres => (Some(self.db.begin().await?), " FOR UPDATE SKIP LOCKED"),
+            Backend::Postgres => {
+                let tx = match kept {
+                    Some(kept) => kept.begin().await?,
+                    None => self.db.begin().await?,
+                };
+                (Some(tx), " FOR UPDATE SKIP LOCKED")
+            }
             Backend::Sqlite => (None, ""),
         };
         let sql = format!(
@@ -519,7 +539,7 @@ impl OutboxRelay {
     /// the run loop's backoff.
     async fn record_pipelined(
         &self,
-        batch: PublishedBatch,
+        batch: PublishedBatch<'_>,
         marks: &mut tokio::task::JoinSet<Result<(), sqlx::Error>>,
     ) -> Result<usize, RelayError> {
         let usual = batch.claim.is_none()
@@ -564,7 +584,7 @@ impl OutboxRelay {
     }
 
     /// Mark the published rows in one statement; reschedule or park the failed ones.
-    pub async fn record(&self, batch: PublishedBatch) -> Result<usize, RelayError> {
+    pub async fn record(&self, batch: PublishedBatch<'_>) -> Result<usize, RelayError> {
         let PublishedBatch { claim, rows } = batch;
         if rows.is_empty() {
             if let Some(tx) = claim {

@@ -728,6 +728,10 @@ async fn postgres_connections_dropped_while_idle_are_never_handed_out() {
         }
     });
     futures::future::join_all(busy).await;
+    // And connections kept out of the pool: a worker's, and one kept between writes.
+    let mut kept = db.keep();
+    kept.begin().await.unwrap().commit().await.unwrap();
+    assert_eq!(select_one_by_write(&db).await.unwrap(), 1);
     let idle_since = Instant::now();
     let mut admin = AnyConnection::connect(&testdb.url).await.unwrap();
     let others = "SELECT COUNT(*) FROM pg_stat_activity \
@@ -775,5 +779,64 @@ async fn postgres_connections_dropped_while_idle_are_never_handed_out() {
         .await
         .into_iter()
         .all(|ok| ok));
+    // The kept ones, idle as long, are given back (and checked) instead of used.
+    let mut tx = kept.begin().await.unwrap();
+    let n: i64 = sqlx::query("SELECT 1::BIGINT")
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap_or_else(|e| panic!("the worker's kept connection was dead: {e}"))
+        .get(0);
+    tx.commit().await.unwrap();
+    assert_eq!(n, 1);
+    let n = select_one_by_write(&db)
+        .await
+        .unwrap_or_else(|e| panic!("the connection kept between writes was dead: {e}"));
+    assert_eq!(n, 1);
     admin.close().await.unwrap();
+}
+
+/// `SELECT 1` in a [`Database::write`].
+async fn select_one_by_write(db: &Database) -> Result<i64, sqlx::Error> {
+    db.write(Box::new(|conn| {
+        Box::pin(async move {
+            let n: i64 = sqlx::query("SELECT 1::BIGINT")
+                .fetch_one(&mut *conn)
+                .await?
+                .get(0);
+            Ok(event_toolkit::Written::Commit(n))
+        })
+    }))
+    .await
+}
+
+/// Workers keep connections out of the pool between their transactions, but never more than half
+/// of it: the rest stays for everyone else (HTTP requests, sweeps).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_kept_connections_leave_half_the_pool_to_others() {
+    let testdb = TestDb::new(Backend::Postgres).await;
+    let options = event_toolkit::DbOptions {
+        max_connections: 4,
+        ..Default::default()
+    };
+    let db = Database::connect(&testdb.url, options).await.unwrap();
+    // Four workers, each keeping what it can, plus writes at once.
+    let mut workers: Vec<_> = (0..4).map(|_| db.keep()).collect();
+    for w in &mut workers {
+        w.begin().await.unwrap().commit().await.unwrap();
+    }
+    let writes = (0..4).map(|_| select_one_by_write(&db));
+    for n in futures::future::join_all(writes).await {
+        assert_eq!(n.unwrap(), 1);
+    }
+    // Two connections, all at once, for others; the pool would wait 30 s for a free one.
+    let others = async {
+        let a = db.pool().acquire().await.unwrap();
+        let b = db.pool().acquire().await.unwrap();
+        (a, b)
+    };
+    let got = tokio::time::timeout(Duration::from_secs(5), others).await;
+    assert!(
+        got.is_ok(),
+        "kept connections took more than half the pool: nothing left for others"
+    );
 }
