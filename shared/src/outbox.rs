@@ -337,6 +337,7 @@ impl OutboxRelay {
                     Err(e) => Err(e),
                 },
             };
+            // A failed pass may have left its connection broken: the pool checks it.
             if result.is_err() {
                 kept.discard();
             }

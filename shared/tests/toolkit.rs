@@ -763,11 +763,9 @@ async fn postgres_connections_dropped_while_idle_are_never_handed_out() {
     tokio::time::sleep(wait + Duration::from_millis(100)).await;
     for round in 0..8 {
         let mut tx = db.begin().await.unwrap();
-        let n: i64 = sqlx::query("SELECT 1::BIGINT")
-            .fetch_one(&mut *tx)
+        let n = select_one(&mut tx)
             .await
-            .unwrap_or_else(|e| panic!("transaction {round} got a dead connection: {e}"))
-            .get(0);
+            .unwrap_or_else(|e| panic!("transaction {round} got a dead connection: {e}"));
         tx.commit().await.unwrap();
         assert_eq!(n, 1);
     }
@@ -781,11 +779,9 @@ async fn postgres_connections_dropped_while_idle_are_never_handed_out() {
         .all(|ok| ok));
     // The kept ones, idle as long, are given back (and checked) instead of used.
     let mut tx = kept.begin().await.unwrap();
-    let n: i64 = sqlx::query("SELECT 1::BIGINT")
-        .fetch_one(&mut *tx)
+    let n = select_one(&mut tx)
         .await
-        .unwrap_or_else(|e| panic!("the worker's kept connection was dead: {e}"))
-        .get(0);
+        .unwrap_or_else(|e| panic!("the worker's kept connection was dead: {e}"));
     tx.commit().await.unwrap();
     assert_eq!(n, 1);
     let n = select_one_by_write(&db)
@@ -795,16 +791,18 @@ async fn postgres_connections_dropped_while_idle_are_never_handed_out() {
     admin.close().await.unwrap();
 }
 
+/// `SELECT 1` on `conn`.
+async fn select_one(conn: &mut AnyConnection) -> Result<i64, sqlx::Error> {
+    Ok(sqlx::query("SELECT 1::BIGINT")
+        .fetch_one(conn)
+        .await?
+        .get(0))
+}
+
 /// `SELECT 1` in a [`Database::write`].
 async fn select_one_by_write(db: &Database) -> Result<i64, sqlx::Error> {
     db.write(Box::new(|conn| {
-        Box::pin(async move {
-            let n: i64 = sqlx::query("SELECT 1::BIGINT")
-                .fetch_one(&mut *conn)
-                .await?
-                .get(0);
-            Ok(event_toolkit::Written::Commit(n))
-        })
+        Box::pin(async move { Ok(event_toolkit::Written::Commit(select_one(conn).await?)) })
     }))
     .await
 }
