@@ -280,11 +280,20 @@ pub async fn wait_quiet(system: &System, deadline: Duration) -> Duration {
         }
         busy
     };
+    // Two clean passes in a row: one pass reads the consumers before the outboxes, so an event
+    // published and marked between the two reads would otherwise pass unseen.
+    let mut clean = 0;
     loop {
         let now = busy().await;
         if now.is_empty() {
-            break;
+            clean += 1;
+            if clean == 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
         }
+        clean = 0;
         if started.elapsed() > deadline {
             panic!(
                 "timed out after {deadline:?} waiting for the system to go quiet; still busy:\n{}",

@@ -17,7 +17,7 @@ on_backends!(
     a_burst_beyond_the_in_flight_limit_is_shed_and_accepted_orders_finish_by_the_saga,
 );
 
-const HEADER_TIMEOUT_MS: u64 = 2_000;
+const HEADER_TIMEOUT_MS: u64 = 5_000;
 
 async fn half_sent_requests_are_cut_off_and_do_not_stop_a_normal_request(b: Backend) {
     let mut config = SystemConfig::new(b);
